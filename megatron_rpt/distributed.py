@@ -1,0 +1,139 @@
+"""Process-group and Megatron parallel-state set-up, for torchrun and for tests.
+
+Owns: picking the backend (NCCL on GPU, gloo on CPU), enabling the CPU shim,
+initialising ``megatron.core.parallel_state`` from a :class:`ParallelConfig`, seeding
+Megatron's RNG trackers, and :func:`spawn` — a small ``torch.multiprocessing`` launcher
+that runs a function on N local ranks (used by tests and ``tools/convert.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import queue as queue_module
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from megatron_rpt.model import cpu_compat
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    context_parallel: int = 1,
+    expert_parallel: int = 1,
+    virtual_pipeline: int | None = None,
+    seed: int = 1234,
+) -> None:
+    """Initialise torch.distributed (from torchrun env vars) and Megatron's parallel state."""
+    from megatron.core import parallel_state, tensor_parallel as mtp
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        cpu_compat.enable()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        if on_gpu:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend="nccl" if on_gpu else "gloo")
+    world = dist.get_world_size()
+    model_parallel = tensor_parallel * pipeline_parallel * context_parallel
+    if world % model_parallel != 0:
+        raise ValueError(
+            f"world size {world} is not divisible by tensor_parallel*pipeline_parallel*context_parallel"
+            f" = {tensor_parallel}*{pipeline_parallel}*{context_parallel}; launch a multiple of"
+            f" {model_parallel} processes or change the parallel.* sizes"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline,
+        context_parallel_size=context_parallel,
+        expert_model_parallel_size=expert_parallel,
+    )
+    mtp.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+        WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    try:
+        result = fn(*args)
+        queue.put((rank, "ok", result))
+    except BaseException:  # noqa: BLE001 - report every failure to the parent
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        try:
+            destroy_distributed()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 900.0) -> list[Any]:
+    """Run ``fn(*args)`` on ``world_size`` local ranks; return each rank's result (rank order).
+
+    ``fn`` must be importable (module-level). Raises RuntimeError with the failing rank's
+    traceback when any rank fails.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=False)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    deadline = time.monotonic() + timeout
+    while len(results) < world_size and not errors:
+        try:
+            rank, status, payload = queue.get(timeout=1.0)
+        except queue_module.Empty:
+            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+            if dead:
+                errors.append(f"rank(s) {dead} died with exit codes {[procs[r].exitcode for r in dead]}")
+            elif time.monotonic() > deadline:
+                errors.append(f"timed out after {timeout:.0f}s waiting for ranks")
+            continue
+        if status == "ok":
+            results[rank] = payload
+        else:
+            errors.append(f"rank {rank} failed:\n{payload}")
+    for p in procs:
+        p.join(timeout=5 if errors else 60)
+        if p.is_alive():
+            p.kill()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world_size)]

@@ -1,0 +1,75 @@
+"""Layer-spec and precision choices for the policy model.
+
+Owns: choosing the Transformer-Engine spec (TE importable and a GPU present) or the
+Megatron-Core local spec, and mapping ``model.fp8`` / ``model.fp8_recipe`` onto
+Megatron's FP8 settings, with clear errors when TE or a Hopper-class GPU is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+
+from megatron_rpt.config import ConfigError, ModelConfig
+from megatron_rpt.model.hf_config import ArchConfig
+
+
+def transformer_engine_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_transformer_impl(model_cfg: ModelConfig) -> str:
+    """'transformer_engine' or 'local' for this machine and config."""
+    impl = model_cfg.transformer_impl
+    has_te = transformer_engine_available() and torch.cuda.is_available()
+    if impl == "auto":
+        return "transformer_engine" if has_te else "local"
+    if impl == "transformer_engine" and not has_te:
+        raise ConfigError(
+            "model.transformer_impl=transformer_engine but Transformer Engine is "
+            f"{'not installed' if not transformer_engine_available() else 'unusable without a GPU'}; "
+            "pip install -e '.[gpu]' on a CUDA machine, or set model.transformer_impl=local"
+        )
+    return impl
+
+
+def layer_spec(arch: ArchConfig, impl: str) -> Any:
+    """The ModuleSpec of one transformer layer for ``arch`` under ``impl``."""
+    num_experts = arch.num_experts or None
+    if impl == "transformer_engine":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=bool(num_experts), qk_layernorm=arch.qk_norm
+        )
+    import warnings
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+        return get_gpt_layer_local_spec(
+            num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_norm, normalization="RMSNorm"
+        )
+
+
+def fp8_settings(model_cfg: ModelConfig, impl: str) -> dict[str, Any]:
+    """TransformerConfig kwargs for FP8 (empty when model.fp8 is null)."""
+    if not model_cfg.fp8:
+        return {}
+    if impl != "transformer_engine":
+        raise ConfigError(
+            f"model.fp8={model_cfg.fp8!r} needs Transformer Engine on a GPU; install it with "
+            "pip install -e '.[gpu]' or set model.fp8=null"
+        )
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        raise ConfigError(
+            f"model.fp8={model_cfg.fp8!r} needs an FP8-capable GPU (Hopper sm_90 or Ada sm_89); "
+            f"this one is sm_{major}{minor}. Set model.fp8=null"
+        )
+    if model_cfg.fp8_recipe == "mxfp8" and major < 10:
+        raise ConfigError("model.fp8_recipe=mxfp8 needs Blackwell (sm_100); use delayed or tensorwise on Hopper")
+    return {"fp8": model_cfg.fp8, "fp8_recipe": model_cfg.fp8_recipe}
