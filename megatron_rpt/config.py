@@ -130,6 +130,9 @@ class RLConfig:
     dynamic_sampling_from_step: int | None = 500
     max_refill_rounds: int = 4
     reward: str = "prefix"  # prefix | first_token | dense
+    # boxed: the prediction is the last \boxed{} after </think> (the paper); raw: the whole
+    # continuation is the prediction (toy tasks and base models without a reasoning format).
+    answer_format: str = "boxed"
     require_think: bool = True
 
 
@@ -182,6 +185,8 @@ class EvalConfig:
     pass_k: int = 8
     temperature: float = 0.8
     max_response_tokens: int | None = None
+    # Evaluation modes run by default (megatron_rpt.evaluate, evaluate_during_training).
+    modes: list[str] = field(default_factory=lambda: ["standard", "reasoning"])
 
 
 @dataclass
@@ -378,6 +383,7 @@ _CHOICES = {
     "rl.kl_type": ("k1", "k3"),
     "rl.loss_aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
     "rl.reward": ("prefix", "first_token", "dense"),
+    "rl.answer_format": ("boxed", "raw"),
     "optim.lr_schedule": ("constant", "cosine", "linear"),
     "data.template": tuple(f"v{i}" for i in range(7)),
 }
@@ -448,12 +454,29 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Fal
         if cfg.rollout.engine == "vllm" and world % cfg.rollout.tensor_parallel:
             raise ConfigError(f"rollout.tensor_parallel={cfg.rollout.tensor_parallel} must divide world size {world}")
 
+    _validate_eval(cfg)
     if cfg.model.hf_config:
         _validate_against_architecture(cfg)
     elif check_paths and not cfg.model.random_init:
         raise ConfigError("model.hf_config is empty: point it at a Hugging Face config.json or model directory")
     if check_paths:
         _validate_paths(cfg)
+
+
+def _validate_eval(cfg: Config) -> None:
+    e = cfg.eval
+    if e.max_positions < 1:
+        raise ConfigError(f"eval.max_positions={e.max_positions} must be >= 1")
+    if e.pass_k < 1:
+        raise ConfigError(f"eval.pass_k={e.pass_k} must be >= 1 (samples per position in next-token reasoning)")
+    if e.temperature < 0:
+        raise ConfigError(f"eval.temperature={e.temperature} must be >= 0 (0 = greedy)")
+    if e.max_response_tokens is not None and e.max_response_tokens < 1:
+        raise ConfigError(f"eval.max_response_tokens={e.max_response_tokens} must be >= 1, or null for "
+                          "rollout.max_response_tokens")
+    bad = [m for m in e.modes if m not in ("standard", "reasoning")]
+    if bad or not e.modes:
+        raise ConfigError(f"eval.modes={e.modes} must be a non-empty subset of ['standard', 'reasoning']")
 
 
 def _validate_against_architecture(cfg: Config) -> None:

@@ -26,7 +26,11 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) 
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def transformer_config(arch: ArchConfig, model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> Any:
+def transformer_config(
+    arch: ArchConfig, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, config_overrides: dict[str, Any] | None = None
+) -> Any:
+    """``config_overrides`` replace TransformerConfig fields, e.g. ``perform_initialization=False``
+    when the weights are loaded from a checkpoint right after building."""
     from megatron.core.transformer import TransformerConfig
 
     impl = resolve_transformer_impl(model_cfg)
@@ -90,6 +94,7 @@ def transformer_config(arch: ArchConfig, model_cfg: ModelConfig, parallel_cfg: P
             moe_router_dtype="fp32",
         )
     kwargs.update(fp8_settings(model_cfg, impl))
+    kwargs.update(config_overrides or {})
     return TransformerConfig(**kwargs)
 
 
@@ -100,12 +105,13 @@ def build_model(
     pre_process: bool | None = None,
     post_process: bool | None = None,
     vp_stage: int | None = None,
+    config_overrides: dict[str, Any] | None = None,
 ) -> Any:
     """One GPTModel chunk for this rank (stage flags default to this rank's pipeline position)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    config = transformer_config(arch, model_cfg, parallel_cfg)
+    config = transformer_config(arch, model_cfg, parallel_cfg, config_overrides)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
@@ -129,9 +135,13 @@ def build_model(
     return model
 
 
-def build_model_chunks(arch: ArchConfig, model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> list[Any]:
+def build_model_chunks(
+    arch: ArchConfig, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, config_overrides: dict[str, Any] | None = None
+) -> list[Any]:
     """All model chunks of this rank: one, or ``virtual_pipeline`` of them with interleaving."""
     vp = parallel_cfg.virtual_pipeline
     if not vp:
-        return [build_model(arch, model_cfg, parallel_cfg)]
-    return [build_model(arch, model_cfg, parallel_cfg, vp_stage=i) for i in range(vp)]
+        return [build_model(arch, model_cfg, parallel_cfg, config_overrides=config_overrides)]
+    return [
+        build_model(arch, model_cfg, parallel_cfg, vp_stage=i, config_overrides=config_overrides) for i in range(vp)
+    ]

@@ -1,1 +1,47 @@
-"""megatron_rpt.rl"""
+"""megatron_rpt.rl — the GRPO pieces the train loop calls.
+
+rewards -> :func:`filter_groups` (DAPO dynamic sampling) -> :func:`group_advantages`
+-> :func:`build_batch` / :func:`split_micro_batches` -> policy forward ->
+:func:`vocab_parallel_logprobs_and_entropy` -> :func:`grpo_loss`.
+"""
+
+from megatron_rpt.rl.advantages import group_advantages
+from megatron_rpt.rl.batch import TrainBatch, build_batch, build_micro_batches, split_micro_batches
+from megatron_rpt.rl.dynamic_sampling import (
+    GroupFilter,
+    classify_groups,
+    dynamic_sampling_active,
+    filter_groups,
+    needs_refill,
+    refill_prompt_count,
+)
+from megatron_rpt.rl.grpo_loss import GRPOLossConfig, aggregate_loss, grpo_loss, kl_penalty, merge_metrics
+from megatron_rpt.rl.logprobs import (
+    scaled_logits,
+    vocab_parallel_entropy,
+    vocab_parallel_logprobs,
+    vocab_parallel_logprobs_and_entropy,
+)
+
+__all__ = [
+    "GRPOLossConfig",
+    "GroupFilter",
+    "TrainBatch",
+    "aggregate_loss",
+    "build_batch",
+    "build_micro_batches",
+    "classify_groups",
+    "dynamic_sampling_active",
+    "filter_groups",
+    "group_advantages",
+    "grpo_loss",
+    "kl_penalty",
+    "merge_metrics",
+    "needs_refill",
+    "refill_prompt_count",
+    "scaled_logits",
+    "split_micro_batches",
+    "vocab_parallel_entropy",
+    "vocab_parallel_logprobs",
+    "vocab_parallel_logprobs_and_entropy",
+]

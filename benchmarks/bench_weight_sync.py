@@ -1,0 +1,294 @@
+"""Seconds and GB/s to move the policy from Megatron into the rollout engine.
+
+For each Megatron layout (TP x PP on 2 local ranks over gloo; TP=1 means the two ranks are
+data-parallel replicas) the same random Qwen2-shaped model (~57M parameters, ~228 MB fp32,
+untied embeddings) is pushed into the built-in engine's preallocated HF-layout weights
+(``BuiltinEngine.update_weights``) on every rank, three ways:
+
+* ``bridge``: :class:`megatron_rpt.bridge.WeightBridge`, bucketed, every rank receives the
+  whole model;
+* ``naive``: each TP shard gathered with ``all_gather``, the full state dict gathered to
+  the first rank of the model-parallel group (``gather_object``), converted with
+  ``hf_state_dict_from_full``, broadcast (``broadcast_object_list``) and loaded;
+* ``memcpy``: ``torch`` copy of a preallocated buffer of the model's size on each rank at
+  the same time, the physical limit of the machine;
+* ``coll.``: the bare collective (one bucket gathered over TP / broadcast over PP), the
+  transport's limit (gloo over loopback TCP here).
+
+Times are the best of ``--repeats`` (bridge and memcpy alternate, so both see the same
+machine load). Peak extra memory: the bridge's own accounting (staging buffer + tensors allocated for one
+parameter) and, for both bridge and naive, the growth of the process's peak RSS above the
+steady state (model + engine resident), bridge measured first.
+
+    python benchmarks/bench_weight_sync.py [--layouts 1x1,1x1:bf16,2x1,1x2] [--bucket-mb 128]
+
+Prints a table and writes JSON (temp file, then rename) to
+``benchmarks/results/bench_weight_sync.json``. Issue #7 target: bridge >= 50 % of memcpy on
+CPU at TP=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 512,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "intermediate_size": 1536,
+    "vocab_size": 32000,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1_000_000.0,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+class Memcpy:
+    """A torch copy between two preallocated, resident buffers of ``nbytes``: the machine's limit."""
+
+    def __init__(self, nbytes: int):
+        self.src = torch.ones(nbytes // 4, dtype=torch.float32)
+        self.dst = torch.zeros_like(self.src)
+
+    def seconds(self) -> float:
+        start = time.perf_counter()
+        self.dst.copy_(self.src)
+        return time.perf_counter() - start
+
+    @property
+    def nbytes(self) -> int:
+        return self.src.numel() * self.src.element_size()
+
+
+def collective_limit(bridge, tp: int, pp: int, repeats: int) -> float | None:
+    """GB/s of the bare collective the bridge is built on (one bucket-sized buffer, gathered
+    over TP or broadcast over PP): the transport's own limit on this machine."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if tp == 1 and pp == 1:
+        return None
+    buf = torch.zeros(bridge.max_bucket_bytes // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        barrier()
+        start = time.perf_counter()
+        if tp > 1:
+            mine = buf.narrow(0, ps.get_tensor_model_parallel_rank() * (buf.numel() // tp), buf.numel() // tp)
+            dist.all_gather_into_tensor(buf, mine, group=ps.get_tensor_model_parallel_group())
+        else:
+            dist.broadcast(buf, group=ps.get_pipeline_model_parallel_group(), group_src=0)
+        best = min(best, time.perf_counter() - start)
+    return buf.numel() * buf.element_size() / best / 1e9
+
+
+def naive_sync(chunks, arch, engine, dtype: torch.dtype) -> None:
+    """Gather the full Megatron state to one rank, convert, broadcast, load."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_rpt.bridge.name_maps import NameMap, hf_state_dict_from_full, named_parameters_global, tp_merge
+
+    names = NameMap(arch)
+    tp_group, tp = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
+    full: dict[str, torch.Tensor] = {}
+    for chunk in chunks:
+        for name, param in named_parameters_global(chunk):
+            if name == "output_layer.weight" and arch.tie_word_embeddings:
+                continue
+            tensor = param.detach()
+            if getattr(param, "tensor_model_parallel", False) and tp > 1:
+                shards = [torch.empty_like(tensor) for _ in range(tp)]
+                dist.all_gather(shards, tensor, group=tp_group)
+                tensor = tp_merge(names.lookup(name)[0], shards)
+            full[name] = tensor
+    group = ps.get_model_parallel_group()
+    size = dist.get_world_size(group)
+    first = dist.get_global_rank(group, 0)
+    if size == 1:
+        hf = hf_state_dict_from_full(full, arch, cast=lambda t: t.to(dtype))
+    else:
+        parts = [None] * size if dist.get_rank() == first else None
+        dist.gather_object(full, parts, dst=first, group=group)
+        del full
+        box = [None]
+        if dist.get_rank() == first:
+            merged = {k: v for part in parts for k, v in part.items()}
+            del parts
+            box = [hf_state_dict_from_full(merged, arch, cast=lambda t: t.to(dtype))]
+            del merged
+        dist.broadcast_object_list(box, src=first, group=group)
+        hf = box[0]
+    engine.update_weights(hf.items())
+
+
+def run_layout(tp: int, pp: int, dtype_name: str, bucket_mb: float, repeats: int) -> dict:
+    """One layout on this rank (called on every rank by ``spawn``)."""
+    from megatron_rpt.bridge import WeightBridge
+    from megatron_rpt.config import ModelConfig, ParallelConfig
+    from megatron_rpt.distributed import init_distributed
+    from megatron_rpt.model.build import build_model_chunks
+    from megatron_rpt.model.hf_config import arch_from_dict
+    from megatron_rpt.rollout import BuiltinEngine
+
+    init_distributed(tp, pp)
+    arch = arch_from_dict(MODEL)
+    dtype = DTYPES[dtype_name]
+    start = time.perf_counter()
+    chunks = build_model_chunks(arch, ModelConfig(), ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp))
+    build_s = time.perf_counter() - start
+    engine = BuiltinEngine(arch, dtype=dtype, device="cpu", max_batch_size=1, max_seq_len=16)
+    model_bytes = 0
+    for tensor in engine.state_dict_view().values():
+        tensor.zero_()  # make the engine's memory resident before the RSS baseline
+        model_bytes += tensor.numel() * tensor.element_size()
+    bridge = WeightBridge(chunks, arch, bucket_mb=bucket_mb, dtype=dtype)
+
+    memcpy = Memcpy(model_bytes)  # resident before the RSS baseline
+
+    # Other processes may share the CPU: bridge and memcpy alternate, both ranks at once, and
+    # the best of each is compared.
+    barrier()
+    rss_base = peak_rss_bytes()
+    runs, copies = [], []
+    for _ in range(repeats + 1):  # the first one warms up
+        barrier()
+        copies.append(memcpy.seconds())
+        barrier()
+        runs.append(bridge.sync(engine))
+    runs, copies = runs[1:], copies[1:]
+    barrier()
+    rss_bridge = peak_rss_bytes() - rss_base
+
+    # correctness spot check: the engine now holds the Megatron weights
+    views = engine.state_dict_view()
+    for name, tensor in bridge.iter_hf_tensors():
+        assert torch.equal(views[name], tensor), name
+
+    naive_s = []
+    for _ in range(max(1, repeats // 2)):
+        barrier()
+        start = time.perf_counter()
+        naive_sync(chunks, arch, engine, dtype)
+        barrier()
+        naive_s.append(time.perf_counter() - start)
+    rss_naive = peak_rss_bytes() - rss_base
+
+    collective_gbps = collective_limit(bridge, tp, pp, repeats)
+    best = min(runs, key=lambda r: r.seconds)
+    memcpy_gbps = memcpy.nbytes / min(copies) / 1e9
+    bridge_gbps = best.bytes / best.seconds / 1e9
+    return {
+        "tp": tp, "pp": pp, "dtype": dtype_name, "build_s": round(build_s, 2),
+        "model_bytes_engine": model_bytes,
+        "bridge_s": best.seconds, "bridge_s_median": statistics.median(r.seconds for r in runs),
+        "bridge_gbps": bridge_gbps, "bridge_bytes": best.bytes, "bridge_buckets": best.num_buckets,
+        "bridge_max_bucket_bytes": best.max_bucket_bytes, "bridge_peak_extra_bytes": best.peak_extra_bytes,
+        "bridge_rss_growth_bytes": rss_bridge,
+        "naive_s": min(naive_s), "naive_gbps": model_bytes / min(naive_s) / 1e9,
+        "naive_rss_growth_bytes": rss_naive,
+        "memcpy_gbps": memcpy_gbps, "memcpy_s_median": statistics.median(copies),
+        "ratio_to_memcpy": bridge_gbps / memcpy_gbps,
+        "collective_gbps": collective_gbps,
+        "speedup_vs_naive": min(naive_s) / best.seconds,
+    }
+
+
+def parse_layouts(text: str) -> list[tuple[int, int, str]]:
+    layouts = []
+    for item in text.split(","):
+        shape, _, dtype = item.strip().partition(":")
+        try:
+            tp, pp = (int(x) for x in shape.split("x"))
+        except ValueError:
+            raise SystemExit(f"--layouts: {item!r} is not TPxPP[:dtype], e.g. 2x1 or 1x1:bf16") from None
+        dtype = dtype or "fp32"
+        if dtype not in DTYPES:
+            raise SystemExit(f"--layouts: dtype {dtype!r} in {item!r} is not one of {sorted(DTYPES)}")
+        if tp * pp > 2 or 2 % (tp * pp):
+            raise SystemExit(f"--layouts: {item!r} needs TP*PP dividing the 2 local ranks")
+        layouts.append((tp, pp, dtype))
+    return layouts
+
+
+def mb(n: float) -> str:
+    return f"{n / 2**20:8.1f}"
+
+
+def main() -> None:
+    from megatron_rpt.distributed import spawn
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layouts", default="1x1,1x1:bf16,2x1,1x2", help="TPxPP[:fp32|bf16], comma separated")
+    parser.add_argument("--bucket-mb", type=float, default=128.0)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=str(REPO / "benchmarks/results/bench_weight_sync.json"))
+    args = parser.parse_args()
+    if args.repeats < 1 or args.bucket_mb <= 0:
+        raise SystemExit("--repeats must be >= 1 and --bucket-mb > 0")
+
+    rows = []
+    for tp, pp, dtype in parse_layouts(args.layouts):
+        per_rank = spawn(run_layout, 2, tp, pp, dtype, args.bucket_mb, args.repeats, timeout=600)
+        row = min(per_rank, key=lambda r: r["bridge_gbps"])  # the slower rank sets the pace
+        row["per_rank_bridge_gbps"] = [r["bridge_gbps"] for r in per_rank]
+        rows.append(row)
+        print(f"done TP={tp} PP={pp} {dtype}", flush=True)
+
+    header = (f"{'TP':>2} {'PP':>2} {'dtype':>5} | {'bridge s':>8} {'GB/s':>6} {'%memcpy':>7} {'buckets':>7} | "
+              f"{'naive s':>7} {'GB/s':>6} {'speedup':>7} | {'memcpy GB/s':>11} {'coll. GB/s':>10} | "
+              f"{'peak MB (acct)':>14} {'RSS+ MB bridge':>14} {'RSS+ MB naive':>13}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['tp']:>2} {r['pp']:>2} {r['dtype']:>5} | {r['bridge_s']:8.3f} {r['bridge_gbps']:6.2f} "
+              f"{100 * r['ratio_to_memcpy']:6.1f}% {r['bridge_buckets']:>7} | {r['naive_s']:7.3f} "
+              f"{r['naive_gbps']:6.2f} {r['speedup_vs_naive']:6.1f}x | {r['memcpy_gbps']:11.2f} "
+              f"{'-' if r['collective_gbps'] is None else format(r['collective_gbps'], '.2f'):>10} | "
+              f"{mb(r['bridge_peak_extra_bytes']):>14} {mb(r['bridge_rss_growth_bytes']):>14} "
+              f"{mb(r['naive_rss_growth_bytes']):>13}")
+    result = {
+        "benchmark": "weight_sync",
+        "model": MODEL,
+        "bucket_mb": args.bucket_mb,
+        "repeats": args.repeats,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "ranks": 2, "backend": "gloo"},
+        "target": "bridge >= 50% of memcpy bandwidth on CPU at TP=1",
+        "results": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+# shellcheck shell=bash
+# The one SLURM launcher behind every examples/*.sh recipe.
+#
+# Owns: finding the repository, the per-job run directory (checkpoints + logs), the
+# NCCL/CUDA environment, the torchrun rendezvous on every node through srun, forwarding
+# SIGUSR1/SIGTERM to the trainer so it checkpoints, and requeueing the job when it was
+# stopped for the time limit (the requeued job resumes with --resume auto).
+#
+# Two ways in:
+#   * sourced by a recipe, which sets RPT_CONFIG (and NPROC_PER_NODE/GPUS_PER_NODE) and
+#     calls `rpt_launch "$@"`; trailing script arguments go to the trainer:
+#         mkdir -p logs && sbatch examples/rpt_14b.sh --set train.steps=10
+#   * executed by srun as `bash launch.sh node -m megatron_rpt.train ...` on each node
+#     (internal): it execs torchrun for that node.
+# Outside SLURM (`bash examples/rpt_tiny_cpu.sh`) it runs one node locally, no srun.
+#
+# Knobs (environment; all optional):
+#   RPT_REPO           repository root (default: $SLURM_SUBMIT_DIR, else the script's ..)
+#   RPT_RUN_DIR        run directory; default runs/<job-name>-<job-id>. A requeued job keeps
+#                      its id, so it finds its checkpoints; set it to continue another job.
+#   RPT_EXTRA_ARGS     extra trainer arguments, word-split (e.g. "--set train.steps=2")
+#   RPT_TRAIN_MODULE   python module to run (default megatron_rpt.train)
+#   RPT_TORCHRUN       torchrun executable (default torchrun; pick the venv's one)
+#   RPT_PYTHON         the python that torchrun runs (default python), to probe its torch
+#   RPT_MAX_REQUEUES   stop requeueing after this many restarts (default 20)
+#   RPT_SAVE_GRACE_S   seconds torchrun gives the ranks after a signal (finish the current
+#                      phase, save) before SIGKILL; default 840, below the recipes'
+#                      --signal=B:USR1@900 lead time. One RL step of a large recipe takes
+#                      minutes (python tools/plan.py estimates it): keep the lead above it.
+#   RPT_RDZV_PORT      rendezvous port on the first node (default 20000 + job id % 20000)
+
+# ----------------------------------------------------------------------------- environment
+
+# Export a default unless the user already set the variable (site settings win).
+_rpt_default() { if [[ -z "${!1+x}" ]]; then export "$1=$2"; fi; }
+
+rpt_export_env() {
+  # Megatron overlaps TP/SP communication with compute only when kernels are issued in
+  # submission order on one hardware queue; Megatron-Core asserts on this for SP+TP overlap.
+  _rpt_default CUDA_DEVICE_MAX_CONNECTIONS 1
+  # A failed or hung collective tears the job down (and lets SLURM requeue it) instead of
+  # every rank waiting until the wall-time limit.
+  _rpt_default TORCH_NCCL_ASYNC_ERROR_HANDLING 1
+  # Fewer allocator stalls with Megatron's communication streams.
+  _rpt_default TORCH_NCCL_AVOID_RECORD_STREAMS 1
+  # InfiniBand: a longer retry timeout survives transient fabric congestion at scale.
+  _rpt_default NCCL_IB_TIMEOUT 22
+  _rpt_default NCCL_DEBUG WARN
+  # Site-specific, set them in your environment when the defaults pick the wrong fabric:
+  #   NCCL_IB_HCA=mlx5_0,mlx5_1,...   which HCAs NCCL may use (e.g. skip the storage NIC)
+  #   NCCL_SOCKET_IFNAME=ib0|eth0     interface for NCCL/gloo bootstrap traffic
+  #   NCCL_IB_GID_INDEX=3             RoCE clusters
+  #   NCCL_NVLS_ENABLE=0              if NVLink SHARP is flaky on your driver
+  #   TORCH_FR_BUFFER_SIZE=2000       NCCL flight recorder, dumped on a collective timeout
+  #                                   (TORCH_NCCL_TRACE_BUFFER_SIZE before torch 2.7)
+  # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True is deliberately NOT set: vLLM's sleep
+  # mode (rollout.sleep_between_phases) uses its own CUDA memory pool, which refuses it.
+  _rpt_default TOKENIZERS_PARALLELISM false
+  _rpt_default PYTHONUNBUFFERED 1
+}
+
+# ----------------------------------------------------------------------------- per node
+
+# Does this torch's torchrun have --signals-to-handle (torch >= 2.8)? Reads its source
+# instead of running `torchrun --help`, which would import torch (seconds).
+_rpt_torchrun_handles_signals() {
+  "${RPT_PYTHON:-python}" -c 'import importlib.util as u, pathlib, sys
+p = pathlib.Path(u.find_spec("torch").origin).parent / "distributed" / "run.py"
+sys.exit(0 if "signals_to_handle" in p.read_text() else 1)' 2>/dev/null
+}
+
+# Runs on every node (srun task). Execs torchrun so srun's forwarded signals reach it.
+rpt_node() {
+  local torchrun=${RPT_TORCHRUN:-torchrun}
+  local nproc=${NPROC_PER_NODE:?NPROC_PER_NODE must be set by rpt_launch}
+  local -a args=(
+    --nnodes "${RPT_NNODES:?}" --nproc-per-node "$nproc" --node-rank "${SLURM_NODEID:-0}"
+    --rdzv-id "${RPT_RDZV_ID:?}" --rdzv-backend c10d --rdzv-endpoint "${RPT_RDZV_ENDPOINT:?}"
+    --max-restarts 0
+  )
+  echo "[rpt] node ${SLURM_NODEID:-0} ($(hostname)): torchrun ${nproc} ranks, rendezvous ${RPT_RDZV_ENDPOINT}"
+  if _rpt_torchrun_handles_signals; then
+    # torchrun forwards these to every rank, then waits the grace period for them to save.
+    exec "$torchrun" "${args[@]}" --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
+      --shutdown-timeout "${RPT_SAVE_GRACE_S:-840}" "$@"
+  fi
+  # Older torch: torchrun would die on SIGUSR1 (SLURM signals every process of the step)
+  # and take the saving ranks with it. Start it with SIGUSR1 ignored (the trainer installs
+  # its own handler) and relay the signal to its children, the ranks, ourselves.
+  (trap '' USR1 && exec "$torchrun" "${args[@]}" "$@") &
+  local pid=$!
+  # shellcheck disable=SC2064  # expand $pid now
+  trap "pkill -USR1 -P $pid" USR1
+  # shellcheck disable=SC2064
+  trap "pkill -TERM -P $pid" TERM INT
+  _rpt_wait "$pid"
+}
+
+# wait for pid, surviving trapped signals; returns its exit status.
+_rpt_wait() {
+  local pid=$1 rc=0
+  while kill -0 "$pid" 2>/dev/null; do
+    wait "$pid" && rc=0 || rc=$?
+  done
+  wait "$pid" 2>/dev/null && rc=0 || rc=$?
+  return "$rc"
+}
+
+# ----------------------------------------------------------------------------- batch script
+
+_rpt_repo() {
+  local candidate
+  for candidate in "${RPT_REPO:-}" "${SLURM_SUBMIT_DIR:-}" "$(dirname "${BASH_SOURCE[0]}")/../.."; do
+    if [[ -n "$candidate" && -f "$candidate/megatron_rpt/__init__.py" ]]; then
+      (cd "$candidate" && pwd)
+      return 0
+    fi
+  done
+  echo "[rpt] error: cannot find the megatron-rpt repository; submit from its root or set RPT_REPO" >&2
+  return 2
+}
+
+_RPT_STOP_SIGNAL=""
+_rpt_on_signal() {
+  _RPT_STOP_SIGNAL=$1
+  echo "[rpt] $(date '+%F %T') got SIG$1: asking the trainer to checkpoint and stop"
+  if [[ -n "${_RPT_STEP_PID:-}" ]]; then
+    kill -s "$1" "$_RPT_STEP_PID" 2>/dev/null || true
+  fi
+}
+
+rpt_launch() {
+  local repo
+  repo=$(_rpt_repo) || return 2
+  cd "$repo" || return 2
+  local config=${RPT_CONFIG:?the recipe must set RPT_CONFIG=configs/<name>.yaml}
+  if [[ ! -f "$config" ]]; then
+    echo "[rpt] error: config $config not found under $repo (RPT_CONFIG)" >&2
+    return 2
+  fi
+
+  local in_slurm=0
+  [[ -n "${SLURM_JOB_ID:-}" ]] && in_slurm=1
+  local job_id=${SLURM_JOB_ID:-local-$$}
+  local job_name=${SLURM_JOB_NAME:-$(basename "$config" .yaml)}
+  local run_dir=${RPT_RUN_DIR:-$repo/runs/${job_name}-${job_id}}
+  mkdir -p "$run_dir"
+
+  export NPROC_PER_NODE=${NPROC_PER_NODE:-${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}}
+  export RPT_NNODES=${SLURM_NNODES:-1}
+  export RPT_RDZV_ID=$job_id
+  local head=127.0.0.1
+  if ((in_slurm)); then
+    head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  fi
+  # torchrun's c10d store listens here on the first node (and sets MASTER_* for the ranks).
+  local port=${RPT_RDZV_PORT:-$((20000 + ${SLURM_JOB_ID:-$$} % 20000))}
+  export RPT_RDZV_ENDPOINT="$head:$port"
+  rpt_export_env
+
+  local -a extra=()
+  if [[ -n "${RPT_EXTRA_ARGS:-}" ]]; then
+    read -r -a extra <<<"$RPT_EXTRA_ARGS"
+  fi
+  local -a trainer=(
+    -m "${RPT_TRAIN_MODULE:-megatron_rpt.train}" --config "$config" --resume auto
+    --set "checkpoint.dir=$run_dir/checkpoints" --set "logging.dir=$run_dir"
+    "${extra[@]}" "$@"
+  )
+
+  echo "[rpt] $(date '+%F %T') job $job_id (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-$(hostname)}:" \
+    "${RPT_NNODES} node(s) x ${NPROC_PER_NODE} rank(s); config $config; run dir $run_dir"
+  echo "[rpt] commit $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+
+  trap '_rpt_on_signal USR1' USR1
+  trap '_rpt_on_signal TERM' TERM
+  trap '_rpt_on_signal INT' INT
+  local lib
+  lib="$repo/examples/lib/launch.sh"
+  if ((in_slurm)); then
+    # One task per node; it execs torchrun, which starts NPROC_PER_NODE ranks. srun of
+    # SLURM >= 22.05 no longer inherits --cpus-per-task from sbatch: pass it on, or the
+    # task (and every rank) may be bound to a single core.
+    local -a step=(--nodes="$RPT_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1)
+    if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+      step+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+    fi
+    srun "${step[@]}" bash "$lib" node "${trainer[@]}" &
+  else
+    bash "$lib" node "${trainer[@]}" &
+  fi
+  _RPT_STEP_PID=$!
+  local rc=0
+  _rpt_wait "$_RPT_STEP_PID" || rc=$?
+  _RPT_STEP_PID=""
+  trap - USR1 TERM INT
+
+  if [[ "$_RPT_STOP_SIGNAL" == USR1 ]]; then
+    local restarts=${SLURM_RESTART_COUNT:-0}
+    if ((in_slurm)) && ((restarts < ${RPT_MAX_REQUEUES:-20})); then
+      echo "[rpt] $(date '+%F %T') stopped for the time limit (trainer exit $rc); requeueing job $job_id" \
+        "(restart $((restarts + 1))); it resumes from $run_dir/checkpoints"
+      if ! scontrol requeue "$SLURM_JOB_ID"; then
+        echo "[rpt] error: scontrol requeue failed; resubmit with RPT_RUN_DIR=$run_dir to resume" >&2
+        return 1
+      fi
+      return 0
+    fi
+    echo "[rpt] stopped by SIGUSR1 (exit $rc); not requeueing (restart ${restarts}, RPT_MAX_REQUEUES=${RPT_MAX_REQUEUES:-20})"
+    return 0
+  fi
+  if [[ -n "$_RPT_STOP_SIGNAL" ]]; then
+    echo "[rpt] stopped by SIG$_RPT_STOP_SIGNAL (trainer exit $rc)"
+    return "$rc"
+  fi
+  echo "[rpt] $(date '+%F %T') trainer finished with exit code $rc"
+  return "$rc"
+}
+
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  case "${1:-}" in
+    node) shift; rpt_node "$@" ;;
+    *) echo "usage: source examples/lib/launch.sh && rpt_launch [trainer args]  (or: launch.sh node ARGS, used by srun)" >&2
+       exit 2 ;;
+  esac
+fi

@@ -1,0 +1,27 @@
+#!/bin/bash
+# RPT on Qwen2.5-72B: 16 nodes x 8 H100 80GB (TP8 inside a node, PP4 across nodes, DP4).
+# Config: configs/rpt_72b.yaml. Submit from the repository root (trailing arguments go to
+# the trainer); set RPT_CKPT / RPT_TOKENIZER / RPT_PROXY_MODEL / RPT_DATA first:
+#   mkdir -p logs && sbatch examples/rpt_72b.sh [--set train.steps=10 ...]
+# Requeues itself at the time limit and resumes from the last checkpoint; launcher knobs
+# (run dir, NCCL settings, extra args) are documented in examples/lib/launch.sh.
+#SBATCH --job-name=rpt-72b
+#SBATCH --nodes=16
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --mem=0
+#SBATCH --exclusive
+#SBATCH --time=24:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@900
+set -euo pipefail
+
+export GPUS_PER_NODE=8
+export RPT_CONFIG=${RPT_CONFIG:-configs/rpt_72b.yaml}
+
+# shellcheck source-path=SCRIPTDIR source=lib/launch.sh
+source "${RPT_REPO:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}/examples/lib/launch.sh"
+rpt_launch "$@"

@@ -1,0 +1,622 @@
+"""Stream the live Megatron policy into a rollout engine, in Hugging Face names and layout.
+
+Owns :class:`WeightBridge`: from this rank's Megatron shards (tensor / pipeline / virtual
+pipeline / expert parallel) to the stream of HF-named tensors an engine's
+``update_weights`` takes. All name and layout knowledge comes from
+:mod:`megatron_rpt.bridge.name_maps`; this module only moves bytes.
+
+How a sync moves a tensor (every rank runs the same sequence of collectives):
+  1. Plan (once, at construction). Every parameter of the full model gets an owner pipeline
+     stage (one ``all_gather_object`` of parameter names over the pipeline group) and a
+     *kind*: ``whole`` (this rank holds all of it: replicated, or TP=1), ``tp`` (gathered over
+     the tensor-parallel group), ``expert`` (gathered over the expert-TP x expert-parallel
+     group, global expert indices from ``named_parameters_global(expert_offset=...)``) or
+     ``engine_shard`` (this rank's shard already is the engine's slice; see below). Shapes
+     come from :class:`ArchConfig` and the padded vocabulary, so receivers need no metadata.
+     Parameters of one owner stage and kind are packed into buckets of at most ``bucket_mb``.
+  2. Per bucket: the owner stage packs its shards into one flat staging buffer, casting to
+     the engine dtype in the same copy; one ``all_gather_into_tensor`` (in place: each rank's
+     input is its slot of the output) gathers the TP / expert shards; with PP > 1 one
+     ``broadcast`` over the pipeline group hands the bucket to the other stages.
+  3. Every rank un-fuses the bucket into HF tensors (q/k/v, gate/up, vocabulary padding
+     removed) writing each HF tensor once, straight from the gathered shards.
+No collective and no cast needed (TP=1, PP=1, EP=1, same dtype): tensors are yielded as views
+of the parameters (zero copy; only q/k/v need a copy to un-interleave).
+
+Memory: one staging buffer (the largest bucket, ``<= bucket_mb`` unless a single tensor is
+larger) is reused for every bucket, plus the HF tensors of the parameter being yielded (and,
+for a fused q/k/v gathered over TP, one shard's q/k/v while it is un-interleaved).
+
+Lifetime: yielded tensors are views of the staging buffer or of the live parameters. They
+are valid only until the next item is requested; a consumer copies them (``update_weights``
+does) or clones them to keep them.
+
+Engine tensor parallelism (``engine_tp_size > 1``, e.g. vLLM with TP): a rank receives only
+its engine-TP slice: ``torch.chunk(hf_tensor, engine_tp_size, dim)[engine_tp_rank]`` along the
+HF tensor's parallel dimension (dim 0 for q/k/v (+ biases), gate/up and column-parallel
+weights, dim 1 for o_proj / down_proj). Exactly what vLLM's QKVParallelLinear,
+MergedColumnParallelLinear and RowParallelLinear hold when ``num_key_value_heads``,
+``num_attention_heads`` and the FFN size are divisible by ``engine_tp_size``. Replicated
+tensors (norms, router) and the vocabulary tensors (``embed_tokens`` / ``lm_head``, whose
+engine-side padding differs from Megatron's; the engine's loader slices them) come whole.
+When ``engine_tp_size`` equals Megatron's TP size (and ``engine_tp_rank`` its TP rank), these
+tensors skip the TP gather entirely, because Megatron's shard of them *is* the engine slice:
+  * ``linear_qkv`` weight / bias: a shard holds whole query groups, i.e. q, k and v heads of
+    groups ``[r*g/tp, (r+1)*g/tp)`` = chunk r of q_proj, k_proj and v_proj;
+  * dense ``linear_fc1``: the shard is ``[gate_r; up_r]`` = chunk r of gate_proj and up_proj;
+  * ``linear_proj`` / dense ``linear_fc2``: chunk r along dim 1 of o_proj / down_proj;
+  * experts likewise when expert parallelism is 1 and the expert-TP size equals the engine TP.
+The vocabulary tensors are still gathered (padding boundaries differ), experts with EP > 1
+are still gathered over EP (each engine rank needs every expert), replicated tensors need no
+gather at all, and with PP > 1 every tensor is still broadcast to the other stages.
+With any other engine TP size the full tensor is gathered and then sliced.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_rpt.bridge.name_maps import (
+    NameMap,
+    TensorMap,
+    expected_hf_shapes,
+    from_mcore,
+    named_parameters_global,
+    qkv_from_mcore,
+    unwrap,
+    uses_te_layout,
+)
+from megatron_rpt.model.hf_config import ArchConfig
+
+WHOLE, TP_GATHER, EXPERT_GATHER, ENGINE_SHARD = "whole", "tp", "expert", "engine_shard"
+
+
+@dataclass(frozen=True)
+class SyncStats:
+    """What one sync moved and what it cost on this rank."""
+
+    seconds: float
+    bytes: int  # bytes of the HF tensors delivered to the engine
+    gb_per_s: float
+    num_tensors: int
+    num_buckets: int  # staging buffers filled (collective rounds or casting copies)
+    max_bucket_bytes: int  # size of the staging buffer (the largest bucket)
+    peak_extra_bytes: int  # staging buffer + the largest set of tensors allocated for one item
+
+
+# --------------------------------------------------------------------------- shard -> HF layout
+
+
+def tp_local_arch(arch: ArchConfig, tp_size: int) -> ArchConfig:
+    """The architecture one TP shard of ``linear_qkv`` looks like (whole query groups)."""
+    return replace(arch, num_attention_heads=arch.num_attention_heads // tp_size,
+                   num_key_value_heads=arch.num_key_value_heads // tp_size)
+
+
+def hf_slice_of_shard(tmap: TensorMap, shard: torch.Tensor, arch: ArchConfig, tp_size: int) -> list[torch.Tensor]:
+    """HF tensors (``tmap.hf`` order) of one TP shard: rank r's shard gives chunk r of each HF
+    tensor along ``tmap.tp_dim``. Not defined for the padded vocabulary (shard edges differ)."""
+    if tmap.layout == "vocab" and tp_size > 1:
+        raise ValueError("a vocabulary shard is not a slice of the HF tensor (Megatron pads the vocabulary)")
+    if tmap.layout == "qkv":
+        return list(qkv_from_mcore(shard, tp_local_arch(arch, tp_size)))
+    return from_mcore(tmap, shard, arch)  # gate_up: [gate_r; up_r] halves; copy: the shard itself
+
+
+def hf_from_tp_shards(tmap: TensorMap, shards: Sequence[torch.Tensor], arch: ArchConfig,
+                      out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """HF tensors (``tmap.hf`` order) from all TP ranks' shards (rank order).
+
+    Equals ``from_mcore(tmap, tp_merge(tmap, shards), arch)``, but writes each HF tensor once
+    into its final buffer (``out`` when given, shaped as :func:`expected_hf_shapes`) instead of
+    materialising the merged Megatron tensor first. One shard (or a replicated tensor) needs
+    no merge: the result is then ``from_mcore`` of it (views where the layout allows).
+    """
+    n = len(shards)
+    if tmap.tp_dim is None or n == 1:
+        return from_mcore(tmap, shards[0], arch)
+    ref = shards[0]
+    outs = list(out) if out is not None else [
+        torch.empty(shape, dtype=ref.dtype, device=ref.device) for shape in expected_hf_shapes(tmap, arch)
+    ]
+    if tmap.layout == "vocab":
+        rows = ref.shape[0]
+        for r, shard in enumerate(shards):
+            start = r * rows
+            keep = max(0, min(rows, arch.vocab_size - start))
+            if keep:
+                outs[0].narrow(0, start, keep).copy_(shard.narrow(0, 0, keep))
+        return outs
+    for r, shard in enumerate(shards):
+        for out, part in zip(outs, hf_slice_of_shard(tmap, shard, arch, n)):
+            width = part.shape[tmap.tp_dim]
+            out.narrow(tmap.tp_dim, r * width, width).copy_(part)
+    return outs
+
+
+def mcore_full_shape(tmap: TensorMap, arch: ArchConfig, padded_vocab: int) -> tuple[int, ...]:
+    """Shape of the full (unsharded) Megatron tensor of ``tmap``, from the architecture alone."""
+    hf = expected_hf_shapes(tmap, arch)
+    if tmap.layout == "qkv":
+        return (sum(s[0] for s in hf), *hf[0][1:])
+    if tmap.layout == "gate_up":
+        return (2 * hf[0][0], *hf[0][1:])
+    if tmap.layout == "vocab":
+        return (padded_vocab, *hf[0][1:])
+    return hf[0]
+
+
+def _shard_shape(full: tuple[int, ...], dim: int | None, parts: int, what: str) -> tuple[int, ...]:
+    if dim is None or parts == 1:
+        return full
+    if full[dim] % parts:
+        raise ValueError(f"{what}: dimension {dim} of size {full[dim]} does not split over {parts} ranks")
+    return tuple(s // parts if i == dim else s for i, s in enumerate(full))
+
+
+# --------------------------------------------------------------------------- parallel layout
+
+
+@dataclass
+class _Topology:
+    """This rank's place in Megatron's parallel groups (all sizes 1 without torch.distributed)."""
+
+    tp_size: int = 1
+    tp_rank: int = 0
+    pp_size: int = 1
+    pp_rank: int = 0
+    ep_size: int = 1
+    ep_rank: int = 0
+    etp_size: int = 1
+    etp_rank: int = 0
+    tp_group: object = None
+    pp_group: object = None
+    expert_group: object = None  # expert-TP x expert-parallel group of this stage
+    expert_index: int = 0  # this rank's index in expert_group
+    expert_members: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)])  # (etp_rank, ep_rank)
+
+    @classmethod
+    def current(cls, has_experts: bool) -> "_Topology":
+        if not dist.is_initialized():
+            return cls()
+        from megatron.core import parallel_state as ps
+
+        if not ps.model_parallel_is_initialized():
+            raise RuntimeError("WeightBridge needs Megatron's parallel state; call init_distributed() first")
+        topo = cls(
+            tp_size=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
+            pp_size=ps.get_pipeline_model_parallel_world_size(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+            tp_group=ps.get_tensor_model_parallel_group(), pp_group=ps.get_pipeline_model_parallel_group(),
+        )
+        if has_experts:
+            topo.ep_size, topo.ep_rank = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
+            topo.etp_size = ps.get_expert_tensor_parallel_world_size()
+            topo.etp_rank = ps.get_expert_tensor_parallel_rank()
+            if topo.ep_size * topo.etp_size > 1:
+                topo.expert_group = ps.get_expert_tensor_and_model_parallel_group()
+                topo.expert_index = dist.get_rank(topo.expert_group)
+                # Rank order inside the combined group is Megatron's business; ask once.
+                members: list[tuple[int, int] | None] = [None] * dist.get_world_size(topo.expert_group)
+                dist.all_gather_object(members, (topo.etp_rank, topo.ep_rank), group=topo.expert_group)
+                topo.expert_members = [tuple(m) for m in members]  # type: ignore[misc]
+        return topo
+
+
+@dataclass
+class _Slot:
+    """One Megatron tensor carried by a bucket (each group member contributes ``shape``)."""
+
+    tmap: TensorMap
+    layer: int | None
+    expert: int | None  # global index; for EXPERT_GATHER the local index j (expert = ep_rank * n_local + j)
+    shape: tuple[int, ...]
+    source: torch.Tensor | None  # this rank's parameter (owner stage only)
+    offset: int = 0  # element offset inside each member's segment
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class _Bucket:
+    stage: int
+    kind: str
+    dtype: torch.dtype
+    group_size: int
+    slots: list[_Slot] = field(default_factory=list)
+    member_numel: int = 0
+    staged: bool = True  # False: zero-copy views of the parameters (no collective, no cast)
+
+    @property
+    def nbytes(self) -> int:
+        return self.member_numel * self.group_size * self.dtype.itemsize
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+_ALIGN = 64  # bytes; keeps every carved tensor aligned for vectorised copies
+
+
+def _carved_bytes(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype) -> int:
+    total = 0
+    for shape in shapes:
+        total += -(-torch.Size(shape).numel() * dtype.itemsize // _ALIGN) * _ALIGN
+    return total
+
+
+def _carve(buffer: torch.Tensor | None, shapes: Sequence[tuple[int, ...]], dtype: torch.dtype
+           ) -> list[torch.Tensor] | None:
+    """Tensors of ``shapes`` laid out back to back (aligned) in a byte ``buffer`` (None: none)."""
+    if buffer is None:
+        return None
+    out, offset = [], 0
+    for shape in shapes:
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        out.append(buffer[offset: offset + nbytes].view(dtype).view(shape))
+        offset += -(-nbytes // _ALIGN) * _ALIGN
+    return out
+
+
+# --------------------------------------------------------------------------- the bridge
+
+
+class WeightBridge:
+    """Megatron shards of this rank -> the full HF-named tensor stream, on every rank.
+
+    ``model_chunks``: this rank's model chunks (one per virtual pipeline stage; DDP /
+    Float16Module wrappers are fine). ``bucket_mb``: staging-buffer size per collective.
+    ``dtype``: engine dtype (None: the parameters' own). ``te_layout``: the Transformer-Engine
+    spec's fused norm names (None: detect from the model). ``engine_tp_size`` /
+    ``engine_tp_rank``: deliver only that engine-TP slice (see the module docstring).
+
+    :meth:`iter_hf_tensors` and :meth:`sync` are collective: every rank of the job calls them.
+    """
+
+    def __init__(
+        self,
+        model_chunks: Sequence[nn.Module],
+        arch: ArchConfig,
+        bucket_mb: float,
+        dtype: torch.dtype | None = None,
+        te_layout: bool | None = None,
+        engine_tp_size: int = 1,
+        engine_tp_rank: int = 0,
+    ):
+        if not model_chunks:
+            raise ValueError("WeightBridge needs at least one model chunk")
+        if not bucket_mb or bucket_mb <= 0:
+            raise ValueError(f"bucket_mb={bucket_mb} must be > 0 (rollout.bucket_mb: staging buffer size in MB)")
+        self.arch = arch
+        self.dtype = dtype
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self.chunks = [unwrap(c) for c in model_chunks]
+        if te_layout is None:
+            te_layout = any(uses_te_layout(c) for c in self.chunks)
+        self.names = NameMap(arch, te_layout)
+        self.padded_vocab = self._padded_vocab()
+        self.topo = _Topology.current(bool(arch.num_experts))
+        self.engine_tp_size, self.engine_tp_rank = self._check_engine_tp(engine_tp_size, engine_tp_rank)
+        local = self._local_tensors()
+        self.buckets = self._plan(local)
+        self.max_bucket_bytes = max((b.nbytes for b in self.buckets if b.staged), default=0)
+        self.scratch_bytes = max((self._scratch_need(b, s) for b in self.buckets for s in b.slots), default=0)
+        self._device = next(iter(self.chunks[0].parameters())).device
+        self._keep_buffers = self._device.type == "cpu"
+        self._staging = self._scratch = None
+        self._reset_counters()
+
+    # ------------------------------------------------------------------ public API
+
+    def iter_hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every HF tensor of the model (this rank's engine-TP slice of it), in plan order.
+
+        Tensors are valid until the next item is requested (see the module docstring).
+        """
+        return self._stream(decode=True)
+
+    def sync(self, engine: object | None) -> SyncStats:
+        """Push the current weights into ``engine.update_weights``; ``None``: this rank hosts no
+        engine but still takes part in the collectives (nothing is un-fused or delivered)."""
+        start = time.perf_counter()
+        if engine is None:
+            for _ in self._stream(decode=False):
+                pass
+        else:
+            update = getattr(engine, "update_weights", None)
+            if update is None:
+                raise TypeError(f"{type(engine).__name__} has no update_weights(stream); it is not a rollout engine")
+            stream = self._stream(decode=True)
+            update(stream)
+            leftover = sum(1 for _ in stream)  # keep the other ranks' collectives matched
+            if leftover:
+                raise RuntimeError(f"{type(engine).__name__}.update_weights stopped {leftover} tensors before the end")
+        seconds = time.perf_counter() - start
+        c = self._counters
+        return SyncStats(
+            seconds=seconds, bytes=c["bytes"], gb_per_s=c["bytes"] / max(seconds, 1e-12) / 1e9,
+            num_tensors=c["tensors"], num_buckets=c["buckets"], max_bucket_bytes=self.max_bucket_bytes,
+            peak_extra_bytes=c["peak"],
+        )
+
+    @property
+    def last_peak_extra_bytes(self) -> int:
+        return self._counters["peak"]
+
+    # ------------------------------------------------------------------ set-up
+
+    def _padded_vocab(self) -> int:
+        vocab = getattr(self.chunks[0], "vocab_size", None)
+        if vocab is None:
+            raise TypeError(f"{type(self.chunks[0]).__name__} has no vocab_size; WeightBridge expects GPTModel chunks")
+        return int(vocab)
+
+    def _check_engine_tp(self, size: int, rank: int) -> tuple[int, int]:
+        if size < 1 or not 0 <= rank < size:
+            raise ValueError(f"engine_tp_rank={rank} must be in [0, engine_tp_size={size})")
+        if size == 1:
+            return 1, 0
+        arch = self.arch
+        dims = {"num_attention_heads": arch.num_attention_heads, "num_key_value_heads": arch.num_key_value_heads,
+                "intermediate_size": arch.intermediate_size, "moe_intermediate_size": arch.moe_intermediate_size}
+        bad = [f"{k}={v}" for k, v in dims.items() if v % size]
+        if bad:
+            raise ValueError(f"engine_tp_size={size} does not divide {', '.join(bad)}; choose an engine TP size that does")
+        topo = self.topo
+        for what, mc_size, mc_rank in (("TP", topo.tp_size, topo.tp_rank), ("expert-TP", topo.etp_size, topo.etp_rank)):
+            if size == mc_size and rank != mc_rank:
+                raise ValueError(
+                    f"engine_tp_size equals Megatron's {what} size ({size}) but engine_tp_rank={rank} differs from "
+                    f"this rank's {what} rank {mc_rank}; map engine TP rank r onto Megatron TP rank r"
+                )
+        return size, rank
+
+    def _local_tensors(self) -> dict[tuple[str, int | None, int | None], torch.Tensor]:
+        """(map template, layer, global expert) -> this rank's parameter."""
+        arch, topo = self.arch, self.topo
+        offset = topo.ep_rank * (arch.num_experts // topo.ep_size) if arch.num_experts else 0
+        local: dict[tuple[str, int | None, int | None], torch.Tensor] = {}
+        for chunk in self.chunks:
+            for name, param in named_parameters_global(chunk, expert_offset=offset):
+                if name == "output_layer.weight" and arch.tie_word_embeddings:
+                    continue  # the last stage's copy of the tied embedding; the first stage's is exported
+                tmap, layer, expert = self.names.lookup(name)
+                local[(tmap.mcore, layer, expert)] = param  # detached at use: DDP may re-point .data
+        return local
+
+    def _owners(self, local: dict) -> dict[tuple[str, int | None], tuple[int, str]]:
+        """(map template, layer) -> (owner pipeline stage, dtype name)."""
+        mine = sorted({(key[0], key[1], str(t.dtype).removeprefix("torch.")) for key, t in local.items()},
+                      key=lambda k: (k[0], -1 if k[1] is None else k[1]))
+        if self.topo.pp_size == 1:
+            stages = [mine]
+        else:
+            stages = [None] * self.topo.pp_size
+            dist.all_gather_object(stages, mine, group=self.topo.pp_group)
+        owners: dict[tuple[str, int | None], tuple[int, str]] = {}
+        for stage, keys in enumerate(stages):
+            for template, layer, dtype in keys:
+                if (template, layer) in owners and owners[(template, layer)][0] != stage:
+                    raise RuntimeError(f"{template} (layer {layer}) is held by pipeline stages "
+                                       f"{owners[(template, layer)][0]} and {stage}")
+                owners[(template, layer)] = (stage, dtype)
+        return owners
+
+    def _plan(self, local: dict) -> list[_Bucket]:
+        arch, topo = self.arch, self.topo
+        owners = self._owners(local)
+        n_local = arch.num_experts // topo.ep_size if arch.num_experts else 0
+        groups: dict[tuple[int, str, torch.dtype], list[_Slot]] = {}
+        missing: list[str] = []
+        for tmap, layer, expert in self.names.iter_all():
+            owner = owners.get((tmap.mcore, layer))
+            if owner is None:
+                missing.append(tmap.format(layer, expert)[0])
+                continue
+            stage, dtype_name = owner
+            kind, parts = self._kind(tmap)
+            if kind == EXPERT_GATHER:
+                if expert >= n_local:
+                    continue  # arrives with local slot expert % n_local from its EP rank
+                source_key = (tmap.mcore, layer, topo.ep_rank * n_local + expert)
+            else:
+                source_key = (tmap.mcore, layer, expert)
+            full = mcore_full_shape(tmap, arch, self.padded_vocab)
+            shape = _shard_shape(full, tmap.tp_dim, parts, tmap.format(layer, expert)[0])
+            source = local.get(source_key) if stage == topo.pp_rank else None
+            if stage == topo.pp_rank:
+                if source is None:
+                    raise RuntimeError(f"pipeline stage {stage} lacks {source_key} that its peers expect")
+                if tuple(source.shape) != shape:
+                    raise ValueError(
+                        f"{tmap.format(layer, expert)[0]} has shape {tuple(source.shape)} on this rank, the "
+                        f"architecture implies {shape}; the model was built from a different config.json"
+                    )
+            transport = self.dtype or getattr(torch, dtype_name)
+            groups.setdefault((stage, kind, transport), []).append(_Slot(tmap, layer, expert, shape, source))
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} parameters of the {arch.hf_architecture} are on no pipeline stage (first: "
+                f"{missing[0]}); the model chunks were built with a different architecture than {arch.model_type}"
+            )
+        buckets: list[_Bucket] = []
+        for (stage, kind, dtype), slots in groups.items():
+            size = self._group_size(kind)
+            bucket = _Bucket(stage, kind, dtype, size)
+            for slot in slots:
+                if bucket.slots and (bucket.member_numel + slot.numel) * size * dtype.itemsize > self.bucket_bytes:
+                    buckets.append(bucket)
+                    bucket = _Bucket(stage, kind, dtype, size)
+                slot.offset = bucket.member_numel
+                bucket.slots.append(slot)
+                bucket.member_numel += slot.numel
+            buckets.append(bucket)
+        for bucket in buckets:
+            bucket.staged = (
+                topo.pp_size > 1 or bucket.group_size > 1
+                or any(s.source is None or s.source.dtype != bucket.dtype for s in bucket.slots)
+            )
+        return buckets
+
+    def _kind(self, tmap: TensorMap) -> tuple[str, int]:
+        """(kind, how many ranks the tensor is split over) for this model's layout."""
+        topo, etp = self.topo, self.engine_tp_size
+        if tmap.per_expert:
+            if topo.ep_size * topo.etp_size == 1:
+                return WHOLE, 1
+            if topo.ep_size == 1 and etp == topo.etp_size and tmap.tp_dim is not None:
+                return ENGINE_SHARD, topo.etp_size
+            return EXPERT_GATHER, topo.etp_size if tmap.tp_dim is not None else 1
+        if tmap.tp_dim is None or topo.tp_size == 1:
+            return WHOLE, 1
+        if etp == topo.tp_size and tmap.layout != "vocab":
+            return ENGINE_SHARD, topo.tp_size
+        return TP_GATHER, topo.tp_size
+
+    def _scratch_need(self, bucket: _Bucket, slot: _Slot) -> int:
+        """Bytes of the HF tensors merged from several shards for ``slot`` (un-fuse buffer)."""
+        if bucket.kind not in (TP_GATHER, EXPERT_GATHER) or slot.tmap.tp_dim is None or self._split_of(slot.tmap) == 1:
+            return 0
+        copies = self.topo.ep_size if bucket.kind == EXPERT_GATHER else 1
+        return _carved_bytes(expected_hf_shapes(slot.tmap, self.arch) * copies, bucket.dtype)
+
+    def _group_size(self, kind: str) -> int:
+        if kind == TP_GATHER:
+            return self.topo.tp_size
+        if kind == EXPERT_GATHER:
+            return len(self.topo.expert_members)
+        return 1
+
+    # ------------------------------------------------------------------ the stream
+
+    def release_buffers(self) -> None:
+        """Free the staging / un-fuse buffers (on CPU they are kept between syncs: fresh pages
+        cost a page fault each, which would halve the throughput)."""
+        self._staging = self._scratch = None
+
+    def _reset_counters(self) -> None:
+        self._counters = {"bytes": 0, "tensors": 0, "buckets": 0, "peak": 0}
+
+    def _buffer(self, attr: str, nbytes: int) -> torch.Tensor | None:
+        if not nbytes:
+            return None
+        buf = getattr(self, attr, None)
+        if buf is None:
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=self._device)
+            setattr(self, attr, buf)
+        return buf
+
+    def _stream(self, decode: bool) -> Iterator[tuple[str, torch.Tensor]]:
+        self._reset_counters()
+        self._param_storages = {_storage_key(s.source) for b in self.buckets for s in b.slots if s.source is not None}
+        staging = self._buffer("_staging", self.max_bucket_bytes)
+        scratch = self._buffer("_scratch", self.scratch_bytes) if decode else None
+        self._held = {_storage_key(b): b.numel() for b in (staging, scratch) if b is not None}
+        try:
+            for bucket in self.buckets:
+                if not bucket.staged:
+                    if decode:
+                        yield from self._emit(bucket, [[slot.source.detach()] for slot in bucket.slots], scratch)
+                    continue
+                flat = staging[: bucket.nbytes].view(bucket.dtype)
+                self._transfer(bucket, flat)
+                self._counters["buckets"] += 1
+                if decode:
+                    segments = [flat.narrow(0, m * bucket.member_numel, bucket.member_numel)
+                                for m in range(bucket.group_size)]
+                    views = [[seg.narrow(0, s.offset, s.numel).view(s.shape) for seg in segments] for s in bucket.slots]
+                    yield from self._emit(bucket, views, scratch)
+        finally:
+            del staging, scratch
+            if not self._keep_buffers:
+                self.release_buffers()
+
+    def _transfer(self, bucket: _Bucket, flat: torch.Tensor) -> None:
+        """Pack (owner stage), gather over TP / experts (owner stage), broadcast over PP."""
+        topo = self.topo
+        if bucket.stage == topo.pp_rank:
+            member = topo.tp_rank if bucket.kind == TP_GATHER else topo.expert_index if bucket.kind == EXPERT_GATHER else 0
+            mine = flat.narrow(0, member * bucket.member_numel, bucket.member_numel)
+            for slot in bucket.slots:
+                mine.narrow(0, slot.offset, slot.numel).view(slot.shape).copy_(slot.source.detach())
+            if bucket.group_size > 1:
+                group = topo.tp_group if bucket.kind == TP_GATHER else topo.expert_group
+                dist.all_gather_into_tensor(flat, mine, group=group)
+        if topo.pp_size > 1:
+            dist.broadcast(flat, group=topo.pp_group, group_src=bucket.stage)
+
+    def _emit(self, bucket: _Bucket, views: list[list[torch.Tensor]],
+              scratch: torch.Tensor | None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Un-fuse each slot of a transferred bucket into HF tensors and yield them."""
+        for slot, shards in zip(bucket.slots, views):
+            items, also_alive, transient = self._hf_tensors(bucket, slot, shards, scratch)
+            fresh = {}
+            for t in [t for _, t in items] + also_alive:
+                key = _storage_key(t)
+                if key not in self._held and key not in self._param_storages:
+                    fresh[key] = t.untyped_storage().nbytes()
+            extra = sum(self._held.values()) + sum(fresh.values()) + transient
+            self._counters["peak"] = max(self._counters["peak"], extra)
+            for name, tensor in items:
+                self._counters["bytes"] += tensor.numel() * tensor.element_size()
+                self._counters["tensors"] += 1
+                yield name, tensor
+            del items, also_alive
+
+    def _hf_tensors(self, bucket: _Bucket, slot: _Slot, shards: list[torch.Tensor], scratch: torch.Tensor | None
+                    ) -> tuple[list[tuple[str, torch.Tensor]], list[torch.Tensor], int]:
+        """[(HF name, tensor)] of one slot, the intermediates that were alive with them, and
+        the bytes of short-lived pieces allocated on the way (for the memory accounting)."""
+        arch, tmap = self.arch, slot.tmap
+        if bucket.kind == ENGINE_SHARD:
+            (shard,) = shards
+            parts = [t.contiguous() for t in hf_slice_of_shard(tmap, shard, arch, self._split_of(tmap))]
+            return list(zip(tmap.format(slot.layer, slot.expert)[1], parts)), [], 0
+        if bucket.kind != EXPERT_GATHER:
+            shards = shards if tmap.tp_dim is not None else shards[:1]  # replicated: all members sent the same
+            out = _carve(scratch, expected_hf_shapes(tmap, arch), bucket.dtype) if len(shards) > 1 else None
+            full = hf_from_tp_shards(tmap, shards, arch, out)
+            sliced = self._engine_slices(tmap, full)
+            return list(zip(tmap.format(slot.layer, slot.expert)[1], sliced)), full, self._qkv_transient(tmap, shards)
+        # One slot carries local expert j of every EP rank: experts ep * n_local + j.
+        n_local = arch.num_experts // self.topo.ep_size
+        shapes = expected_hf_shapes(tmap, arch)
+        outs = _carve(scratch, shapes * self.topo.ep_size, bucket.dtype) if self.topo.etp_size > 1 else None
+        items: list[tuple[str, torch.Tensor]] = []
+        fulls: list[torch.Tensor] = []
+        for ep in range(self.topo.ep_size):
+            ranked = sorted((etp, i) for i, (etp, e) in enumerate(self.topo.expert_members) if e == ep)
+            expert_shards = [shards[i] for _, i in ranked]
+            out = outs[ep * len(shapes): (ep + 1) * len(shapes)] if outs is not None else None
+            full = hf_from_tp_shards(tmap, expert_shards, arch, out)
+            fulls += full
+            items += list(zip(tmap.format(slot.layer, ep * n_local + slot.expert)[1], self._engine_slices(tmap, full)))
+        return items, fulls, self._qkv_transient(tmap, shards)
+
+    def _split_of(self, tmap: TensorMap) -> int:
+        return self.topo.etp_size if tmap.per_expert else self.topo.tp_size
+
+    def _engine_slices(self, tmap: TensorMap, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.engine_tp_size == 1 or tmap.tp_dim is None or tmap.layout == "vocab":
+            return tensors
+        return [torch.chunk(t, self.engine_tp_size, dim=tmap.tp_dim)[self.engine_tp_rank].contiguous()
+                for t in tensors]
+
+    @staticmethod
+    def _qkv_transient(tmap: TensorMap, shards: list[torch.Tensor]) -> int:
+        # hf_from_tp_shards un-interleaves one shard's q/k/v at a time into the outputs.
+        if tmap.layout != "qkv" or len(shards) < 2:
+            return 0
+        return shards[0].numel() * shards[0].element_size()
+

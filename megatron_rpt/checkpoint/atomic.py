@@ -1,0 +1,61 @@
+"""All-or-nothing output directories.
+
+Owns :func:`atomic_output_dir`: the caller writes into ``<out>.tmp-XXXX`` next to the final
+path; on success the directory is renamed to ``<out>`` (one ``rename``, atomic on a POSIX
+file system), on any error — including Ctrl-C — it is removed, so no half-written checkpoint
+is ever left at ``<out>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+class OutputExistsError(FileExistsError):
+    pass
+
+
+def check_output_dir(out: str | Path, force: bool) -> Path:
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"output {out} already exists; choose a new path or pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output {out} exists and is not a directory; remove it first")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, force: bool = False, prefix: str = "tmp") -> Iterator[Path]:
+    """Yield a fresh temporary directory that becomes ``out`` when the block succeeds."""
+    out = check_output_dir(out, force).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.{prefix}-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():  # --force: move the old one aside first so the swap itself is one rename
+            old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+            old.rmdir()
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def scratch_dir(near: str | Path, prefix: str = "scratch") -> Iterator[Path]:
+    """A temporary directory next to ``near`` (same file system), always removed afterwards."""
+    near = Path(near).absolute()
+    near.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{near.name}.{prefix}-", dir=near.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

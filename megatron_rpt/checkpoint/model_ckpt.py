@@ -1,0 +1,98 @@
+"""Megatron distributed checkpoints of model weights (``torch_dist`` format).
+
+Owns saving / loading the *model* part of a checkpoint with
+``megatron.core.dist_checkpointing``, which stores every tensor with its global shape and
+offsets so it can be re-loaded at any other TP / PP / VP layout.
+
+Layout conventions (the same as Megatron-LM's ``--ckpt-format torch_dist``, so model weights of
+Megatron-LM checkpoints load too):
+  * the state dict is ``{"model": chunk.sharded_state_dict()}`` (``"model0"``, ``"model1"``, ...
+    with virtual pipelining); tensor keys are ``embedding.word_embeddings.weight``,
+    ``decoder.layers.self_attention.linear_qkv.weight`` (layers stacked along a leading global
+    layer axis), ``decoder.final_layernorm.weight``, ``output_layer.weight``;
+  * the sharding metadata passed to ``sharded_state_dict`` is stored as the checkpoint's
+    ``content_metadata`` and re-used on load, so a checkpoint written with other settings
+    (e.g. ``singleton_local_shards``) still loads;
+  * a directory with ``latest_checkpointed_iteration.txt`` resolves to its ``iter_XXXXXXX``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from megatron_rpt.bridge.name_maps import unwrap
+from megatron_rpt.checkpoint.hf_io import CheckpointError
+
+# Sharding metadata used when *we* save; Megatron's defaults (stacked, homogeneous layers).
+SHARDED_METADATA: dict[str, Any] = {"singleton_local_shards": False}
+
+
+def resolve_checkpoint_dir(ckpt_dir: str | Path) -> Path:
+    """The directory holding ``metadata.json`` (follows Megatron-LM's latest-iteration marker)."""
+    path = Path(ckpt_dir)
+    if not path.is_dir():
+        raise CheckpointError(f"Megatron checkpoint directory {path} does not exist")
+    marker = path / "latest_checkpointed_iteration.txt"
+    if marker.is_file() and not (path / "metadata.json").is_file():
+        text = marker.read_text().strip()
+        sub = path / ("release" if text == "release" else f"iter_{int(text):07d}")
+        path = sub
+    if not (path / "metadata.json").is_file():
+        raise CheckpointError(
+            f"{path} is not a Megatron distributed checkpoint (no metadata.json); "
+            "create one with `python tools/convert.py hf-to-mcore`"
+        )
+    return path
+
+
+def _model_keys(count: int) -> list[str]:
+    return ["model"] if count == 1 else [f"model{i}" for i in range(count)]
+
+
+def model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module], metadata: dict[str, Any] | None = None) -> dict:
+    metadata = dict(SHARDED_METADATA if metadata is None else metadata)
+    return {
+        key: unwrap(chunk).sharded_state_dict(metadata=metadata)
+        for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks)
+    }
+
+
+def save_model_checkpoint(model_chunks: Sequence[torch.nn.Module], ckpt_dir: str | Path) -> None:
+    """Collective: write this rank's shards of the model weights into ``ckpt_dir`` (must exist)."""
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    state = model_sharded_state_dict(model_chunks)
+    dist_checkpointing.save(state, str(ckpt_dir), content_metadata=dict(SHARDED_METADATA))
+
+
+def load_model_checkpoint(model_chunks: Sequence[torch.nn.Module], ckpt_dir: str | Path, strict: bool = True) -> None:
+    """Collective: load the model weights of a dist checkpoint into the chunks of this rank.
+
+    Re-shards to this rank's TP / PP layout. ``strict`` fails on tensors the model needs but
+    the checkpoint lacks (tensors only in the checkpoint, e.g. optimizer state, are ignored).
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    path = resolve_checkpoint_dir(ckpt_dir)
+    metadata = dist_checkpointing.load_content_metadata(str(path))
+    sharded_metadata = {k: v for k, v in (metadata or SHARDED_METADATA).items() if k in ("singleton_local_shards",
+                                                                                      "non_homogeneous_layers")}
+    state = model_sharded_state_dict(model_chunks, sharded_metadata)
+    # Megatron's "unexpected" = asked for by the model but absent from the checkpoint; tensors
+    # present only in the checkpoint (optimizer state, ...) are never an error.
+    handling = StrictHandling.RAISE_UNEXPECTED if strict else StrictHandling.LOG_UNEXPECTED
+    try:
+        loaded = dist_checkpointing.load(state, str(path), strict=handling)
+    except Exception as exc:  # noqa: BLE001 - re-raise with the checkpoint named
+        raise CheckpointError(f"could not load model weights from {path}: {exc}") from exc
+    for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
+        missing, unexpected = unwrap(chunk).load_state_dict(loaded[key], strict=False)
+        missing = [m for m in missing if not m.endswith("_extra_state")]
+        if strict and missing:
+            raise CheckpointError(f"{path} lacks model weights {missing[:8]}{' ...' if len(missing) > 8 else ''}")

@@ -1,0 +1,183 @@
+"""Load the model to evaluate into a rollout engine: a Hugging Face directory or a Megatron checkpoint.
+
+Owns: :func:`load_hf_model` (``--hf DIR``: safetensors streamed straight into the engine),
+:func:`load_megatron_model` (``--ckpt DIR``: the weights loaded through Megatron-Core on CPU --
+TP=PP=1 in one gloo process -- then streamed into the engine by the
+:class:`~megatron_rpt.bridge.resharding.WeightBridge`, the same path the trainer syncs with),
+and :func:`resolve_megatron_checkpoint`, which accepts every Megatron layout we write:
+
+* ``tools/convert.py hf-to-mcore`` output (a dist checkpoint: ``metadata.json``, or Megatron-LM's
+  ``latest_checkpointed_iteration.txt`` + ``iter_XXXXXXX/``);
+* a training checkpoint ``<checkpoint.dir>/iter_XXXXXXX`` (``dist/`` + ``complete.json``);
+* the training ``<checkpoint.dir>`` itself (the newest complete checkpoint is taken).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_rpt.config import Config, ConfigError, ParallelConfig
+from megatron_rpt.model.hf_config import ArchConfig, load_hf_config
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LoadedModel", "load_hf_model", "load_megatron_model", "resolve_megatron_checkpoint",
+           "eval_engine_config"]
+
+
+class ModelLoadError(FileNotFoundError):
+    """The model to evaluate cannot be found or read; the message names the path and the fix."""
+
+
+@dataclass
+class LoadedModel:
+    name: str  # shown in the report's rows
+    source: str  # "hf:<dir>" | "megatron:<dir>"
+    arch: ArchConfig
+    engine: Any  # a RolloutEngine
+    tokenizer: Any
+
+
+def eval_engine_config(cfg: Config) -> Config:
+    """A copy of ``cfg`` whose engine fits evaluation: room for eval.max_response_tokens."""
+    out = copy.deepcopy(cfg)
+    if cfg.eval.max_response_tokens:
+        out.rollout.max_response_tokens = cfg.eval.max_response_tokens
+    return out
+
+
+def _tokenizer_for(cfg: Config, *dirs: Path | None) -> Any:
+    from megatron_rpt.data.tokenizer import load_tokenizer
+
+    if cfg.model.tokenizer:
+        return load_tokenizer(cfg.model.tokenizer)
+    for d in dirs:
+        if d is not None and ((d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()):
+            return load_tokenizer(d)
+    raise ConfigError("no tokenizer: set model.tokenizer (--set model.tokenizer=DIR) or put tokenizer.json "
+                      "next to the model's config.json")
+
+
+def _safetensors_stream(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from megatron_rpt.checkpoint.hf_io import HFCheckpointReader
+
+    with HFCheckpointReader(model_dir) as reader:
+        for name in reader.keys():
+            if name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints store
+                continue
+            yield name, reader.read(name)
+
+
+def load_hf_model(cfg: Config, hf_dir: str | Path, name: str | None = None) -> LoadedModel:
+    """Engine (``rollout.engine``) holding the Hugging Face checkpoint in ``hf_dir``."""
+    from megatron_rpt.rollout import make_engine
+
+    path = Path(hf_dir)
+    if not path.is_dir():
+        raise ModelLoadError(f"--hf {hf_dir}: no such directory; give a Hugging Face model directory")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"--hf {hf_dir}: no config.json; this is not a Hugging Face model directory "
+                             "(for a Megatron checkpoint use --ckpt)")
+    arch = load_hf_config(path)
+    tokenizer = _tokenizer_for(cfg, path)
+    ecfg = eval_engine_config(cfg)
+    ecfg.model.hf_checkpoint = str(path)  # the vLLM engine loads it itself
+    engine = make_engine(ecfg, arch, tokenizer)
+    if cfg.rollout.engine == "builtin":
+        engine.update_weights(_safetensors_stream(path))
+    return LoadedModel(name or path.name, f"hf:{path}", arch, engine, tokenizer)
+
+
+# ----------------------------------------------------------------------------- Megatron checkpoints
+
+
+def resolve_megatron_checkpoint(path: str | Path) -> Path:
+    """The directory holding the dist checkpoint's ``metadata.json`` for any layout we write."""
+    from megatron_rpt.trainer import checkpointing
+
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"--ckpt {path}: no such directory")
+    if not p.is_dir():
+        raise ModelLoadError(f"--ckpt {path}: is a file; give a checkpoint directory")
+    if (p / checkpointing.COMPLETE).is_file() or (p / "dist").is_dir():  # one training checkpoint
+        if not (p / checkpointing.COMPLETE).is_file():
+            raise ModelLoadError(f"--ckpt {path}: no {checkpointing.COMPLETE}: the checkpoint was interrupted "
+                                 "mid-save; use an older iter_* directory")
+        return _require_metadata(p / "dist", path)
+    if (p / "latest").is_file() or any(c.name.startswith("iter_") and (c / "dist").is_dir() for c in p.iterdir()):
+        for cand in checkpointing.candidates(p):  # newest first
+            if (cand / checkpointing.COMPLETE).is_file() and (cand / "dist" / "metadata.json").is_file():
+                log.info("--ckpt %s: using %s", path, cand.name)
+                return cand / "dist"
+        raise ModelLoadError(f"--ckpt {path}: a training checkpoint directory without any complete iter_* "
+                             "checkpoint (each needs complete.json and dist/metadata.json)")
+    from megatron_rpt.checkpoint.model_ckpt import resolve_checkpoint_dir
+
+    try:
+        return resolve_checkpoint_dir(p)  # converter output / Megatron-LM layout
+    except ValueError as exc:
+        raise ModelLoadError(f"--ckpt {path}: {exc}") from None
+
+
+def _require_metadata(dist_dir: Path, given: str | Path) -> Path:
+    if not (dist_dir / "metadata.json").is_file():
+        raise ModelLoadError(f"--ckpt {given}: {dist_dir} has no metadata.json; the checkpoint is incomplete")
+    return dist_dir
+
+
+def _arch_for_checkpoint(cfg: Config, given: Path, mcore_dir: Path) -> tuple[ArchConfig, Path | None]:
+    """The architecture: a config.json next to the checkpoint (converter output), else model.hf_config."""
+    for d in (mcore_dir, mcore_dir.parent, mcore_dir.parent.parent, given):
+        if (d / "config.json").is_file():
+            return load_hf_config(d), d
+    source = cfg.model.hf_config or cfg.model.hf_checkpoint
+    if source and source.startswith("auto:"):
+        from megatron_rpt.model.zoo import resolve_model_dir
+
+        source = str(resolve_model_dir(source, cfg.model.tokenizer))
+    if not source or not Path(source).exists():
+        raise ConfigError(f"--ckpt {given}: no config.json next to the checkpoint and model.hf_config "
+                          f"({source!r}) does not exist; pass --config with the training config or "
+                          "--set model.hf_config=CONFIG.json")
+    model_dir = Path(source) if Path(source).is_dir() else Path(source).parent
+    return load_hf_config(source), model_dir
+
+
+def load_megatron_model(cfg: Config, ckpt_dir: str | Path, name: str | None = None) -> LoadedModel:
+    """Load a Megatron checkpoint on CPU (TP=PP=1, one gloo process) and stream it into the engine.
+
+    Initialises ``torch.distributed`` when needed (a single-rank gloo group). The Megatron model is
+    dropped once the engine holds the weights.
+    """
+    from megatron_rpt.bridge.resharding import WeightBridge
+    from megatron_rpt.checkpoint.model_ckpt import load_model_checkpoint
+    from megatron_rpt.distributed import init_distributed
+    from megatron_rpt.model.build import DTYPES, build_model_chunks
+    from megatron_rpt.rollout import make_engine
+
+    given = Path(ckpt_dir)
+    mcore_dir = resolve_megatron_checkpoint(given)
+    arch, model_dir = _arch_for_checkpoint(cfg, given, mcore_dir)
+    tokenizer = _tokenizer_for(cfg, model_dir, given)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() != 1:
+        raise RuntimeError("load_megatron_model runs in a single process; it was called inside a "
+                           f"{torch.distributed.get_world_size()}-rank job")
+    init_distributed(1, 1, 1, 1, None, seed=cfg.train.seed)
+    chunks = build_model_chunks(arch, cfg.model, ParallelConfig(), config_overrides={"perform_initialization": False})
+    load_model_checkpoint(chunks, mcore_dir)
+    ecfg = eval_engine_config(cfg)
+    ecfg.model.hf_checkpoint = None  # weights come from the bridge
+    engine = make_engine(ecfg, arch, tokenizer)
+    bridge = WeightBridge(chunks, arch, bucket_mb=cfg.rollout.bucket_mb, dtype=DTYPES[cfg.rollout.dtype])
+    bridge.sync(engine)
+    del bridge, chunks
+    label = name or (given.name if not given.name.startswith("iter_") else f"{given.parent.name}/{given.name}")
+    return LoadedModel(label, f"megatron:{mcore_dir}", arch, engine, tokenizer)

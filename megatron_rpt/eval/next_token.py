@@ -1,0 +1,136 @@
+"""Standard next-token prediction: is the argmax of the model's next-token distribution the truth?
+
+Owns: :class:`DecoderLogits` (last-position logits of many contexts through the plain-torch
+:class:`~megatron_rpt.rollout.torch_decoder.Decoder`, length-sorted and right-padded into
+batches of at most ``batch_tokens`` tokens), :func:`greedy_next_tokens` (the same answer through
+any rollout engine: one greedy token, for engines that expose no logits, e.g. vLLM),
+:func:`context_token_ids` (the raw context x_<t of a problem, without the prompt template) and
+:func:`standard_accuracy` (accuracy per difficulty bucket).
+
+The question asked is the paper's "standard next-token prediction": the model reads the plain
+context (no instruction, no chat template) and its most likely next token must be the
+ground-truth token x_t, compared by token id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from megatron_rpt.eval.report import BucketAccumulator
+from megatron_rpt.rollout.base import SamplingParams
+
+__all__ = [
+    "DecoderLogits",
+    "greedy_next_tokens",
+    "context_token_ids",
+    "standard_correct",
+    "standard_accuracy",
+    "argmax_and_entropy",
+]
+
+
+def context_token_ids(problem: Any, tokenizer: Any = None) -> list[int]:
+    """x_<t of a problem as token ids.
+
+    Uses ``problem.context_ids`` when the data pipeline provides it (the document's own ids).
+    Otherwise ``problem.context_text`` is re-encoded; the context is cut on token boundaries of
+    the document, so this gives the same ids except where BPE would merge differently across the
+    left cut or inside the last pre-token (rare; it can change the last context token).
+    """
+    ids = getattr(problem, "context_ids", None)
+    if ids is not None and len(ids):
+        return [int(i) for i in ids]
+    text = getattr(problem, "context_text", None)
+    if text is None:
+        text = getattr(problem, "context", None)
+    if text is None or tokenizer is None:
+        raise ValueError("problem has neither context_ids nor context_text + a tokenizer; cannot build the "
+                         "plain next-token context")
+    from megatron_rpt.data.tokenizer import encode_document
+
+    ids = encode_document(tokenizer, text)
+    if not ids:
+        raise ValueError(f"problem {getattr(problem, 'doc_id', '?')}@{getattr(problem, 'position', '?')} "
+                         "has an empty context")
+    return ids
+
+
+class DecoderLogits:
+    """``logits(contexts) -> [len(contexts), vocab]`` float32 logits after each context's last token."""
+
+    def __init__(self, decoder: torch.nn.Module, batch_tokens: int = 8192):
+        if batch_tokens < 1:
+            raise ValueError(f"batch_tokens={batch_tokens} must be >= 1")
+        self.decoder = decoder
+        self.batch_tokens = batch_tokens
+
+    @torch.inference_mode()
+    def __call__(self, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
+        if any(len(c) == 0 for c in contexts):
+            raise ValueError("every context needs at least one token")
+        order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
+        device = self.decoder.device
+        out: list[torch.Tensor | None] = [None] * len(contexts)
+        start = 0
+        while start < len(order):
+            # Grow the batch while (rows x longest row) fits the token budget; sorted by length,
+            # so the last row added is the longest.
+            end = start + 1
+            while end < len(order) and (end + 1 - start) * len(contexts[order[end]]) <= self.batch_tokens:
+                end += 1
+            rows = order[start:end]
+            width = len(contexts[rows[-1]])
+            tokens = torch.zeros(len(rows), width, dtype=torch.long)
+            for b, i in enumerate(rows):
+                tokens[b, : len(contexts[i])] = torch.as_tensor(list(contexts[i]), dtype=torch.long)
+            last = torch.tensor([len(contexts[i]) - 1 for i in rows], device=device)
+            # Right padding is safe: attention is causal and each row is read at its own last token.
+            logits = self.decoder(tokens.to(device), logits_index=last).float().cpu()
+            for b, i in enumerate(rows):
+                out[i] = logits[b]
+            start = end
+        return torch.stack(out)  # type: ignore[arg-type]
+
+
+def greedy_next_tokens(engine: Any, contexts: Sequence[Sequence[int]]) -> list[int]:
+    """The argmax next token of each context through ``engine.generate`` (one greedy token)."""
+    params = SamplingParams(n=1, temperature=0.0, max_tokens=1)
+    outputs = engine.generate([list(c) for c in contexts], params)
+    return [int(samples[0].token_ids[0]) for samples in outputs]
+
+
+def standard_correct(predicted_ids: Sequence[int], problems: Sequence[Any]) -> list[float]:
+    """1.0 where the predicted token id is the ground-truth next token ``target_ids[0]``."""
+    if len(predicted_ids) != len(problems):
+        raise ValueError(f"{len(predicted_ids)} predictions for {len(problems)} problems")
+    return [1.0 if int(p) == int(prob.target_ids[0]) else 0.0 for p, prob in zip(predicted_ids, problems)]
+
+
+def standard_accuracy(correct: Sequence[float], entropies: Sequence[float | None],
+                      thresholds: Sequence[float]) -> BucketAccumulator:
+    acc = BucketAccumulator(thresholds)
+    for c, e in zip(correct, entropies, strict=True):
+        acc.add(e, c)
+    return acc
+
+
+def argmax_and_entropy(logits_fn: Callable[[Sequence[Sequence[int]]], torch.Tensor],
+                       contexts: Sequence[Sequence[int]], top_k: int = 16,
+                       chunk: int = 64) -> tuple[list[int], list[float]]:
+    """(argmax next-token id, top-``top_k`` entropy in nats) of each context.
+
+    The entropy is the data pipeline's difficulty measure (:func:`megatron_rpt.data.entropy_filter.topk_entropy`),
+    used when the evaluated model is its own difficulty scorer.
+    """
+    from megatron_rpt.data.entropy_filter import topk_entropy
+
+    ids: list[int] = []
+    entropies: list[float] = []
+    for i in range(0, len(contexts), chunk):
+        logits = logits_fn(contexts[i:i + chunk])
+        ids.extend(int(t) for t in logits.argmax(dim=-1).tolist())
+        entropies.extend(float(h) for h in topk_entropy(logits, top_k).tolist())
+    return ids, entropies

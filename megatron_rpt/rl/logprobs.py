@@ -1,0 +1,174 @@
+"""Token log-probabilities and entropy from vocab-parallel logits.
+
+Owns: ``log p(target)`` and the entropy of the sampling distribution computed from the
+policy's logits while each tensor-parallel rank holds only its slice of the vocabulary
+(``GPTModel(parallel_output=True)`` returns ``[b, s, V_padded / tp]`` when called with
+``labels=None``). Nothing gathers full-vocabulary logits: the log-probability goes through
+Megatron's ``vocab_parallel_cross_entropy`` (logprob = -CE) and the entropy through a
+small autograd function that all-reduces the max, the sum of exponentials and
+``sum p * logit`` over the TP group.
+
+Two details keep training consistent with the rollouts:
+- ``temperature``: rollouts sample from ``softmax(logits / T)``, so the log-probabilities
+  of the policy ratio must be taken under the same ``T``.
+- ``true_vocab_size``: Megatron pads the vocabulary to a multiple of
+  ``make_vocab_size_divisible_by * tp``; the padded columns are set to ``-inf`` on the
+  rank that owns them so they take no probability mass (and the result does not depend
+  on the TP size).
+
+Without an initialised Megatron parallel state (single process, e.g. a CPU rollout
+engine or a unit test) the same quantities are computed locally with plain torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def _tp_state() -> tuple[int, int, object | None]:
+    """(tp rank, tp world size, tp group); (0, 1, None) when Megatron is not initialised."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 0, 1, None
+    return (
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_tensor_model_parallel_group(),
+    )
+
+
+def scaled_logits(logits: Tensor, temperature: float = 1.0, true_vocab_size: int | None = None) -> Tensor:
+    """``logits / temperature`` in float32 with padded vocabulary columns at ``-inf``.
+
+    Always returns a NEW tensor: Megatron's cross entropy overwrites its input in place,
+    so the caller's logits must never be handed to it directly.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0 (use the rollout sampling temperature)")
+    z = logits.float() / temperature
+    if true_vocab_size is None:
+        return z
+    if true_vocab_size <= 0:
+        raise ValueError(f"true_vocab_size={true_vocab_size} must be > 0")
+    rank, _, _ = _tp_state()
+    part = z.shape[-1]
+    start = rank * part
+    if start + part <= true_vocab_size:
+        return z  # this rank owns no padded column
+    padded = torch.arange(start, start + part, device=z.device) >= true_vocab_size
+    return z.masked_fill(padded, float("-inf"))
+
+
+class _VocabParallelEntropy(torch.autograd.Function):
+    """H = log Z - sum_v p_v (z_v - m), reduced over the TP group.
+
+    Backward needs no communication: dH/dz_v = -p_v (log p_v + H) uses only the global
+    softmax (saved) and H, both already reduced. Every TP rank holds the same loss, so
+    the incoming gradient is the same on each rank and each returns the gradient of its
+    own vocabulary slice.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, group: object | None) -> Tensor:  # type: ignore[override]
+        m = z.max(dim=-1).values
+        if group is not None:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        shifted = z - m.unsqueeze(-1)
+        e = shifted.exp()
+        sum_exp = e.sum(dim=-1)
+        if group is not None:
+            dist.all_reduce(sum_exp, op=dist.ReduceOp.SUM, group=group)
+        p = e.div_(sum_exp.unsqueeze(-1))
+        # Padded columns have p == 0 and shifted == -inf; their term is 0, not 0 * -inf.
+        sum_p_shifted = (p * shifted.masked_fill_(p == 0, 0.0)).sum(dim=-1)
+        if group is not None:
+            dist.all_reduce(sum_p_shifted, op=dist.ReduceOp.SUM, group=group)
+        entropy = sum_exp.log() - sum_p_shifted
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(p, entropy)
+        return entropy
+
+    @staticmethod
+    def backward(ctx, grad_entropy: Tensor):  # type: ignore[override]
+        p, entropy = ctx.saved_tensors
+        grad = torch.xlogy(p, p).add_(p * entropy.unsqueeze(-1)).mul_(-grad_entropy.unsqueeze(-1))
+        return grad, None
+
+
+def vocab_parallel_entropy(
+    logits: Tensor,
+    temperature: float = 1.0,
+    true_vocab_size: int | None = None,
+) -> Tensor:
+    """Entropy ``[...]`` of ``softmax(logits / temperature)`` from vocab-parallel ``logits [..., V/tp]``.
+
+    Differentiable (the gradient flows back to this rank's logits) when ``logits``
+    requires grad.
+    """
+    _, world, group = _tp_state()
+    z = scaled_logits(logits, temperature, true_vocab_size)
+    return _VocabParallelEntropy.apply(z, group if world > 1 else None)
+
+
+def vocab_parallel_logprobs(
+    logits: Tensor,
+    labels: Tensor,
+    temperature: float = 1.0,
+    true_vocab_size: int | None = None,
+) -> Tensor:
+    """``log softmax(logits / temperature)[label]`` ``[...]`` from vocab-parallel ``logits [..., V/tp]``.
+
+    ``labels`` are global token ids shaped like ``logits`` without the last dim (e.g.
+    ``[b, s]`` next-token labels from :func:`megatron_rpt.rl.batch.build_batch`).
+    Returns float32.
+    """
+    _check_labels(logits, labels)
+    z = scaled_logits(logits, temperature, true_vocab_size)
+    return _logprobs_from_scaled(z, labels)
+
+
+def vocab_parallel_logprobs_and_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    temperature: float = 1.0,
+    true_vocab_size: int | None = None,
+    entropy_grad: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """(logprobs, entropy), both ``[...]`` float32, sharing one scaled copy of the logits.
+
+    ``entropy_grad=False`` computes the entropy as a detached metric (no extra activation
+    memory); set it True when the loss has an entropy bonus (``rl.entropy_coef > 0``).
+    """
+    _check_labels(logits, labels)
+    _, world, group = _tp_state()
+    z = scaled_logits(logits, temperature, true_vocab_size)
+    # The entropy must read z before the cross entropy below overwrites it in place.
+    if entropy_grad:
+        entropy = _VocabParallelEntropy.apply(z, group if world > 1 else None)
+    else:
+        with torch.no_grad():
+            entropy = _VocabParallelEntropy.apply(z.detach(), group if world > 1 else None)
+    return _logprobs_from_scaled(z, labels), entropy
+
+
+def _check_labels(logits: Tensor, labels: Tensor) -> None:
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape)} without the "
+            "vocab dim; GPTModel returns [b, s, V/tp] logits for [b, s] labels"
+        )
+    if labels.is_floating_point():
+        raise ValueError(f"labels must be integer token ids, got dtype {labels.dtype}")
+
+
+def _logprobs_from_scaled(z: Tensor, labels: Tensor) -> Tensor:
+    """-CE of ``z`` (consumed: may be overwritten in place) at ``labels``."""
+    _, _, group = _tp_state()
+    if group is None:
+        return torch.log_softmax(z, dim=-1).gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    return -vocab_parallel_cross_entropy(z, labels.long())

@@ -1,0 +1,89 @@
+"""``python -m megatron_rpt.train --config configs/<name>.yaml [--set key=value ...] [--resume auto|none|DIR]``
+
+The trainer's command line: parse, load and validate the config, run the loop, and print
+a short summary on rank 0. Launch several ranks with ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import warnings
+
+from megatron_rpt.config import ConfigError, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m megatron_rpt.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML config (configs/tiny_cpu.yaml, configs/rpt_14b.yaml, ...)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set rollout.temperature=0.8 (repeatable)")
+    parser.add_argument("--resume", default="auto",
+                        help="auto (newest good checkpoint in checkpoint.dir, if any), none, or a checkpoint path")
+    return parser.parse_args(argv)
+
+
+def _quiet_third_party() -> None:
+    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+    for name in ("megatron", "megatron.core"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def summarize(result: dict, cfg) -> str:
+    history = result["history"]
+    lines = [f"megatron-rpt: {result['steps']} steps done ({result['exit']})"]
+    if result.get("resumed_from"):
+        lines.append(f"  resumed from     {result['resumed_from']}")
+    if history:
+        def mean(key):
+            vals = [h[key] for h in history if key in h and h[key] is not None and not math.isnan(h[key])]
+            return sum(vals) / len(vals) if vals else float("nan")
+
+        first, last = history[0], history[-1]
+        lines += [
+            f"  reward           first {first.get('reward/mean', float('nan')):.3f} -> last {last.get('reward/mean', float('nan')):.3f}",
+            f"  response length  {mean('response_length/mean'):.1f} tokens (mean)",
+            f"  step time        {mean('time/step'):.1f}s (rollout {mean('time/rollout'):.1f}s, logprob "
+            f"{mean('time/logprob'):.1f}s, update {mean('time/update'):.1f}s, sync {mean('time/sync'):.2f}s)",
+            f"  grad norm        {mean('train/grad_norm'):.4f}",
+        ]
+    lines.append(f"  metrics          {os.path.join(cfg.logging.dir, 'metrics.jsonl')}")
+    if cfg.checkpoint.dir:
+        lines.append(f"  checkpoints      {cfg.checkpoint.dir}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+    _quiet_third_party()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    from megatron_rpt.trainer.loop import Trainer
+
+    resume = None if args.resume == "none" else args.resume
+    try:
+        trainer = Trainer(cfg, resume=resume)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    result = trainer.run()
+    if trainer.rank == 0:
+        print(summarize(result, cfg), flush=True)
+    from megatron_rpt.distributed import destroy_distributed
+
+    destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

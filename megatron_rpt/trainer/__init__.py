@@ -1,0 +1,1 @@
+"""The RPT trainer: Megatron policy wrapper, rollout phase, metrics, checkpoints and the loop."""

@@ -1,0 +1,200 @@
+"""Training checkpoints: save, find the latest good one, and resume exactly.
+
+Owns the on-disk layout::
+
+    <checkpoint.dir>/
+      latest                  # text: name of the newest complete checkpoint (atomically replaced)
+      iter_0000010/
+        dist/                 # megatron.core.dist_checkpointing: model (+ optimizer) sharded tensors
+        trainer/rank_00000.pt # per rank: step, data-stream position, RNG states, scheduler
+        complete.json         # written last; a checkpoint without it is partial and never loaded
+
+A checkpoint is written into ``iter_X.tmp`` and renamed when every rank has finished, so a
+crash mid-save leaves the previous one intact. Loading walks back from ``latest`` to the
+newest checkpoint that is complete and loads cleanly, logging why any newer one was skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "complete.json"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def iter_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _unwrap(module: Any) -> Any:
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def sharded_state_dict(model_chunks: list[Any], optimizer: Any | None, is_loading: bool = False) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    if len(model_chunks) == 1:
+        state["model"] = _unwrap(model_chunks[0]).sharded_state_dict()
+    else:
+        for i, chunk in enumerate(model_chunks):
+            state[f"model{i}"] = _unwrap(chunk).sharded_state_dict()
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading)
+    return state
+
+
+def save_checkpoint(ckpt_dir: str | Path, step: int, model_chunks: list[Any], optimizer: Any, scheduler: Any,
+                    trainer_state: dict[str, Any], keep_last: int = 3) -> Path:
+    """Save everything needed for an exact resume at ``step``; returns the checkpoint path."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(ckpt_dir)
+    final = root / iter_name(step)
+    tmp = root / (iter_name(step) + ".tmp")
+    start = time.perf_counter()
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "dist").mkdir(parents=True)
+        (tmp / "trainer").mkdir()
+    _barrier()
+    dist_checkpointing.save(sharded_state_dict(model_chunks, optimizer), str(tmp / "dist"))
+    per_rank = dict(trainer_state, rng=rng_state(), scheduler=scheduler.state_dict(), step=step)
+    torch.save(per_rank, tmp / "trainer" / f"rank_{_rank():05d}.pt")
+    _barrier()
+    if _rank() == 0:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        (tmp / COMPLETE).write_text(json.dumps({"step": step, "world_size": world, "time": time.time()}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_text_atomic(root / "latest", final.name + "\n")
+        _prune(root, keep_last)
+        log.info("saved checkpoint %s in %.1fs", final, time.perf_counter() - start)
+    _barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and (p / COMPLETE).exists())
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def candidates(ckpt_dir: str | Path) -> list[Path]:
+    """Checkpoints to try, newest first: the one named by ``latest``, then older complete ones."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    found = sorted((p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
+    latest_file = root / "latest"
+    if latest_file.is_file():
+        named = root / latest_file.read_text().strip()
+        if named in found:
+            found.remove(named)
+            found.insert(0, named)
+        else:
+            log.warning("checkpoint pointer %s names %s, which does not exist; looking for older ones", latest_file, named)
+    return found
+
+
+def load_checkpoint(ckpt: str | Path, model_chunks: list[Any], optimizer: Any | None, scheduler: Any | None,
+                    load_optimizer: bool = True) -> dict[str, Any]:
+    """Load one checkpoint directory (``iter_X``) and return this rank's trainer state."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(ckpt)
+    if not (path / COMPLETE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE}); it was interrupted mid-save")
+    opt = optimizer if load_optimizer else None
+    state = dist_checkpointing.load(sharded_state_dict(model_chunks, opt, is_loading=True), str(path / "dist"))
+    if len(model_chunks) == 1:
+        _unwrap(model_chunks[0]).load_state_dict(state["model"])
+    else:
+        for i, chunk in enumerate(model_chunks):
+            _unwrap(chunk).load_state_dict(state[f"model{i}"])
+    if opt is not None:
+        opt.load_state_dict(state["optimizer"])
+    rank_file = path / "trainer" / f"rank_{_rank():05d}.pt"
+    if not rank_file.is_file():
+        raise FileNotFoundError(
+            f"{rank_file} is missing: the checkpoint was written by a different world size; "
+            "resume with the same number of ranks (model weights alone can be loaded at any TP/PP via model.load)"
+        )
+    trainer_state = torch.load(rank_file, weights_only=False)
+    if scheduler is not None:
+        scheduler.load_state_dict(trainer_state["scheduler"])
+    set_rng_state(trainer_state["rng"])
+    return trainer_state
+
+
+def resume(ckpt_dir: str | Path, model_chunks: list[Any], optimizer: Any, scheduler: Any) -> dict[str, Any] | None:
+    """Load the newest good checkpoint under ``ckpt_dir``; None when there is none."""
+    for path in candidates(ckpt_dir):
+        try:
+            state = load_checkpoint(path, model_chunks, optimizer, scheduler)
+        except Exception as exc:  # noqa: BLE001 - any failure means: try the previous checkpoint
+            if _rank() == 0:
+                log.warning("checkpoint %s is unusable (%s: %s); falling back to the previous one",
+                            path, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            continue
+        if _rank() == 0:
+            log.info("resumed from %s (step %d)", path, state["step"])
+        return state
+    return None

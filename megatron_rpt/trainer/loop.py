@@ -1,0 +1,283 @@
+"""The RPT training loop.
+
+One step: stream problems -> rollout -> extract + reward -> (dynamic sampling) ->
+advantages -> old logprobs -> GRPO update(s) on Megatron -> bridge sync -> metrics
+(-> checkpoint). Everything else lives in the modules this one composes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_rpt.config import Config, ConfigError, dump_yaml, validate
+from megatron_rpt.trainer import checkpointing
+from megatron_rpt.trainer.metrics import MetricsLogger, PhaseTimer
+from megatron_rpt.trainer.rollout_phase import (
+    all_reduce_sum,
+    collect_step_groups,
+    hosts_engine,
+    response_token_count,
+    save_rollouts,
+)
+
+log = logging.getLogger("megatron_rpt")
+
+
+class _StopFlag:
+    """Set by SIGTERM / SIGUSR1 (SLURM preemption or time limit): save and exit at the next boundary."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, _frame) -> None:
+        if not self.raised:
+            log.warning("received %s: will save a checkpoint and exit after the current phase",
+                        signal.Signals(signum).name)
+        self.raised = True
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank was signalled."""
+        flag = torch.tensor([1.0 if self.raised else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str | None = "auto"):
+        from megatron.core import parallel_state
+
+        from megatron_rpt.bridge import WeightBridge
+        from megatron_rpt.data import ProblemStream, load_tokenizer
+        from megatron_rpt.distributed import init_distributed
+        from megatron_rpt.model.build import build_model_chunks
+        from megatron_rpt.model.hf_config import load_hf_config
+        from megatron_rpt.model.zoo import resolve_model_dir
+        from megatron_rpt.rollout import make_engine
+        from megatron_rpt.trainer.optimizer import build_optimizer, wrap_ddp
+        from megatron_rpt.trainer.policy import MegatronPolicy
+
+        self.cfg = cfg
+        p = cfg.parallel
+        init_distributed(p.tensor_parallel, p.pipeline_parallel, p.context_parallel, p.expert_parallel,
+                         p.virtual_pipeline, seed=cfg.train.seed)
+        self.rank = dist.get_rank()
+        validate(cfg, world_size=dist.get_world_size())
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        if cfg.rl.prompts_per_step % self.dp_size:
+            raise ConfigError(
+                f"rl.prompts_per_step={cfg.rl.prompts_per_step} is not divisible by the data-parallel size "
+                f"{self.dp_size}; make it a multiple of {self.dp_size}"
+            )
+        self.prompts_per_rank = cfg.rl.prompts_per_step // self.dp_size
+
+        model_dir = None
+        if cfg.model.hf_checkpoint:
+            model_dir = self._on_rank0_first(lambda: resolve_model_dir(cfg.model.hf_checkpoint, cfg.model.tokenizer))
+        arch_source = cfg.model.hf_config or model_dir
+        if not arch_source:
+            raise ConfigError("set model.hf_config (a config.json) or model.hf_checkpoint (an HF model dir)")
+        self.arch = load_hf_config(arch_source)
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer or model_dir)
+        self.model_dir = model_dir
+
+        chunks = build_model_chunks(self.arch, cfg.model, cfg.parallel)
+        self._load_initial_weights(chunks, model_dir)
+        chunks = wrap_ddp(chunks, cfg)
+        optimizer, scheduler = build_optimizer(chunks, cfg)
+        self.policy = MegatronPolicy(cfg, self.arch, chunks, optimizer, scheduler)
+
+        self.engine = make_engine(cfg, self.arch, self.tokenizer) if hosts_engine(cfg) else None
+        self.bridge = WeightBridge(chunks, self.arch, bucket_mb=cfg.rollout.bucket_mb,
+                                   dtype=getattr(torch, cfg.rollout.dtype))
+        self.stream = ProblemStream(cfg.data, self.tokenizer, dp_rank=self.dp_rank, dp_size=self.dp_size,
+                                    split="train")
+        self.step = 0
+        self.resumed_from: str | None = None
+        if resume and cfg.checkpoint.dir:
+            self._resume(resume)
+        self.metrics = MetricsLogger(
+            cfg.logging.dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
+            wandb_project=cfg.logging.wandb_project, run_name=cfg.logging.wandb_run_name, config=cfg.to_dict(),
+            enabled=self.rank == 0,
+        )
+        if self.rank == 0:
+            Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.logging.dir) / "config.yaml").write_text(dump_yaml(cfg))
+        self.stop = _StopFlag()
+        self.timer = PhaseTimer()
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    def _on_rank0_first(self, fn):
+        """Run ``fn`` on rank 0 first (it may download / convert into a shared cache), then elsewhere."""
+        result = fn() if self.rank == 0 else None
+        dist.barrier()
+        return result if self.rank == 0 else fn()
+
+    def _load_initial_weights(self, chunks: list[Any], model_dir: Path | None) -> None:
+        from megatron_rpt.model.loading import load_hf_into_model, load_megatron_checkpoint
+
+        if self.cfg.model.load:
+            load_megatron_checkpoint(chunks, self.cfg.model.load)
+        elif model_dir is not None:
+            load_hf_into_model(chunks, model_dir, self.arch)
+        elif not self.cfg.model.random_init:
+            raise ConfigError("no initial weights: set model.hf_checkpoint or model.load, or model.random_init=true")
+
+    def _resume(self, resume: str) -> None:
+        target = self.cfg.checkpoint.dir if resume == "auto" else resume
+        if resume not in ("auto",) and Path(resume).name.startswith("iter_"):
+            state = checkpointing.load_checkpoint(resume, self.policy.model, self.policy.optimizer,
+                                                  self.policy.scheduler)
+        else:
+            state = checkpointing.resume(target, self.policy.model, self.policy.optimizer, self.policy.scheduler)
+        if state is None:
+            if resume != "auto":
+                raise FileNotFoundError(f"--resume {resume}: no usable checkpoint there")
+            return
+        self.step = int(state["step"])
+        self.stream.load_state_dict(state["data"])
+        self.resumed_from = str(target)
+
+    def _save(self) -> None:
+        if not self.cfg.checkpoint.dir:
+            return
+        with self.timer("checkpoint"):
+            checkpointing.save_checkpoint(
+                self.cfg.checkpoint.dir, self.step, self.policy.model, self.policy.optimizer, self.policy.scheduler,
+                trainer_state={"data": self.stream.state_dict()}, keep_last=self.cfg.checkpoint.keep_last,
+            )
+
+    # ------------------------------------------------------------------ the step
+
+    def sync_weights(self) -> dict[str, float]:
+        with self.timer("sync"):
+            if self.engine is not None:
+                stats = self.bridge.sync(self.engine)
+            else:
+                stats = self.bridge.sync(None)
+        return {"sync/gb_per_s": float(getattr(stats, "gb_per_s", float("nan")))}
+
+    def train_step(self) -> dict[str, float]:
+        from megatron_rpt.rl import build_micro_batches, group_advantages
+
+        cfg = self.cfg
+        dynamic = cfg.rl.dynamic_sampling_from_step is not None and self.step >= cfg.rl.dynamic_sampling_from_step
+        seed = cfg.rollout.seed + 1_000_003 * self.step + 101 * self.dp_rank
+        with self.timer("rollout"):
+            if self.engine is not None and hasattr(self.engine, "wake_up"):
+                self.engine.wake_up()
+            groups, metrics = collect_step_groups(cfg, self.engine, self.stream, self.prompts_per_rank, seed, dynamic)
+            if self.engine is not None and cfg.rollout.sleep_between_phases and hasattr(self.engine, "sleep"):
+                self.engine.sleep()
+        if cfg.logging.save_rollouts and self.engine is not None and self.rank == dist.get_global_rank(
+                self._mp_group(), 0):
+            save_rollouts(cfg.logging.dir, self.step, self.dp_rank, groups)
+
+        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
+        advantages = group_advantages(rewards, normalize_std=cfg.rl.normalize_advantage_std)
+        samples = [(g.problem.prompt_ids, ids) for g in groups for ids in g.token_ids]
+        micro_batches = build_micro_batches(
+            samples, advantages.reshape(-1).tolist(), micro_batch_size=cfg.rl.micro_batch_size,
+            pad_token_id=0,
+        )
+        local_tokens = response_token_count(groups)
+        global_tokens, global_seqs = all_reduce_sum([local_tokens, len(samples)], group=self._dp_group())
+
+        with self.timer("logprob"):
+            old = self.policy.compute_logprobs(micro_batches)
+        if old is not None:
+            for mb, lp in zip(micro_batches, old):
+                mb["old_logprobs"] = lp
+        else:
+            for mb in micro_batches:
+                mb["old_logprobs"] = torch.zeros_like(mb["loss_mask"], dtype=torch.float32)
+
+        with self.timer("update"):
+            for _ in range(cfg.rl.updates_per_batch):
+                train_metrics = self.policy.train_step(micro_batches, int(global_tokens), int(global_seqs))
+        metrics.update({f"train/{k}": v for k, v in train_metrics.items()})
+        metrics.update(self.sync_weights())
+        return metrics
+
+    def _mp_group(self):
+        from megatron.core import parallel_state
+
+        return parallel_state.get_model_parallel_group()
+
+    def _dp_group(self):
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_group()
+
+    def _reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Average every metric over the ranks that reported it (loss metrics live on the last stage)."""
+        gathered: list[dict[str, float]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+        dist.all_gather_object(gathered, metrics)
+        keys = sorted({k for m in gathered for k in m})
+        out = {}
+        for key in keys:
+            vals = [m[key] for m in gathered if key in m and m[key] is not None and not math.isnan(m[key])]
+            out[key] = sum(vals) / len(vals) if vals else float("nan")
+        return out
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.rank == 0:
+            log.info("model %s (%.1fM params), %d-way TP, %d-way PP, %d-way DP; %d steps from step %d",
+                     self.arch.hf_architecture, self.arch.num_parameters() / 1e6, cfg.parallel.tensor_parallel,
+                     cfg.parallel.pipeline_parallel, self.dp_size, cfg.train.steps, self.step)
+        self.sync_weights()
+        self.timer.pop()
+        progress = None
+        if self.rank == 0 and cfg.logging.progress_bar:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=cfg.train.steps, initial=self.step, desc="rpt", dynamic_ncols=True)
+        history: list[dict[str, float]] = []
+        exit_reason = "completed"
+        while self.step < cfg.train.steps:
+            start = time.perf_counter()
+            metrics = self.train_step()
+            self.step += 1
+            step_time = time.perf_counter() - start
+            metrics.update({f"time/{k}": v for k, v in self.timer.pop().items()})
+            metrics["time/step"] = step_time
+            metrics["throughput/generated_tokens_per_s"] = metrics.get("rollout/generated_tokens", 0.0) / max(
+                metrics.get("time/rollout", step_time), 1e-9)
+            metrics = self._reduce_metrics(metrics)
+            self.metrics.log(self.step, metrics)
+            history.append(metrics)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
+                                     len=f"{metrics.get('response_length/mean', 0):.0f}")
+            if self.stop.agreed():
+                exit_reason = "signal"
+                if cfg.checkpoint.save_on_exit:
+                    self._save()
+                break
+            if cfg.checkpoint.dir and cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0:
+                self._save()
+        else:
+            if cfg.checkpoint.dir and cfg.checkpoint.save_on_exit and (
+                    not cfg.checkpoint.save_interval or self.step % cfg.checkpoint.save_interval):
+                self._save()
+        if progress is not None:
+            progress.close()
+        self.metrics.close()
+        return {"steps": self.step, "exit": exit_reason, "history": history, "resumed_from": self.resumed_from}

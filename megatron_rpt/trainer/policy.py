@@ -1,0 +1,151 @@
+"""The policy on Megatron-Core: logprobs and GRPO updates through Megatron's schedules.
+
+Owns: running micro-batches through ``get_forward_backward_func()`` (1F1B / interleaved
+pipeline schedules or no pipelining), computing token logprobs and entropy on the last
+pipeline stage through the vocab-parallel path (full-vocabulary logits are never
+gathered), scaling the GRPO loss so that micro-batch and data-parallel averaging inside
+Megatron reproduce the loss of the whole global batch, and the optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import torch
+
+from megatron_rpt.config import Config
+from megatron_rpt.model.hf_config import ArchConfig
+from megatron_rpt.rl import GRPOLossConfig, grpo_loss, merge_metrics, vocab_parallel_logprobs_and_entropy
+
+
+def _pad_to_multiple(batch: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
+    seq = batch["tokens"].shape[1]
+    target = int(math.ceil(seq / multiple) * multiple)
+    if target == seq:
+        return batch
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == seq:
+            pad = value.new_zeros(value.shape[0], target - seq, *value.shape[2:])
+            if key == "position_ids":
+                pad = value[:, -1:] + torch.arange(1, target - seq + 1, dtype=value.dtype).unsqueeze(0)
+            out[key] = torch.cat([value, pad], dim=1)
+        else:
+            out[key] = value
+    return out
+
+
+class MegatronPolicy:
+    """DDP-wrapped Megatron model chunks of this rank plus their optimizer and LR schedule."""
+
+    def __init__(self, cfg: Config, arch: ArchConfig, model_chunks: list[Any], optimizer: Any, scheduler: Any):
+        from megatron.core import parallel_state
+
+        self.cfg = cfg
+        self.arch = arch
+        self.model = model_chunks
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.loss_cfg = GRPOLossConfig.from_rl_config(cfg.rl)
+        self.temperature = cfg.rollout.temperature
+        self.is_last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.seq_multiple = max(8, cfg.parallel.tensor_parallel) if cfg.parallel.sequence_parallel else 8
+
+    # ------------------------------------------------------------------ schedule plumbing
+
+    def _run(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn, forward_only: bool) -> list[Any]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        micro_batches = [_pad_to_multiple(mb, self.seq_multiple) for mb in micro_batches]
+        shapes = {tuple(mb["tokens"].shape) for mb in micro_batches}
+        if len(shapes) != 1:
+            raise ValueError(f"micro-batches must share one [batch, seq] shape for pipeline p2p, got {sorted(shapes)}")
+        (micro_batch_size, seq_length), = shapes
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            output = model(mb["tokens"], mb["position_ids"], None)
+            return output, partial(loss_fn, mb)
+
+        vp = len(self.model)
+        iterators = [iter(micro_batches) for _ in range(vp)] if vp > 1 else iter(micro_batches)
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators,
+            model=self.model if vp > 1 else self.model[0],
+            num_microbatches=len(micro_batches),
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _logprobs(self, mb: dict[str, torch.Tensor], logits: torch.Tensor,
+                  entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return vocab_parallel_logprobs_and_entropy(
+            logits, mb["labels"], temperature=self.temperature, true_vocab_size=self.arch.vocab_size,
+            entropy_grad=entropy_grad,
+        )
+
+    # ------------------------------------------------------------------ public API
+
+    @torch.no_grad()
+    def compute_logprobs(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor] | None:
+        """Per-token logprobs [b, s] of each micro-batch's labels (last pipeline stage; None elsewhere)."""
+        for chunk in self.model:
+            chunk.eval()
+
+        def loss_fn(mb, logits):
+            logprobs, _ = self._logprobs(mb, logits.float())
+            return logits.new_zeros(()), {"logprobs": logprobs.detach()[:, : mb["labels"].shape[1]]}
+
+        seqs = [mb["tokens"].shape[1] for mb in micro_batches]
+        out = self._run(micro_batches, loss_fn, forward_only=True)
+        if not self.is_last_stage:
+            return None
+        return [o["logprobs"][:, :s] for o, s in zip(out, seqs)]
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], num_global_tokens: int,
+                   num_global_seqs: int) -> dict[str, float]:
+        """One optimizer step over ``micro_batches`` (this data-parallel rank's share).
+
+        ``num_global_tokens`` / ``num_global_seqs`` count response tokens / sequences of the whole
+        mini-batch over all data-parallel ranks, so every aggregation mode equals the loss of the
+        global batch: Megatron divides each micro-batch loss by the number of micro-batches and
+        DDP averages gradients over data-parallel ranks; we multiply both factors back.
+        """
+        for chunk in self.model:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        scale = len(micro_batches) * self.dp_size
+
+        def loss_fn(mb, logits):
+            logprobs, entropy = self._logprobs(mb, logits.float(), entropy_grad=self.loss_cfg.entropy_coef > 0)
+            loss, metrics = grpo_loss(
+                logprobs,
+                mb["old_logprobs"],
+                mb["advantages"],
+                mb["loss_mask"],
+                cfg=self.loss_cfg,
+                ref_logprobs=mb.get("ref_logprobs"),
+                entropy=entropy,
+                num_global_tokens=num_global_tokens,
+                num_global_seqs=num_global_seqs,
+            )
+            return loss * scale, metrics
+
+        outputs = self._run(micro_batches, loss_fn, forward_only=False)
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if update_ok:
+            self.scheduler.step(increment=1)
+        metrics: dict[str, float] = {
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "update_skipped": float(not update_ok),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+        }
+        if self.is_last_stage and outputs:
+            metrics.update(merge_metrics(outputs))
+        return metrics
