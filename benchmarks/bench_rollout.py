@@ -2,13 +2,19 @@
 
 Same random Qwen2-shaped model (~33M parameters, tied embeddings), same prompts, same
 number of new tokens (EOS disabled so every row runs to ``--new-tokens``), sampling at
-temperature 1. At batch B the built-in engine is compared with HF ``generate`` run on
-the whole batch at once and with HF ``generate`` run prompt by prompt.
+temperature 1. Scenarios:
 
-    python benchmarks/bench_rollout.py [--device cpu] [--out benchmarks/results/bench_rollout.json]
+* ``batch B``: B different prompts, one sample each. The built-in engine is compared with
+  HF ``generate`` on the whole batch at once and with HF ``generate`` prompt by prompt (that
+  rate is measured on ``--per-prompt-sample`` prompts; all prompts have the same length).
+* ``grpo PxN``: P prompts x N samples (``num_return_sequences`` in HF), the rollout shape of
+  GRPO, with longer prompts: HF prefills every copy of a prompt, the built-in engine once.
 
-Prints a table and writes JSON (temp file, then rename). Issue #7 targets: >= 1x HF at
-batch 1, >= 2x at batch 32.
+Timings interleave the two engines and keep the best of ``--repeats`` so a busy machine
+skews both alike. Prints a table and writes JSON (temp file, then rename). Issue #7
+targets: >= 1x HF at batch 1, >= 2x at batch 32.
+
+    python benchmarks/bench_rollout.py [--device cpu] [--threads 1] [--out benchmarks/results/bench_rollout.json]
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,7 +45,7 @@ def build_model(device: str) -> tuple[Qwen2ForCausalLM, Qwen2Config]:
     return Qwen2ForCausalLM(cfg).eval().to(device), cfg
 
 
-def timed(fn, device: str) -> float:
+def timed(fn: Callable[[], object], device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -48,12 +55,20 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-def hf_generate(model, prompts: torch.Tensor, new_tokens: int) -> None:
+def best_of_interleaved(fns: list[Callable[[], object]], repeats: int, device: str) -> list[float]:
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            best[i] = min(best[i], timed(fn, device))
+    return best
+
+
+def hf_generate(model, prompts: torch.Tensor, new_tokens: int, n: int = 1) -> None:
     with torch.inference_mode():
         out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0,
                              top_p=1.0, top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             eos_token_id=None, pad_token_id=0)
-    assert out.shape[1] == prompts.shape[1] + new_tokens
+                             num_return_sequences=n, eos_token_id=None, pad_token_id=0)
+    assert out.shape == (prompts.shape[0] * n, prompts.shape[1] + new_tokens)
 
 
 def main() -> None:
@@ -62,6 +77,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--grpo", type=int, nargs=3, default=[4, 8, 256], metavar=("PROMPTS", "SAMPLES", "PROMPT_TOKENS"),
+                        help="GRPO-shaped scenario; 0 0 0 skips it")
+    parser.add_argument("--per-prompt-sample", type=int, default=8,
+                        help="prompts timed for the HF one-prompt-at-a-time rate")
     parser.add_argument("--repeats", type=int, default=2, help="best-of timing repeats")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0 = torch default); 1 is steadiest on a shared machine")
@@ -72,43 +91,55 @@ def main() -> None:
 
     model, cfg = build_model(args.device)
     arch = arch_from_dict(cfg.to_dict(), source="bench model")
-    engine = BuiltinEngine(arch, "float32", args.device, max_batch_size=max(args.batches),
-                           max_seq_len=args.prompt_tokens + args.new_tokens, eos_token_ids=[])
+    grpo_prompts, grpo_n, grpo_len = args.grpo
+    engine = BuiltinEngine(arch, "float32", args.device, max_batch_size=max(args.batches + [grpo_prompts * grpo_n]),
+                           max_seq_len=max(args.prompt_tokens, grpo_len) + args.new_tokens, eos_token_ids=[])
     engine.update_weights(model.state_dict().items())
-    params = SamplingParams(n=1, temperature=1.0, top_p=1.0, max_tokens=args.new_tokens, seed=0)
     gen = torch.Generator().manual_seed(1)
+    # Warm up both paths once (allocator, kernels).
+    engine.generate([[1, 2, 3]], SamplingParams(max_tokens=4))
+    hf_generate(model, torch.tensor([[1, 2, 3]], device=args.device), 4)
 
+    scenarios = [(f"batch {b}", b, 1, args.prompt_tokens) for b in args.batches]
+    if grpo_prompts and grpo_n:
+        scenarios.append((f"grpo {grpo_prompts}x{grpo_n}", grpo_prompts, grpo_n, grpo_len))
     rows = []
-    for batch in args.batches:
-        prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_tokens), generator=gen).to(args.device)
+    for name, num_prompts, n, prompt_tokens in scenarios:
+        prompts = torch.randint(0, cfg.vocab_size, (num_prompts, prompt_tokens), generator=gen).to(args.device)
         prompt_lists = prompts.tolist()
-        tokens = batch * args.new_tokens
-        # Warm up both paths once (allocator, kernels), then keep the best of `repeats`.
-        engine.generate(prompt_lists[:1], SamplingParams(max_tokens=4))
-        hf_generate(model, prompts[:1], 4)
-        t_builtin = min(timed(lambda: engine.generate(prompt_lists, params), args.device) for _ in range(args.repeats))
-        t_hf = min(timed(lambda: hf_generate(model, prompts, args.new_tokens), args.device) for _ in range(args.repeats))
-        if batch == 1:
-            t_hf_each = t_hf
-        else:  # one prompt at a time: what a naive per-prompt loop costs
-            t_hf_each = timed(lambda: [hf_generate(model, prompts[i:i + 1], args.new_tokens) for i in range(batch)],
-                              args.device)
+        params = SamplingParams(n=n, temperature=1.0, top_p=1.0, max_tokens=args.new_tokens, seed=0)
+        tokens = num_prompts * n * args.new_tokens
+        t_builtin, t_hf = best_of_interleaved(
+            [lambda: engine.generate(prompt_lists, params), lambda: hf_generate(model, prompts, args.new_tokens, n)],
+            args.repeats, args.device)
+        hf_each_tok_s = None
+        if n == 1 and num_prompts == 1:
+            hf_each_tok_s = tokens / t_hf
+        elif n == 1:  # one prompt at a time (a naive loop)
+            k = min(num_prompts, args.per_prompt_sample)
+            t_k = timed(lambda: [hf_generate(model, prompts[i:i + 1], args.new_tokens) for i in range(k)], args.device)
+            hf_each_tok_s = k * args.new_tokens / t_k
         rows.append({
-            "batch": batch,
+            "scenario": name,
+            "rows": num_prompts * n,
+            "prompt_tokens": prompt_tokens,
+            "new_tokens": args.new_tokens,
             "builtin_tok_s": tokens / t_builtin,
             "hf_batched_tok_s": tokens / t_hf,
-            "hf_per_prompt_tok_s": tokens / t_hf_each,
+            "hf_per_prompt_tok_s": hf_each_tok_s,
             "speedup_vs_hf_batched": t_hf / t_builtin,
-            "speedup_vs_hf_per_prompt": t_hf_each / t_builtin,
+            "speedup_vs_hf_per_prompt": None if hf_each_tok_s is None else tokens / t_builtin / hf_each_tok_s,
         })
 
-    header = f"{'batch':>5} {'builtin tok/s':>14} {'HF batched':>11} {'HF per-prompt':>14} {'x batched':>10} {'x per-prompt':>13}"
-    print(f"rollout throughput, {args.device}, prompt {args.prompt_tokens} + {args.new_tokens} new tokens, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params")
-    print(header)
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"rollout throughput (generated tok/s), {args.device}, {torch.get_num_threads()} threads, "
+          f"{params_m:.1f}M params, {args.new_tokens} new tokens per row")
+    print(f"{'scenario':>12} {'prompt':>6} {'builtin':>9} {'HF batched':>11} {'HF 1-by-1':>10} {'x batched':>10} {'x 1-by-1':>9}")
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in rows:
-        print(f"{r['batch']:>5} {r['builtin_tok_s']:>14.1f} {r['hf_batched_tok_s']:>11.1f} {r['hf_per_prompt_tok_s']:>14.1f} "
-              f"{r['speedup_vs_hf_batched']:>10.2f} {r['speedup_vs_hf_per_prompt']:>13.2f}")
+        print(f"{r['scenario']:>12} {r['prompt_tokens']:>6} {r['builtin_tok_s']:>9.1f} {r['hf_batched_tok_s']:>11.1f} "
+              f"{fmt(r['hf_per_prompt_tok_s'], '>10.1f'):>10} {r['speedup_vs_hf_batched']:>10.2f} "
+              f"{fmt(r['speedup_vs_hf_per_prompt'], '>9.2f'):>9}")
 
     result = {
         "benchmark": "bench_rollout",
@@ -116,10 +147,9 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
-        "model": {"hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads,
-                  "kv_heads": cfg.num_key_value_heads, "vocab": cfg.vocab_size},
-        "prompt_tokens": args.prompt_tokens,
-        "new_tokens": args.new_tokens,
+        "load_average_1min": os.getloadavg()[0],  # other work on the machine skews CPU timings
+        "model": {"params_m": round(params_m, 1), "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers,
+                  "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads, "vocab": cfg.vocab_size},
         "results": rows,
     }
     out = Path(args.out)

@@ -4,9 +4,9 @@ Owns: the dataclasses (model, parallel, data, rollout, rl, optim, train, checkpo
 logging, eval), loading them from YAML, ``--set a.b=c`` overrides, and validation at
 load time. Every error names the offending key and says how to fix it.
 
-Relative paths inside a YAML file are resolved against the repository root when they
-start with ``configs/``, ``../shared`` style paths are resolved against the current
-directory; ``${VAR}`` and ``${VAR:-default}`` environment references are expanded.
+Relative paths are resolved against the current directory (run from the repository root, as
+the README and the SLURM launchers do); ``${VAR}`` and ``${VAR:-default}`` environment
+references are expanded; ``base: other.yaml`` merges this file over another one.
 """
 
 from __future__ import annotations
@@ -385,7 +385,7 @@ _CHOICES = {
     "rl.reward": ("prefix", "first_token", "dense"),
     "rl.answer_format": ("boxed", "raw"),
     "optim.lr_schedule": ("constant", "cosine", "linear"),
-    "data.template": tuple(f"v{i}" for i in range(7)),
+    "data.template": tuple(f"v{i}" for i in range(7)) + ("raw",),
 }
 
 _POSITIVE = (
@@ -428,6 +428,8 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Fal
         raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0")
     if sorted(cfg.data.difficulty_thresholds) != cfg.data.difficulty_thresholds:
         raise ConfigError("data.difficulty_thresholds must be increasing, e.g. [0.5, 1.0, 1.5]")
+    if cfg.data.template == "raw" and cfg.data.use_chat_template:
+        raise ConfigError("data.template=raw is the bare context: set data.use_chat_template=false")
     if cfg.model.fp8 and cfg.model.transformer_impl == "local":
         raise ConfigError("model.fp8 needs Transformer Engine: set model.transformer_impl=auto or transformer_engine")
     if cfg.parallel.sequence_parallel and cfg.parallel.tensor_parallel == 1:
@@ -455,10 +457,11 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Fal
             raise ConfigError(f"rollout.tensor_parallel={cfg.rollout.tensor_parallel} must divide world size {world}")
 
     _validate_eval(cfg)
-    if cfg.model.hf_config:
+    if cfg.model.hf_config or _is_local_dir(cfg.model.hf_checkpoint):
         _validate_against_architecture(cfg)
-    elif check_paths and not cfg.model.random_init:
-        raise ConfigError("model.hf_config is empty: point it at a Hugging Face config.json or model directory")
+    elif check_paths and not cfg.model.hf_checkpoint:
+        raise ConfigError("model.hf_config and model.hf_checkpoint are both empty: point one at a Hugging Face "
+                          "config.json / model directory")
     if check_paths:
         _validate_paths(cfg)
 
@@ -479,12 +482,17 @@ def _validate_eval(cfg: Config) -> None:
         raise ConfigError(f"eval.modes={e.modes} must be a non-empty subset of ['standard', 'reasoning']")
 
 
+def _is_local_dir(value: str | None) -> bool:
+    return bool(value) and not str(value).startswith("auto:") and Path(str(value)).is_dir()
+
+
 def _validate_against_architecture(cfg: Config) -> None:
     from megatron_rpt.model.hf_config import load_hf_config  # local import: keeps config import-light
 
-    path = Path(cfg.model.hf_config)
+    key = "model.hf_config" if cfg.model.hf_config else "model.hf_checkpoint"
+    path = Path(cfg.model.hf_config or cfg.model.hf_checkpoint or "")
     if not path.exists():
-        raise ConfigError(f"model.hf_config={cfg.model.hf_config!r} does not exist; give a config.json or HF model dir")
+        raise ConfigError(f"{key}={str(path)!r} does not exist; give a config.json or HF model dir")
     arch = load_hf_config(path)
     p = cfg.parallel
     if arch.num_attention_heads % p.tensor_parallel:
@@ -515,10 +523,15 @@ def _validate_against_architecture(cfg: Config) -> None:
 
 
 def _validate_paths(cfg: Config) -> None:
-    for key in ("model.hf_checkpoint", "model.load", "model.tokenizer", "data.prepared", "data.proxy_model"):
+    for key in ("model.load", "model.tokenizer", "data.prepared", "data.proxy_model"):
         value = _get(cfg, key)
         if value and not Path(value).exists():
             raise ConfigError(f"{key}={value!r} does not exist; fix the path or set it to null")
+    hf = cfg.model.hf_checkpoint
+    if hf and not hf.startswith("auto:") and not Path(hf).exists():
+        raise ConfigError(f"model.hf_checkpoint={hf!r} does not exist; give an HF model dir or auto:smollm2")
+    if hf and hf.startswith("auto:") and hf not in ("auto:smollm2", "auto:tiny-qwen2"):
+        raise ConfigError(f"model.hf_checkpoint={hf!r}: the automatic models are auto:smollm2 and auto:tiny-qwen2")
     for i, value in enumerate(cfg.data.paths):
         if not Path(value).exists():
             raise ConfigError(f"data.paths[{i}]={value!r} does not exist; fix the path")

@@ -432,7 +432,8 @@ def estimate_memory(arch: ArchConfig, work: Workload, layout: Layout, hw: Hardwa
         opt = _optimizer_bytes_per_param(work) * (params.dense / dense_shards + params.expert / expert_shards)
         acts = _stage_activations(shape, arch, work, layout, vocab, stage)
         static = weights + grads + opt + overhead
-        train_phase = static + acts + (rollout if work.rollout_engine == "vllm" and not work.sleep_between_phases else 0)
+        resident_vllm = work.rollout_engine == "vllm" and not work.sleep_between_phases
+        train_phase = static + acts + (rollout if resident_vllm else 0)
         rollout_phase = static + rollout + bucket
         est = MemoryEstimate(weights, grads, opt, acts, rollout, bucket, overhead, train_phase, rollout_phase,
                              params.total, stage, kv_token, kv_needed, concurrent, list(problems))
@@ -522,7 +523,8 @@ def layout_problems(arch: ArchConfig, work: Workload, layout: Layout) -> list[st
     """Why a layout cannot run (divisibility, batch), empty when it can."""
     out = []
     if arch.num_attention_heads % layout.tp or arch.num_key_value_heads % layout.tp:
-        out.append(f"TP={layout.tp} must divide heads={arch.num_attention_heads} and kv heads={arch.num_key_value_heads}")
+        out.append(f"TP={layout.tp} must divide heads={arch.num_attention_heads} and "
+                   f"kv heads={arch.num_key_value_heads}")
     if arch.num_layers % (layout.pp * (layout.vp or 1)):
         out.append(f"PP={layout.pp} must divide layers={arch.num_layers}")
     if layout.cp > 1 and work.seq_len % (2 * layout.cp):
@@ -709,7 +711,8 @@ def render_table(cp: ConfigPlan, top: int = 10) -> Any:
     from rich.table import Table
 
     hw, work = cp.plan.hardware, cp.plan.workload
-    table = Table(title=(f"{cp.arch.family} {cp.arch.num_parameters() / 1e9:.1f}B on {hw.gpus} x {hw.gpu_mem_gib:g} GiB "
+    table = Table(title=(f"{cp.arch.family} {cp.arch.num_parameters() / 1e9:.1f}B on {hw.gpus} x "
+                         f"{hw.gpu_mem_gib:g} GiB "
                          f"({hw.gpus_per_node}/node): {work.sequences_per_step} seqs x {work.seq_len} tokens, "
                          f"micro-batch {work.micro_batch}, rollout {work.rollout_engine} TP{work.rollout_tp}"),
                   caption="GiB per GPU (worst pipeline stage); time per RL step from the planner's simple model")

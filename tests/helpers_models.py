@@ -10,6 +10,7 @@ and by the trainer tests.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,12 @@ def make_tiny_hf_checkpoint(
     if max_shard_size:
         save_kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(out, **save_kwargs)
+    if family == "qwen3_moe":
+        # transformers 5 writes num_local_experts; released Qwen3-MoE configs (and hf_config.py) use num_experts
+        config_path = out / "config.json"
+        data = json.loads(config_path.read_text())
+        data.setdefault("num_experts", data.get("num_local_experts"))
+        config_path.write_text(json.dumps(data, indent=2) + "\n")
     if tokenizer and SHARED_QWEN_TOKENIZER.is_dir():
         for name in ("tokenizer.json", "tokenizer_config.json"):
             if (SHARED_QWEN_TOKENIZER / name).is_file():

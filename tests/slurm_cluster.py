@@ -240,7 +240,8 @@ class SlurmCluster:
             ids = re.findall(r"^(\d+)", out, re.M)
             if ids:
                 self.run("scancel", ids[0], check=False)
-            raise TimeoutError(f"job did not finish in {timeout:.0f}s\n{self.diagnostics(int(ids[0]) if ids else None)}")
+            job_id = int(ids[0]) if ids else None
+            raise TimeoutError(f"job did not finish in {timeout:.0f}s\n{self.diagnostics(job_id)}")
         ids = re.findall(r"^(\d+)", out, re.M)
         if not ids:
             raise RuntimeError(f"sbatch did not submit (exit {proc.returncode}): {err.strip()}")

@@ -175,7 +175,23 @@ def _worker() -> dict:
             out["tp2_bf16"] = _run(chunks, arch, dtype=torch.bfloat16)
             out["tp2_engine_tp2"] = _run(chunks, arch, engine_tp_size=2, engine_tp_rank=dist.get_rank())
             out["tp2_engine_tp2"]["ref"] = out[key]["ref"]
+            # the same through the staging buffer (cast): shards packed and un-fused, still no gather
+            out["tp2_engine_tp2_bf16"] = _run(chunks, arch, engine_tp_size=2, engine_tp_rank=dist.get_rank(),
+                                              dtype=torch.bfloat16)
+            out["tp2_engine_tp2_bf16"]["ref"] = {k: v.to(torch.bfloat16) for k, v in out[key]["ref"].items()}
             out["tp2_bf16"]["ref"] = out[key]["ref"]
+            # one bridge, two syncs: the second one sees the updated weights (buffers are reused)
+            from megatron_rpt.bridge import WeightBridge
+
+            bridge = WeightBridge(chunks, arch, bucket_mb=BUCKET_MB)
+            bridge.sync(Recorder())
+            with torch.no_grad():
+                for chunk in chunks:
+                    for param in chunk.parameters():
+                        param.mul_(-2.0).add_(0.5)  # an optimizer step, in place
+            second = Recorder()
+            bridge.sync(second)
+            out["tp2_second_sync"] = {"got": second.got, "ref": _reference(chunks, arch)}
     # PP=2, and PP=2 with two virtual stages per rank (interleaved layers, tied embeddings) ---------
     arch, chunks = _build(QWEN2, pp=2)
     out["pp2_qwen2"] = _run(chunks, arch)
@@ -299,12 +315,13 @@ def test_dtype_cast_on_the_fly(runs, case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["tp2_engine_tp2", "tp1_engine_tp2"])
+@pytest.mark.parametrize("case", ["tp2_engine_tp2", "tp2_engine_tp2_bf16", "tp1_engine_tp2"])
 def test_engine_tp_slices(runs, case):
     for rank, result in enumerate(runs):
         got, ref = result[case]["got"], result[case]["ref"]
         assert set(got) == set(ref)
         for name, full in ref.items():
+            assert got[name].dtype == full.dtype, name
             assert torch.equal(got[name], _engine_slice(name, full, rank, 2)), f"rank {rank}: {name}"
 
 
@@ -314,6 +331,14 @@ def test_engine_tp_equal_to_megatron_tp_skips_the_gather(runs):
     # every other tensor is this rank's shard as is (no collective, no cast: no staging at all).
     assert runs[0]["tp2_engine_tp2"]["stats"]["num_buckets"] == 2
     assert runs[0]["tp2_qwen2"]["stats"]["num_buckets"] > 1
+
+
+@pytest.mark.slow
+def test_second_sync_sends_the_updated_weights(runs):
+    for result in runs:
+        run = result["tp2_second_sync"]
+        _assert_same(run["got"], run["ref"])
+        assert not torch.equal(run["ref"]["model.norm.weight"], result["tp2_qwen2"]["ref"]["model.norm.weight"])
 
 
 @pytest.mark.slow

@@ -87,7 +87,11 @@ def test_parallel_layout_against_the_architecture(tmp_path):
 
 def test_missing_paths_are_reported(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.paths\[0\]='nope\.jsonl' does not exist"):
-        load_config(None, ["model.random_init=true", "data.paths=[nope.jsonl]"])
+        load_config(None, ["model.hf_checkpoint=auto:tiny-qwen2", "data.paths=[nope.jsonl]"])
+    with pytest.raises(ConfigError, match=r"model\.hf_checkpoint='auto:gpt5'"):
+        load_config(None, ["model.hf_checkpoint=auto:gpt5"])
+    with pytest.raises(ConfigError, match=r"model\.hf_config and model\.hf_checkpoint are both empty"):
+        load_config(None, [])
 
 
 def test_env_expansion(tmp_path, monkeypatch):

@@ -71,13 +71,16 @@ def test_packed_scoring_matches_unpacked_forward(small_proxy):
     docs = [gen.integers(0, 300, n).tolist() for n in (37, 5, 60, 1, 22, 41, 2)]
     scorer = ProxyScorer(small_proxy, top_k=16, device="cpu", batch_tokens=128, max_seq_len=64)
     got = scorer.score(docs)
-    assert scorer.rows_per_batch == 2  # several rows per forward and several documents per row
+    assert scorer.packing and scorer.rows_per_batch == 2  # several rows per forward, several documents per row
     ref_model = scorer.model
     for d, g in zip(docs, got):
         ref = reference(ref_model, d)
         assert g.shape == (len(d),) and np.isnan(g[0])
         np.testing.assert_allclose(g[1:], ref[1:], rtol=0, atol=2e-5)
     assert scorer.tokens_scored == sum(len(d) for d in docs if len(d) >= 2)
+    scorer.packing = False  # the fallback for transformers without packed-sequence masks
+    for d, g in zip(docs, scorer.score(docs)):
+        np.testing.assert_allclose(g[1:], reference(ref_model, d)[1:], rtol=0, atol=2e-5)
 
 
 def test_long_documents_are_scored_in_overlapping_windows(small_proxy):

@@ -5,7 +5,6 @@ import hashlib
 import json
 import shutil
 import sys
-import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -170,4 +169,4 @@ def test_cli_rejects_bad_arguments(env, tmp_path):
     with pytest.raises(ValueError, match="no usable documents"):
         prepare_data.main(["--input", str(env["omni"]), *base, "--out", str(bad_fields), "--max-docs", "2",
                            "--text-fields", "nonexistent", "--no-progress"])
-    assert not (bad_fields / "manifest.json").exists()
+    assert not bad_fields.exists() and not list(tmp_path.glob(".*partial*"))  # nothing half-written

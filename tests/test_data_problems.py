@@ -54,6 +54,8 @@ def test_problems_cut_the_document_correctly(tok, omni, omni_rows):
         assert p.target_token_bytes == tb[t:t + 8]
         prefix = b"".join(tb[:t]).decode("utf-8")  # the position is on a character boundary
         assert prefix.endswith(p.context_text) and p.context_text
+        assert p.context_ids == ids[t - len(p.context_ids):t]
+        assert b"".join(token_bytes(tok, p.context_ids)) == p.context_text.encode()
         # context + target is a real piece of the document
         assert (p.context_text.encode() + b"".join(p.target_token_bytes)) in text.encode()
         assert p.prompt_text == render_prompt(p.context_text, tok, "v0", True)
@@ -134,12 +136,14 @@ def test_resume_with_a_different_dp_layout_is_refused(tok, tmp_path):
 def test_bad_settings_have_clear_errors(tok, tmp_path):
     path = small_corpus(tmp_path)
     with pytest.raises(ValueError, match="data.max_prompt_tokens"):
-        ProblemStream(DataConfig(paths=[str(path)], max_prompt_tokens=100), tok)
+        ProblemStream(DataConfig(paths=[str(path)], val_documents=0, max_prompt_tokens=100), tok)
     too_short = DataConfig(paths=[str(path)], val_documents=0, min_context_tokens=100000)
     with pytest.raises(RuntimeError, match="no problems"):
         next(ProblemStream(too_short, tok))
     with pytest.raises(ValueError, match="split"):
-        ProblemStream(DataConfig(paths=[str(path)]), tok, split="test")
+        ProblemStream(DataConfig(paths=[str(path)], val_documents=0), tok, split="test")
+    with pytest.raises(ValueError, match="data.val_documents=200"):
+        ProblemStream(DataConfig(paths=[str(path)]), tok)  # 3 documents, 200 held out
 
 
 def test_problem_dict_round_trip(tok, tmp_path):

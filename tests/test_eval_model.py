@@ -5,7 +5,6 @@ training hook sharded over two data-parallel ranks."""
 import json
 import math
 import random
-import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -147,8 +146,10 @@ def test_difficulty_scorers(tiny, loaded):
     val = load_validation_set(cfg, model.tokenizer, problems=unscored)
     assert val.entropies is None and "evaluated model itself" in val.scorer
     assert val.contexts == contexts  # context text re-encoded by the character tokenizer
-    evaluate_positions(cfg, model.engine, val, ("standard",))
+    res = evaluate_positions(cfg, model.engine, val, ("reasoning",))  # scores first, then generates
     assert val.entropies == pytest.approx(_reference_entropy(_reference_last_logits(tiny.hf, contexts)), abs=1e-4)
+    assert res.standard is None  # not asked for: no standard row
+    assert [r is not None for r in res.rewards] == [e > 0.5 for e in val.entropies]
     # 2. eval.scorer_model: every position re-scored with that model.
     scfg = from_dict({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "scorer_model": str(tiny.scorer_dir)}})
     val = load_validation_set(scfg, model.tokenizer, problems=unscored)
@@ -214,35 +215,19 @@ def test_cli_hf_matches_independent_reference(tiny, hf_run):
     assert (hf_run / "eval.md").read_text().startswith("# Next-token prediction accuracy")
 
 
-def _megatron_eval_worker(hf_dir: str, ckpt_root: str, cfg_path: str, out: str) -> int:
-    """Write a training-layout checkpoint (iter_0000003/dist + complete.json + latest) and evaluate it."""
-    from megatron_rpt.checkpoint.model_ckpt import save_model_checkpoint
-    from megatron_rpt.config import ModelConfig, ParallelConfig
-    from megatron_rpt.distributed import init_distributed
+def _megatron_eval_worker(cfg_path: str, ckpt_root: str, out: str) -> int:
     from megatron_rpt.evaluate import main
-    from megatron_rpt.model.build import build_model_chunks
-    from megatron_rpt.model.hf_config import load_hf_config
-    from megatron_rpt.model.loading import load_hf_into_model
 
-    init_distributed(1, 1)
-    arch = load_hf_config(hf_dir)
-    chunks = build_model_chunks(arch, ModelConfig(), ParallelConfig(), config_overrides={"perform_initialization": False})
-    load_hf_into_model(chunks, hf_dir, arch)
-    it = Path(ckpt_root) / "iter_0000003"
-    save_model_checkpoint(chunks, it / "dist")
-    (it / "complete.json").write_text(json.dumps({"step": 3}))
-    (Path(ckpt_root) / "iter_0000001").mkdir()  # an older, incomplete one: skipped
-    (Path(ckpt_root) / "latest").write_text("iter_0000003\n")
     return main(["--config", cfg_path, "--ckpt", ckpt_root, "--out", out, "--mode", "standard", "--quiet"])
 
 
 @pytest.mark.slow
-def test_cli_megatron_checkpoint_matches_hf(tiny, hf_run):
+def test_cli_megatron_checkpoint_matches_hf(tiny, hf_run, two_rank_run):
+    """A TP=2 training checkpoint (its vocabulary padded for TP=2) evaluated at TP=1 gives the HF numbers."""
     from megatron_rpt.distributed import spawn
 
     out = tiny.root / "out_mcore"
-    assert spawn(_megatron_eval_worker, 1, str(tiny.model_dir), str(tiny.root / "ckpts"), str(tiny.cfg_path),
-                 str(out)) == [0]
+    assert spawn(_megatron_eval_worker, 1, str(tiny.cfg_path), str(two_rank_run.ckpt_root), str(out)) == [0]
     ours, ref = _positions(out), _positions(hf_run)
     assert [r["standard_prediction"] for r in ours] == [r["standard_prediction"] for r in ref]
     assert [r["entropy"] for r in ours] == pytest.approx([r["entropy"] for r in ref], abs=1e-4)
@@ -274,14 +259,22 @@ def test_cli_bad_paths(tiny, tmp_path, capsys):
 # ----------------------------------------------------------------------------- training hook
 
 
-def _training_hook_worker(cfg_path: str, hf_dir: str, log_dir: str) -> dict:
+def _two_rank_worker(cfg_path: str, hf_dir: str, log_dir: str, ckpt_root: str) -> dict:
+    """Two ranks: the training hook at data-parallel size 2, then a TP=2 training-layout checkpoint
+    (iter_0000003/dist + complete.json + latest, and an older incomplete iter_0000001)."""
+    import torch.distributed as dist
     from megatron.core import parallel_state
 
+    from megatron_rpt.checkpoint.model_ckpt import save_model_checkpoint
+    from megatron_rpt.config import ModelConfig, ParallelConfig
     from megatron_rpt.distributed import init_distributed
     from megatron_rpt.eval import evaluate_during_training
     from megatron_rpt.eval.loading import load_hf_model
+    from megatron_rpt.model.build import build_model_chunks
+    from megatron_rpt.model.hf_config import load_hf_config
+    from megatron_rpt.model.loading import load_hf_into_model
 
-    init_distributed(1, 1)  # two ranks: data-parallel size 2
+    init_distributed(1, 1)  # data-parallel size 2
     cfg = load_config(cfg_path, [f"logging.dir={log_dir}"], validate_paths=False)
     model = load_hf_model(cfg, hf_dir)
     trainer = SimpleNamespace(cfg=cfg, engine=model.engine, tokenizer=model.tokenizer,
@@ -289,24 +282,44 @@ def _training_hook_worker(cfg_path: str, hf_dir: str, log_dir: str) -> dict:
                               dp_size=parallel_state.get_data_parallel_world_size())
     first = evaluate_during_training(trainer, step=5)
     second = evaluate_during_training(trainer, step=6)  # cached positions and (self-scored) buckets
+
+    init_distributed(2, 1)
+    arch = load_hf_config(hf_dir)
+    chunks = build_model_chunks(arch, ModelConfig(), ParallelConfig(tensor_parallel=2),
+                                config_overrides={"perform_initialization": False})
+    load_hf_into_model(chunks, hf_dir, arch)
+    it = Path(ckpt_root) / "iter_0000003"
+    save_model_checkpoint(chunks, it / "dist")
+    if dist.get_rank() == 0:
+        (it / "complete.json").write_text(json.dumps({"step": 3}))
+        (Path(ckpt_root) / "iter_0000001").mkdir()
+        (Path(ckpt_root) / "latest").write_text("iter_0000003\n")
+    dist.barrier()
     return {"first": first, "second": second, "dp_size": trainer.dp_size}
 
 
-@pytest.mark.slow
-def test_evaluate_during_training_two_ranks_equals_one(tiny, loaded, tmp_path):
+@pytest.fixture(scope="module")
+def two_rank_run(tiny):
     from megatron_rpt.distributed import spawn
+
+    log_dir, ckpt_root = tiny.root / "hook_log", tiny.root / "ckpts"
+    results = spawn(_two_rank_worker, 2, str(tiny.cfg_path), str(tiny.model_dir), str(log_dir), str(ckpt_root))
+    return SimpleNamespace(results=results, log_dir=log_dir, ckpt_root=ckpt_root)
+
+
+@pytest.mark.slow
+def test_evaluate_during_training_two_ranks_equals_one(tiny, loaded, two_rank_run):
     from megatron_rpt.eval import evaluate_during_training
 
     cfg, model = loaded
     single = evaluate_during_training((cfg, model.engine, model.tokenizer), step=5)
     assert {"val/standard_acc_easy", "val/reasoning_random1_hard", "val/reasoning_passk_medium",
             "val/count_easy", "val/positions", "val/time_s"} <= set(single)
-    results = spawn(_training_hook_worker, 2, str(tiny.cfg_path), str(tiny.model_dir), str(tmp_path / "log"))
-    for r in results:
+    for r in two_rank_run.results:
         assert r["dp_size"] == 2
         for metrics in (r["first"], r["second"]):
             for key, value in single.items():
                 if key in ("val/time_s", "val/generated_tokens"):
                     continue
                 assert (math.isnan(value) and math.isnan(metrics[key])) or metrics[key] == pytest.approx(value), key
-    assert (tmp_path / "log" / "eval" / "step_000006.md").is_file()
+    assert (two_rank_run.log_dir / "eval" / "step_000006.md").is_file()

@@ -247,9 +247,11 @@ def test_sbatch_tiny_cpu_training_job(cluster, tmp_path):
     if missing:
         pytest.skip(f"needs the trainer ({', '.join(missing)} not written yet)")
     run = tmp_path / "run"
-    job = cluster.sbatch("examples/rpt_tiny_cpu.sh", "--set", "train.steps=2", "--set", "checkpoint.save_interval=1",
+    tiny = ["train.steps=2", "checkpoint.save_interval=1", "rl.prompts_per_step=1", "rollout.samples_per_prompt=2",
+            "rl.micro_batch_size=2", "rollout.max_response_tokens=16", "logging.tensorboard=false"]
+    job = cluster.sbatch("examples/rpt_tiny_cpu.sh", *[a for kv in tiny for a in ("--set", kv)],
                          sbatch_args=_job_args(cluster, tmp_path), env={"RPT_RUN_DIR": str(run)}, wait=True,
-                         timeout=200, cwd=REPO)
+                         timeout=400, cwd=REPO)
     log_path = next(tmp_path.glob("rpt-tiny-cpu-*.out"))
     log = log_path.read_text()
     assert job.returncode == 0, log[-6000:] + cluster.diagnostics(job.job_id)

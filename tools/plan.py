@@ -21,20 +21,22 @@ from megatron_rpt.plan import Hardware, plan_config, render_table  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="RPT YAML config (model.hf_config gives the architecture)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set rollout.gpu_memory_utilization=0.4")
     p.add_argument("--gpus", type=int, default=None, help="GPU count (default: parallel.world_size of the config)")
-    p.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB")
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--top", type=int, default=10, help="show this many layouts")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="TP/EP groups larger than this cross nodes (default 8)")
+    p.add_argument("--top", type=int, default=10, help="show this many layouts (default 10)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100 SXM: 989)")
-    p.add_argument("--train-mfu", type=float, default=0.35, help="assumed model FLOPs utilisation of training")
-    p.add_argument("--rollout-mfu", type=float, default=0.10, help="assumed model FLOPs utilisation of decoding")
-    p.add_argument("--overhead-gib", type=float, default=3.0, help="CUDA context + NCCL + fragmentation per GPU")
+    p.add_argument("--train-mfu", type=float, default=0.35,
+                   help="assumed model FLOPs utilisation of training (default 0.35)")
+    p.add_argument("--rollout-mfu", type=float, default=0.10,
+                   help="assumed model FLOPs utilisation of decoding (default 0.10)")
+    p.add_argument("--overhead-gib", type=float, default=3.0,
+                   help="CUDA context + NCCL + fragmentation per GPU (default 3)")
     p.add_argument("--no-flash-attention", action="store_true",
                    help="count the a*s^2 attention matrix (unfused attention, e.g. no Transformer Engine)")
     return p.parse_args(argv)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +76,18 @@ def check_parallel_layout(hf_dir: str | Path, tp: int, pp: int, vp: int | None =
     )
     try:
         validate(cfg)
-    except ConfigError as exc:
-        flags = str(exc).replace("parallel.tensor_parallel", "--tp").replace("parallel.pipeline_parallel", "--pp")
-        raise ConfigError(flags.replace("parallel.virtual_pipeline", "--vp").replace("virtual_pipeline", "--vp")) from None
+    except ConfigError as exc:  # same checks as the trainer; name the CLI flags instead of the config keys
+        message = str(exc)
+        for key, flag in (("parallel.tensor_parallel", "--tp"), ("parallel.pipeline_parallel", "--pp"),
+                          ("parallel.virtual_pipeline", "--vp"), ("virtual_pipeline", "--vp")):
+            message = message.replace(key, flag)
+        raise ConfigError(message) from None
     ffn = arch.moe_intermediate_size if arch.num_experts else arch.intermediate_size
     if ffn % tp:
         raise ConfigError(f"--tp {tp} does not divide the MLP width {ffn} of {hf_dir}; choose a divisor of it")
+    world = tp * pp
+    if torch.cuda.is_available() and torch.cuda.device_count() < world:
+        raise ConfigError(f"--tp {tp} x --pp {pp} needs {world} GPUs on this node, found {torch.cuda.device_count()}")
     return arch
 
 
@@ -120,7 +126,7 @@ def hf_to_mcore_rank(hf_dir: str, out_dir: str, scratch: str, settings: ConvertS
         mapped = back_parameters_with_files(chunks, Path(scratch) / f"rank{rank}")
     loaded = load_hf_into_model(chunks, hf_dir, arch, progress=settings.progress and rank == 0, validate=False)
     save_model_checkpoint(chunks, out_dir)
-    return {"rank": rank, "tensors": loaded, "file_backed_bytes": mapped, "padded_vocab": chunks[0].vocab_size}
+    return {"rank": rank, "tensors": loaded, "file_backed_bytes": mapped}
 
 
 def hf_to_mcore(hf_dir: str | Path, out: str | Path, settings: ConvertSettings, force: bool = False) -> Path:
@@ -136,7 +142,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, settings: ConvertSettings, 
     with HFCheckpointReader(hf_dir) as reader:
         validate_hf_checkpoint(reader, arch)
     dtype = _resolve_dtype(settings.dtype, arch.torch_dtype)
-    settings = ConvertSettings(**{**settings.__dict__, "dtype": dtype})
+    settings = replace(settings, dtype=dtype)
     world = settings.tensor_parallel * settings.pipeline_parallel
     started = time.time()
     with atomic_output_dir(out, force) as tmp, scratch_dir(out) as scratch:
@@ -231,6 +237,7 @@ def iter_mcore_tensors(ckpt_dir: str | Path, arch: ArchConfig, divisible_by: int
     """
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint import load as dcp_load
 
     from megatron_rpt.bridge.name_maps import global_param_name
@@ -241,9 +248,12 @@ def iter_mcore_tensors(ckpt_dir: str | Path, arch: ArchConfig, divisible_by: int
     content = dist_checkpointing.load_content_metadata(str(path)) or SHARDED_METADATA
     sharded_metadata = {k: v for k, v in content.items() if k in ("singleton_local_shards", "non_homogeneous_layers")}
     stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    model_cfg = ModelConfig(make_vocab_size_divisible_by=divisible_by)
-    with torch.device("meta"):  # the model only describes the checkpoint; nothing is allocated
-        model = build_model(arch, model_cfg, ParallelConfig(), config_overrides={"perform_initialization": False})
+    # Local spec + CPU-style allocation (no explicit device) so that every parameter lands on the meta
+    # device: the model only describes the checkpoint, nothing is allocated. Keys are spec-independent.
+    model_cfg = ModelConfig(make_vocab_size_divisible_by=divisible_by, transformer_impl="local")
+    overrides = {"perform_initialization": False, "use_cpu_initialization": True}
+    with torch.device("meta"):
+        model = build_model(arch, model_cfg, ParallelConfig(), config_overrides=overrides)
     sharded = model.sharded_state_dict(metadata=sharded_metadata)
     groups: dict[int, list[tuple[str, str, tuple[int, ...], tuple[int, ...], int]]] = {}
     for name, _ in model.named_parameters():
@@ -263,15 +273,24 @@ def iter_mcore_tensors(ckpt_dir: str | Path, arch: ArchConfig, divisible_by: int
         groups.setdefault(_layer_group(name, arch.num_layers), []).append((name, tensor.key, offsets, sizes, lead))
     reader = FileSystemReader(str(path))
     for group in sorted(groups):
-        request = {key: torch.empty(sizes, dtype=stored[key].properties.dtype) for _, key, _, sizes, _ in groups[group]}
-        offsets = {key: off for _, key, off, _, _ in groups[group]}
-        try:
-            dcp_load(request, storage_reader=reader, planner=_slab_planner(offsets), no_dist=True)
-        except Exception as exc:  # noqa: BLE001 - name the checkpoint and the tensors
-            raise CheckpointError(f"could not read {sorted(request)} from {path}: {exc}") from exc
-        for name, key, _, sizes, lead in groups[group]:
-            yield global_param_name(model, name), request[key].reshape(sizes[lead:])
-        del request
+        # Experts of a layer share one stored key (an expert axis is prepended too): one read per round.
+        rounds: list[list[tuple[str, str, tuple[int, ...], tuple[int, ...], int]]] = []
+        for item in groups[group]:
+            target = next((r for r in rounds if all(other[1] != item[1] for other in r)), None)
+            if target is None:
+                rounds.append(target := [])
+            target.append(item)
+        for items in rounds:
+            request = {key: torch.empty(sizes, dtype=stored[key].properties.dtype) for _, key, _, sizes, _ in items}
+            offsets = {key: off for _, key, off, _, _ in items}
+            try:
+                dcp_load(request, storage_reader=reader, planner=_slab_planner(offsets), no_dist=True)
+            except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+                raise CheckpointError(f"could not read {sorted(request)} from {path}: {reason}") from exc
+            for name, key, _, sizes, lead in items:
+                yield global_param_name(model, name), request[key].reshape(sizes[lead:])
+            del request
 
 
 def mcore_to_hf_rank(ckpt_dir: str, hf_config_dir: str, out_dir: str, dtype: str,

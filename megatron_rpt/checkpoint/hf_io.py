@@ -45,8 +45,9 @@ class HFCheckpointReader:
         self.dir = Path(model_dir)
         if not self.dir.is_dir():
             raise CheckpointError(f"Hugging Face checkpoint directory {self.dir} does not exist")
-        self.weight_map = self._weight_map()
         self._handles: dict[str, object] = {}
+        self._keys: dict[str, set[str]] = {}
+        self.weight_map = self._weight_map()
 
     def _weight_map(self) -> dict[str, str]:
         index = self.dir / INDEX_NAME
@@ -64,8 +65,7 @@ class HFCheckpointReader:
             return dict(weight_map)
         single = self.dir / SINGLE_NAME
         if single.is_file():
-            with safe_open(str(single), framework="pt") as handle:
-                return {name: SINGLE_NAME for name in handle.keys()}
+            return {name: SINGLE_NAME for name in self._open(SINGLE_NAME).keys()}
         bins = sorted(p.name for p in self.dir.glob("*.bin"))
         hint = (
             f" (found {', '.join(bins)}: re-save with transformers' save_pretrained(safe_serialization=True))"
@@ -81,15 +81,28 @@ class HFCheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
+    def _open(self, file: str):
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(self.dir / file), framework="pt")
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+                raise CheckpointError(f"{self.dir / file} is not a readable safetensors file ({exc}); "
+                                      "re-download or re-save it") from None
+        return self._handles[file]
+
+    def _file_keys(self, file: str) -> set[str]:
+        if file not in self._keys:
+            self._keys[file] = set(self._open(file).keys())
+        return self._keys[file]
+
     def _handle(self, name: str):
         if name not in self.weight_map:
             raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.dir}")
-        file = self.weight_map[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(self.dir / file), framework="pt")
-        handle = self._handles[file]
-        if name not in handle.keys():
-            raise CheckpointError(f"{self.dir / INDEX_NAME} maps {name!r} to {file}, but that file has no such tensor")
+        handle = self._open(self.weight_map[name])
+        if name not in self._file_keys(self.weight_map[name]):
+            raise CheckpointError(
+                f"{self.dir / INDEX_NAME} maps {name!r} to {self.weight_map[name]}, but that file has no such tensor"
+            )
         return handle
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -111,6 +124,7 @@ class HFCheckpointReader:
 
     def close(self) -> None:
         self._handles.clear()
+        self._keys.clear()
 
     def __enter__(self) -> "HFCheckpointReader":
         return self

@@ -78,21 +78,40 @@ def load_model_checkpoint(model_chunks: Sequence[torch.nn.Module], ckpt_dir: str
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from torch.distributed.checkpoint.api import CheckpointException
 
     path = resolve_checkpoint_dir(ckpt_dir)
     metadata = dist_checkpointing.load_content_metadata(str(path))
     sharded_metadata = {k: v for k, v in (metadata or SHARDED_METADATA).items() if k in ("singleton_local_shards",
                                                                                       "non_homogeneous_layers")}
     state = model_sharded_state_dict(model_chunks, sharded_metadata)
+    _drop_absent_extra_state(state, path)
     # Megatron's "unexpected" = asked for by the model but absent from the checkpoint; tensors
     # present only in the checkpoint (optimizer state, ...) are never an error.
     handling = StrictHandling.RAISE_UNEXPECTED if strict else StrictHandling.LOG_UNEXPECTED
     try:
         loaded = dist_checkpointing.load(state, str(path), strict=handling)
-    except Exception as exc:  # noqa: BLE001 - re-raise with the checkpoint named
-        raise CheckpointError(f"could not load model weights from {path}: {exc}") from exc
+    except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        raise CheckpointError(f"could not load model weights from {path}: {reason}") from exc
     for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
         missing, unexpected = unwrap(chunk).load_state_dict(loaded[key], strict=False)
         missing = [m for m in missing if not m.endswith("_extra_state")]
         if strict and missing:
             raise CheckpointError(f"{path} lacks model weights {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+
+
+def _drop_absent_extra_state(state: dict, path: Path) -> None:
+    """Do not ask for ``_extra_state`` objects the checkpoint lacks (in place).
+
+    Transformer-Engine modules carry extra state (FP8 scaling metadata) that the local spec
+    does not, so a checkpoint converted on a CPU has none of it; TE re-creates it on the fly.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from torch.distributed.checkpoint import FileSystemReader
+
+    stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    prefixes = {key.split("/shard_")[0] for key in stored}
+    for chunk_state in state.values():
+        for name in [n for n, v in chunk_state.items() if isinstance(v, ShardedObject) and v.key not in prefixes]:
+            del chunk_state[name]

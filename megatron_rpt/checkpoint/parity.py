@@ -139,9 +139,11 @@ def verify(
     directly. Launches TP*PP ranks.
     """
     from megatron_rpt.checkpoint.convert import check_parallel_layout, read_meta
+    from megatron_rpt.checkpoint.hf_io import HFCheckpointReader
     from megatron_rpt.checkpoint.model_ckpt import resolve_checkpoint_dir
     from megatron_rpt.config import ConfigError
     from megatron_rpt.distributed import spawn
+    from megatron_rpt.model.loading import validate_hf_checkpoint
 
     arch = check_parallel_layout(hf_dir, tensor_parallel, pipeline_parallel)
     if seq_len < 1 or batch < 1:
@@ -149,6 +151,8 @@ def verify(
     if seq_len > arch.max_position_embeddings:
         raise ConfigError(f"--seq-len {seq_len} exceeds max_position_embeddings={arch.max_position_embeddings}")
     divisible_by = 128
+    with HFCheckpointReader(hf_dir) as reader:  # clean errors here rather than in every rank
+        validate_hf_checkpoint(reader, arch)
     if ckpt_dir is not None:
         resolve_checkpoint_dir(ckpt_dir)
         divisible_by = int(read_meta(ckpt_dir).get("make_vocab_size_divisible_by", 128))

@@ -291,7 +291,8 @@ def open_sources(paths: Sequence[str | os.PathLike] = (), hf_dataset: str | None
         if _is_saved_dataset(p):
             sources.append(_HFSource(_load_saved_dataset(p, hf_split), f"{p.name}/{hf_split}"))
         elif p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES))
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES)
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))  # skip hidden
             if not files:
                 raise ValueError(f"data.paths[{i}]={str(raw)!r} is a directory without .jsonl/.json/.parquet "
                                  "files (nor a datasets.save_to_disk directory)")
@@ -312,7 +313,8 @@ def open_sources(paths: Sequence[str | os.PathLike] = (), hf_dataset: str | None
                 raise ValueError(f"could not load data.hf_dataset={hf_dataset!r} split {hf_split!r}: {exc}") from exc
             sources.append(_HFSource(ds, f"{p.name or hf_dataset}/{hf_split}"))
     if not sources:
-        raise ValueError("no data: set data.paths (JSONL/Parquet files or directories), data.hf_dataset or data.prepared")
+        raise ValueError("no data: set data.paths (JSONL/Parquet files or directories), data.hf_dataset "
+                         "or data.prepared")
     names = Counter(s.name for s in sources)
     dup = [n for n, c in names.items() if c > 1]
     if dup:

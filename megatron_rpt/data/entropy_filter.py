@@ -9,9 +9,10 @@ ln 16 = 2.77). Position t (the token x_t to predict) gets the entropy of the dis
 produces after reading x_<t, i.e. from the logits at t-1; position 0 has no context and is NaN.
 
 Packing: several documents are concatenated into one row and ``position_ids`` restart at 0 for
-each one; with no attention mask, transformers (>= 4.55, ``masking_utils``) turns restarting
-position ids into a block-diagonal causal mask for eager / sdpa / flash attention, so documents
-never see each other (checked against unpacked scoring in the tests). Documents longer than
+each one. With no attention mask, transformers (``masking_utils.find_packed_sequence_indices``)
+turns restarting position ids into a block-diagonal causal mask for eager / sdpa / flash
+attention, so documents never see each other (checked against unpacked scoring in the tests);
+a transformers without it falls back to one document per right-padded row. Documents longer than
 ``max_seq_len`` are scored in overlapping windows: every window after the first re-reads the last
 ``max_seq_len // 4`` tokens of the previous one as context and scores only the positions after it.
 The vocabulary projection is done in chunks of tokens so the full logits tensor never exists.
@@ -36,6 +37,7 @@ __all__ = [
     "difficulty_label",
     "split_names",
     "pack_first_fit",
+    "packing_supported",
 ]
 
 
@@ -84,6 +86,15 @@ def pack_first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def packing_supported() -> bool:
+    """Whether this transformers turns restarting position_ids into a block-diagonal mask."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        return False
+    return hasattr(masking_utils, "find_packed_sequence_indices")
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -130,6 +141,7 @@ class ProxyScorer:
         self.config_hash = _sha256(path / "config.json")
         self._softcap = getattr(cfg, "final_logit_softcapping", None)
         self._logit_scale = getattr(cfg, "logit_scale", None)
+        self.packing = packing_supported()
         self.tokens_scored = 0
         self.seconds = 0.0
 
@@ -176,7 +188,11 @@ class ProxyScorer:
                 raise ValueError(f"token id {max(d)} >= the proxy's vocab_size {self.vocab_size}: the proxy "
                                  f"{self.path} does not use this tokenizer")
             pieces.extend((di, s, e, first) for s, e, first in self._windows(len(d)))
-        rows = pack_first_fit([e - s for _, s, e, _ in pieces], self.max_seq_len)
+        lengths = [e - s for _, s, e, _ in pieces]
+        if self.packing:
+            rows = pack_first_fit(lengths, self.max_seq_len)
+        else:  # one window per row, right-padded: causal attention never reads the padding
+            rows = [[i] for i in sorted(range(len(pieces)), key=lambda i: -lengths[i])]
         base = self.model.base_model
         for b in range(0, len(rows), self.rows_per_batch):
             batch = rows[b:b + self.rows_per_batch]

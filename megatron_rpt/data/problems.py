@@ -69,6 +69,9 @@ class Problem:
     entropy: float | None = None  # proxy top-k entropy (nats) at ``position``; None when unscored
     difficulty: str | None = None  # hardest split the position belongs to ("easy" < "medium" < "hard")
     splits: tuple[str, ...] = field(default_factory=tuple)  # every split it belongs to (nested)
+    # The document's own token ids of the context (ids[start:position]): the exact plain-LM context
+    # (re-tokenising context_text can differ at the left cut).
+    context_ids: list[int] = field(default_factory=list)
 
     @property
     def target_text(self) -> str:
@@ -132,11 +135,14 @@ def build_problem(tokenizer: Any, doc_id: str, ids: list[int], token_bytes: list
         start = min(t, start + excess)  # re-tokenisation inside the template can shift a few tokens
     else:
         return None
+    if not context:
+        return None
     tgt = slice(t, t + target_tokens)
     ent = None if entropy is None or not math.isfinite(entropy) else float(entropy)
     return Problem(doc_id=doc_id, position=t, context_text=context, prompt_text=prompt, prompt_ids=list(prompt_ids),
                    target_ids=list(ids[tgt]), target_token_bytes=list(token_bytes[tgt]), entropy=ent,
-                   difficulty=difficulty_label(ent, thresholds), splits=difficulty_splits(ent, thresholds))
+                   difficulty=difficulty_label(ent, thresholds), splits=difficulty_splits(ent, thresholds),
+                   context_ids=list(ids[start:t]))
 
 
 def _fingerprint(cfg: Any) -> str:
@@ -194,6 +200,11 @@ class ProblemStream(torch.utils.data.IterableDataset):
                 proxy = ProxyScorer(proxy, top_k=cfg.entropy_top_k)
             self.proxy = proxy
         self.heldout = heldout_doc_ids(all_ids, cfg.val_documents, cfg.seed)
+        sizes = [len(all_ids)] if self.prepared_dir is not None else [s.num_rows() for s in all_ids]
+        total = None if None in sizes else sum(sizes)
+        if split == "train" and total is not None and cfg.val_documents >= total:
+            raise ValueError(f"data.val_documents={cfg.val_documents} holds out every document of the corpus "
+                             f"({total} rows), leaving nothing to train on; lower it (the paper holds out 200)")
         self.scored = self.proxy is not None or self.prepared_dir is not None
         self._context_budget = self._compute_context_budget()
         self._fingerprint = _fingerprint(cfg)
@@ -213,10 +224,10 @@ class ProblemStream(torch.utils.data.IterableDataset):
         return Path(prepared[0]) if prepared else None
 
     def _check_tokenizer(self) -> None:
-        want = self.manifest["tokenizer"]["vocab_hash"]  # type: ignore[index]
-        if vocab_hash(self.tokenizer) != want:
+        prepared_with = self.manifest["tokenizer"]  # type: ignore[index]
+        if vocab_hash(self.tokenizer) != prepared_with["vocab_hash"]:
             raise ValueError(f"the tokenizer does not match the one {self.prepared_dir} was prepared with "
-                             f"({self.manifest['tokenizer']['path']}); point model.tokenizer at it or re-run "  # type: ignore[index]
+                             f"({prepared_with['path']}); point model.tokenizer at it or re-run "
                              "tools/prepare_data.py with --tokenizer <model.tokenizer>")
 
     def _compute_context_budget(self) -> int:
@@ -224,8 +235,9 @@ class ProblemStream(torch.utils.data.IterableDataset):
         overhead = len(self.tokenizer(empty, add_special_tokens=False)["input_ids"])
         budget = self.cfg.max_prompt_tokens - overhead - 4  # margin: merges across the template boundary
         if budget < 16:
-            raise ValueError(f"data.max_prompt_tokens={self.cfg.max_prompt_tokens} leaves {budget} tokens of context "
-                             f"after the {overhead}-token template {self.cfg.template} (16 needed); raise it (e.g. 4096)")
+            raise ValueError(f"data.max_prompt_tokens={self.cfg.max_prompt_tokens} leaves {budget} tokens of "
+                             f"context after the {overhead}-token template {self.cfg.template} (16 needed); "
+                             "raise it (e.g. 4096)")
         return budget
 
     def _set_worker(self, worker_id: int, num_workers: int) -> None:
@@ -243,7 +255,7 @@ class ProblemStream(torch.utils.data.IterableDataset):
                                                  seed=self.cfg.seed, epoch=epoch, shuffle=self.split == "train",
                                                  manifest=self.manifest)
         else:
-            self._docs_src = CorpusStream(self._sources, self.cfg.text_fields, self.cfg.text_separator,  # type: ignore[arg-type]
+            self._docs_src = CorpusStream(self._sources or [], self.cfg.text_fields, self.cfg.text_separator,
                                           self.shard, self.num_shards, self._keep)
         self._doc_iter: Iterator[Any] | None = None
         self._doc_state: dict[str, Any] | None = None  # source cursor just before the current document
@@ -303,8 +315,8 @@ class ProblemStream(torch.utils.data.IterableDataset):
                     raise StopIteration
                 if self._epoch_problems == 0:
                     raise RuntimeError(
-                        f"epoch {self.epoch} gave rank {self.dp_rank} (worker {self.worker_id}) no problems: the corpus "
-                        f"has too few usable documents for {self.num_shards} readers, or no position passes "
+                        f"epoch {self.epoch} gave rank {self.dp_rank} (worker {self.worker_id}) no problems: the "
+                        f"corpus has too few usable documents for {self.num_shards} readers, or no position passes "
                         f"data.entropy_threshold={self.cfg.entropy_threshold} / data.min_context_tokens="
                         f"{self.cfg.min_context_tokens}")
                 self._reset(self.epoch + 1)

@@ -16,6 +16,7 @@ import datetime as _dt
 import json
 import os
 import random
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,19 +102,37 @@ def prepare(inputs: Sequence[str | os.PathLike], tokenizer: Any, tokenizer_dir: 
             docs_per_batch: int = 32, progress: bool = True) -> dict[str, Any]:
     """Tokenise and score ``inputs``; write Parquet shards and the manifest to ``out_dir``.
 
-    Returns the manifest. ``out_dir`` must be absent or empty.
+    Returns the manifest. ``out_dir`` must be absent or empty; it appears only when complete.
     """
-    from tqdm import tqdm
-
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output directory {out} is not empty; choose a new --out or delete it")
+    final = Path(out_dir)
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise FileExistsError(f"output directory {final} is not empty; choose a new --out or delete it")
     if shard_size < 1:
         raise ValueError(f"--shard-size={shard_size} must be >= 1")
     if max_docs is not None and max_docs < 1:
         raise ValueError(f"--max-docs={max_docs} must be >= 1")
-    out.mkdir(parents=True, exist_ok=True)
     sources = open_sources(list(inputs))
+    # Build everything in a sibling work directory and rename it into place at the very end.
+    out = final.parent / f".{final.name}.partial-{os.getpid()}"
+    out.mkdir(parents=True)
+    try:
+        manifest = _prepare_into(out, sources, tokenizer, tokenizer_dir, proxy, text_fields, text_separator,
+                                 max_docs, shard_size, threshold, difficulty_thresholds, docs_per_batch, progress)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    if final.exists():
+        final.rmdir()  # checked empty above
+    os.replace(out, final)
+    return manifest
+
+
+def _prepare_into(out: Path, sources: list[Any], tokenizer: Any, tokenizer_dir: str | os.PathLike,
+                  proxy: ProxyScorer, text_fields: Sequence[str], text_separator: str, max_docs: int | None,
+                  shard_size: int, threshold: float, difficulty_thresholds: Sequence[float], docs_per_batch: int,
+                  progress: bool) -> dict[str, Any]:
+    from tqdm import tqdm
+
     corpus = CorpusStream(sources, text_fields, text_separator)
     known = [s.num_rows() for s in sources]
     total = sum(known) if all(k is not None for k in known) else None  # type: ignore[misc]
@@ -160,7 +179,7 @@ def prepare(inputs: Sequence[str | os.PathLike], tokenizer: Any, tokenizer_dir: 
     bar.close()
     flush()
     if num_docs == 0:
-        raise ValueError(f"no usable documents in {list(map(str, inputs))} (bad rows: "
+        raise ValueError(f"no usable documents in {[s.name for s in sources]} (bad rows: "
                          f"{corpus.bad_rows.state_dict()}); check --text-fields")
 
     manifest = {
@@ -177,9 +196,10 @@ def prepare(inputs: Sequence[str | os.PathLike], tokenizer: Any, tokenizer_dir: 
         "difficulty_thresholds": list(difficulty_thresholds),
         "top_k": proxy.top_k,
         "entropy_unit": "nats",
-        "proxy": {"path": str(proxy.path), "config_hash": proxy.config_hash, "dtype": str(proxy.dtype).replace("torch.", ""),
-                  "max_seq_len": proxy.max_seq_len},
-        "tokenizer": {"path": str(tokenizer_dir), "hash": tokenizer_hash(tokenizer_dir), "vocab_hash": vocab_hash(tokenizer)},
+        "proxy": {"path": str(proxy.path), "config_hash": proxy.config_hash,
+                  "dtype": str(proxy.dtype).replace("torch.", ""), "max_seq_len": proxy.max_seq_len},
+        "tokenizer": {"path": str(tokenizer_dir), "hash": tokenizer_hash(tokenizer_dir),
+                      "vocab_hash": vocab_hash(tokenizer)},
         "sources": [s.describe() for s in sources],
         "text_fields": list(text_fields),
         "text_separator": text_separator,

@@ -69,6 +69,9 @@ TEMPLATES: dict[str, str] = {
         f"prediction in \\boxed{{}} {_NOTE}.\n\n"
         "The context is: ```{context}```, now please predict the next token."
     ),
+    # Not from the paper: the bare context, for base models and toy tasks whose continuation is
+    # itself the guess (rl.answer_format=raw; use with data.use_chat_template=false).
+    "raw": "{context}",
 }
 
 

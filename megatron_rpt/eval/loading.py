@@ -6,10 +6,13 @@ TP=PP=1 in one gloo process -- then streamed into the engine by the
 :class:`~megatron_rpt.bridge.resharding.WeightBridge`, the same path the trainer syncs with),
 and :func:`resolve_megatron_checkpoint`, which accepts every Megatron layout we write:
 
-* ``tools/convert.py hf-to-mcore`` output (a dist checkpoint: ``metadata.json``, or Megatron-LM's
-  ``latest_checkpointed_iteration.txt`` + ``iter_XXXXXXX/``);
+* ``tools/convert.py hf-to-mcore`` output (a dist checkpoint: ``metadata.json``; the HF config and
+  tokenizer in ``hf/``, the dtype in ``rpt_meta.json``), or Megatron-LM's
+  ``latest_checkpointed_iteration.txt`` + ``iter_XXXXXXX/``;
 * a training checkpoint ``<checkpoint.dir>/iter_XXXXXXX`` (``dist/`` + ``complete.json``);
 * the training ``<checkpoint.dir>`` itself (the newest complete checkpoint is taken).
+
+A checkpoint saved at any TP/PP loads: the vocabulary padding is read from the stored embedding.
 """
 
 from __future__ import annotations
@@ -65,10 +68,14 @@ def _tokenizer_for(cfg: Config, *dirs: Path | None) -> Any:
                       "next to the model's config.json")
 
 
-def _safetensors_stream(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors_stream(model_dir: Path, arch: ArchConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the checkpoint, after checking (headers only) that none is missing: the
+    standard mode reads the decoder directly, where a never-written weight would go unnoticed."""
     from megatron_rpt.checkpoint.hf_io import HFCheckpointReader
+    from megatron_rpt.model.loading import validate_hf_checkpoint
 
     with HFCheckpointReader(model_dir) as reader:
+        validate_hf_checkpoint(reader, arch)
         for name in reader.keys():
             if name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints store
                 continue
@@ -91,7 +98,7 @@ def load_hf_model(cfg: Config, hf_dir: str | Path, name: str | None = None) -> L
     ecfg.model.hf_checkpoint = str(path)  # the vLLM engine loads it itself
     engine = make_engine(ecfg, arch, tokenizer)
     if cfg.rollout.engine == "builtin":
-        engine.update_weights(_safetensors_stream(path))
+        engine.update_weights(_safetensors_stream(path, arch))
     return LoadedModel(name or path.name, f"hf:{path}", arch, engine, tokenizer)
 
 
@@ -134,8 +141,15 @@ def _require_metadata(dist_dir: Path, given: str | Path) -> Path:
 
 
 def _arch_for_checkpoint(cfg: Config, given: Path, mcore_dir: Path) -> tuple[ArchConfig, Path | None]:
-    """The architecture: a config.json next to the checkpoint (converter output), else model.hf_config."""
-    for d in (mcore_dir, mcore_dir.parent, mcore_dir.parent.parent, given):
+    """The architecture: the HF config saved with the checkpoint, else model.hf_config.
+
+    ``tools/convert.py`` keeps it in ``<out>/hf/``; a training checkpoint has none (the config the
+    run was trained with says which model it is).
+    """
+    near = [mcore_dir, mcore_dir / "hf", given, given / "hf"]
+    if mcore_dir.name == "dist":  # training layout: <checkpoint.dir>/iter_X/dist
+        near += [mcore_dir.parent, mcore_dir.parent.parent]
+    for d in near:
         if (d / "config.json").is_file():
             return load_hf_config(d), d
     source = cfg.model.hf_config or cfg.model.hf_checkpoint
@@ -144,11 +158,42 @@ def _arch_for_checkpoint(cfg: Config, given: Path, mcore_dir: Path) -> tuple[Arc
 
         source = str(resolve_model_dir(source, cfg.model.tokenizer))
     if not source or not Path(source).exists():
-        raise ConfigError(f"--ckpt {given}: no config.json next to the checkpoint and model.hf_config "
+        raise ConfigError(f"--ckpt {given}: no config.json saved with the checkpoint and model.hf_config "
                           f"({source!r}) does not exist; pass --config with the training config or "
                           "--set model.hf_config=CONFIG.json")
     model_dir = Path(source) if Path(source).is_dir() else Path(source).parent
     return load_hf_config(source), model_dir
+
+
+def _checkpoint_model_config(cfg: Config, given: Path, mcore_dir: Path) -> Any:
+    """``cfg.model`` adjusted to how the checkpoint was written.
+
+    * vocabulary padding: Megatron pads the vocabulary to a multiple of
+      ``make_vocab_size_divisible_by * TP`` *of the run that saved it*; at TP=1 that padding is
+      reproduced by padding to the stored row count itself;
+    * dtype: the converter records it in ``rpt_meta.json`` (training checkpoints use model.params_dtype).
+    """
+    import json
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    model_cfg = copy.deepcopy(cfg.model)
+    for meta_path in (mcore_dir / "rpt_meta.json", given / "rpt_meta.json"):
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("dtype") in ("float32", "bfloat16", "float16"):
+                model_cfg.params_dtype = meta["dtype"]
+            break
+    try:
+        stored = FileSystemReader(str(mcore_dir)).read_metadata().state_dict_metadata
+    except Exception as exc:  # noqa: BLE001 - any unreadable metadata is a broken checkpoint
+        raise ModelLoadError(f"--ckpt {given}: cannot read {mcore_dir / '.metadata'} ({exc}); "
+                             "the checkpoint is incomplete or not a torch_dist checkpoint") from None
+    rows = [int(md.size[0]) for key, md in stored.items()
+            if key.endswith("embedding.word_embeddings.weight") and hasattr(md, "size")]
+    if rows:
+        model_cfg.make_vocab_size_divisible_by = rows[0]
+    return model_cfg
 
 
 def load_megatron_model(cfg: Config, ckpt_dir: str | Path, name: str | None = None) -> LoadedModel:
@@ -166,12 +211,13 @@ def load_megatron_model(cfg: Config, ckpt_dir: str | Path, name: str | None = No
     given = Path(ckpt_dir)
     mcore_dir = resolve_megatron_checkpoint(given)
     arch, model_dir = _arch_for_checkpoint(cfg, given, mcore_dir)
+    model_cfg = _checkpoint_model_config(cfg, given, mcore_dir)
     tokenizer = _tokenizer_for(cfg, model_dir, given)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() != 1:
         raise RuntimeError("load_megatron_model runs in a single process; it was called inside a "
                            f"{torch.distributed.get_world_size()}-rank job")
     init_distributed(1, 1, 1, 1, None, seed=cfg.train.seed)
-    chunks = build_model_chunks(arch, cfg.model, ParallelConfig(), config_overrides={"perform_initialization": False})
+    chunks = build_model_chunks(arch, model_cfg, ParallelConfig(), config_overrides={"perform_initialization": False})
     load_model_checkpoint(chunks, mcore_dir)
     ecfg = eval_engine_config(cfg)
     ecfg.model.hf_checkpoint = None  # weights come from the bridge

@@ -12,7 +12,7 @@ be): a response uses a pattern when at least one of its keywords occurs as whole
 case-insensitively. Pass ``--keywords FILE`` (JSON ``{group: [phrases]}``) to use other lists.
 
 Input: the trainer's rollout files ``<logging.dir>/rollouts/step_XXXXXX_dpYYY.jsonl`` (rows with
-``step`` and ``response``; ``reward`` is used for the per-reward breakdown when present).
+``step`` and ``response``; other fields are ignored).
 """
 
 from __future__ import annotations

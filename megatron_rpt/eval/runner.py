@@ -186,12 +186,13 @@ def evaluate_positions(cfg: Config, engine: Any, val: ValidationSet, modes: Sequ
                     f"{type(engine).__name__} exposes no logits, so the evaluated model cannot score difficulty "
                     "itself: set eval.scorer_model (or data.proxy_model) to a small Hugging Face model")
             pred = greedy_next_tokens(engine, val.contexts)
-        out.standard_pred = pred
-        out.standard = standard_correct(pred, val.problems)
+        if "standard" in modes:  # else the pass only scored difficulty
+            out.standard_pred = pred
+            out.standard = standard_correct(pred, val.problems)
         out.seconds["standard"] = time.perf_counter() - start
     if "reasoning" in modes:
         start = time.perf_counter()
-        lowest = min(cfg.data.difficulty_thresholds) if cfg.data.difficulty_thresholds else -math.inf
+        lowest = min(cfg.data.difficulty_thresholds, default=-math.inf)
         # Positions below every bucket count nowhere: do not spend k generations on them.
         chosen = [i for i, e in enumerate(val.entropies) if e is not None and e > lowest]
         rewards, texts, generated = generate_and_score(
@@ -237,11 +238,11 @@ def run_evaluation(cfg: Config, engine: Any, tokenizer: Any, model_name: str, mo
     val = val or load_validation_set(cfg, tokenizer)
     start = time.perf_counter()
     res = evaluate_positions(cfg, engine, val, modes, progress=progress)
+    lowest = min(cfg.data.difficulty_thresholds, default=-math.inf)
     meta = {
         "model": model_name,
         "positions": len(val),
-        "positions_in_buckets": sum(1 for e in val.entropies or [] if e is not None
-                                    and e > min(cfg.data.difficulty_thresholds)),
+        "positions_in_buckets": sum(1 for e in val.entropies or [] if e is not None and e > lowest),
         "difficulty_scorer": val.scorer,
         "entropy_top_k": cfg.data.entropy_top_k,
         "modes": ", ".join(modes),

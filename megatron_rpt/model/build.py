@@ -89,7 +89,8 @@ def transformer_config(
             moe_router_pre_softmax=not arch.norm_topk_prob,
             moe_router_load_balancing_type="none",
             moe_aux_loss_coeff=0.0,
-            moe_token_dispatcher_type="alltoall" if parallel_cfg.expert_parallel > 1 else "allgather",
+            # The all-to-all dispatcher creates CUDA streams; allgather is the CPU-safe choice.
+            moe_token_dispatcher_type="alltoall" if parallel_cfg.expert_parallel > 1 and on_gpu else "allgather",
             moe_grouped_gemm=impl == "transformer_engine",
             moe_router_dtype="fp32",
         )

@@ -52,6 +52,22 @@ def _set_cpu_rng_state(new_state: torch.Tensor, *_args, **_kwargs) -> None:
     torch.set_rng_state(new_state)
 
 
+_ORIGINAL_TENSOR_TYPE = torch.Tensor.type
+
+
+def _cuda_named_type(self: torch.Tensor, dtype=None, non_blocking: bool = False, **kwargs):
+    """Megatron's optimizers branch on ``param.type() == 'torch.cuda.FloatTensor'``: report CPU
+    tensors under their CUDA type names, and accept CUDA type names as conversion targets."""
+    if dtype is None:
+        name = _ORIGINAL_TENSOR_TYPE(self)
+        if self.device.type == "cpu" and not name.startswith("torch.cuda."):
+            return name.replace("torch.", "torch.cuda.", 1)
+        return name
+    if isinstance(dtype, str):
+        dtype = dtype.replace("torch.cuda.", "torch.")
+    return _ORIGINAL_TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+
+
 def _seed_cpu_generator(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
 
@@ -80,6 +96,7 @@ def enable() -> bool:
     torch.cuda.max_memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
     torch.cuda.reset_peak_memory_stats = lambda *a, **k: None  # type: ignore[assignment]
     torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
+    torch.Tensor.type = _cuda_named_type  # type: ignore[assignment]
 
     from megatron.core.tensor_parallel import random as mrandom
 

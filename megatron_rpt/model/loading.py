@@ -17,7 +17,7 @@ All name and layout knowledge comes from :mod:`megatron_rpt.bridge.name_maps`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -105,10 +105,11 @@ def load_hf_into_model(
     parameter's dtype.
     """
     arch = arch or load_hf_config(hf_dir)
-    params: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+    params: list[tuple[torch.nn.Module, NameMap, str, torch.nn.Parameter]] = []
     for chunk in model_chunks:
         inner = unwrap(chunk)
-        params += [(inner, n, p) for n, p in named_parameters_global(inner, _expert_offset(inner, arch))]
+        names = NameMap(arch, te_layout=uses_te_layout(inner))
+        params += [(inner, names, n, p) for n, p in named_parameters_global(inner, _expert_offset(inner, arch))]
     with HFCheckpointReader(hf_dir) as reader:
         if validate:
             validate_hf_checkpoint(reader, arch)
@@ -117,8 +118,7 @@ def load_hf_into_model(
             from tqdm import tqdm
 
             bar = tqdm(total=len(params), desc=f"loading {Path(hf_dir).name}", unit="tensor", dynamic_ncols=True)
-        for inner, name, param in params:
-            names = NameMap(arch, te_layout=uses_te_layout(inner))
+        for inner, names, name, param in params:
             tmap, layer, expert = names.lookup(name)
             tp_rank, tp_size = _tp_rank_size(tmap)
             padded_vocab = inner.vocab_size
@@ -170,8 +170,3 @@ def load_megatron_checkpoint(model_chunks: Sequence[torch.nn.Module], ckpt_dir: 
     from megatron_rpt.checkpoint.model_ckpt import load_model_checkpoint
 
     load_model_checkpoint(model_chunks, ckpt_dir, strict=strict)
-
-
-def describe_chunks(model_chunks: Sequence[Any]) -> str:
-    total = sum(p.numel() for c in model_chunks for p in unwrap(c).parameters())
-    return f"{len(model_chunks)} chunk(s), {total:,} parameters on this rank"

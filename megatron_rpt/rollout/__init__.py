@@ -18,7 +18,7 @@ from megatron_rpt.rollout.builtin import BuiltinEngine
 
 __all__ = [
     "BuiltinEngine", "Generation", "RolloutEngine", "SamplingParams", "eos_token_ids",
-    "hf_parameter_shapes", "make_engine", "sampling_params_from_config",
+    "hf_parameter_shapes", "make_engine",
 ]
 
 
@@ -31,12 +31,6 @@ def eos_token_ids(arch: ArchConfig, tokenizer: Any = None) -> list[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(v for v in value if isinstance(v, int))
     return sorted(ids)
-
-
-def sampling_params_from_config(cfg: Config, seed: int | None = None) -> SamplingParams:
-    r = cfg.rollout
-    return SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p,
-                          max_tokens=r.max_response_tokens, stop=list(r.stop), seed=seed)
 
 
 def make_engine(cfg: Config, arch: ArchConfig, tokenizer: Any = None) -> RolloutEngine:

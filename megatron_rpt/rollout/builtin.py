@@ -68,14 +68,25 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
     if temperature == 0:
         tokens = logits.argmax(dim=-1)
     else:
-        probs = torch.softmax(logits / temperature, dim=-1)
+        probs = logprobs.exp() if temperature == 1.0 else torch.softmax(logits / temperature, dim=-1)
         if top_p < 1.0:
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
             sorted_probs[mass_before >= top_p] = 0.0  # smallest prefix whose mass reaches top_p
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        tokens = _inverse_cdf_sample(probs, generator)
     return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+
+
+def _inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    # One uniform per row against a float64 CDF: much cheaper than torch.multinomial, which
+    # draws an exponential variate for every vocabulary entry. Zero-probability tokens have
+    # a flat CDF step and can never be chosen.
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # rounding must not reach the end
+    return torch.searchsorted(cdf, u, right=True).squeeze(1)
 
 
 class BuiltinEngine:

@@ -89,8 +89,7 @@ class RotaryTable(nn.Module):
         self.cos, self.sin = emb.cos(), emb.sin()
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] -> cos, sin [B, 1, T, head_dim] (broadcast over heads)."""
-        self.ensure(int(positions.max()) + 1)
+        """positions [B, T] (all < the length given to :meth:`ensure`) -> cos, sin [B, 1, T, head_dim]."""
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
 
@@ -135,10 +134,11 @@ class _AttentionPlan:
 
     rows: slice
     from_zero: bool  # every row starts at slot 0: plain causal attention over the new tokens
-    row_index: torch.Tensor | None = None  # [B, T] cache row of each new token (cached, not from_zero)
+    kv_len: int = 0  # cache slots attended to (cached mode)
+    same_start: int | None = None  # all rows start at this slot: plain slice writes
+    row_index: torch.Tensor | None = None  # [B, T] cache row of each new token (rows start apart)
     slots: torch.Tensor | None = None  # [B, T] cache slot of each new token
-    mask: torch.Tensor | None = None  # [B, 1, T, kv_len] True = may attend
-    kv_len: int = 0
+    mask: torch.Tensor | None = None  # [B, 1, T, kv_len] True = may attend; None = causal / all
 
 
 class Attention(nn.Module):
@@ -170,13 +170,19 @@ class Attention(nn.Module):
             if plan.from_zero:
                 k_cache[:, :, :T] = k
                 v_cache[:, :, :T] = v
+            elif plan.same_start is not None:
+                k_cache[:, :, plan.same_start : plan.kv_len] = k
+                v_cache[:, :, plan.same_start : plan.kv_len] = v
+                k, v = k_cache[:, :, : plan.kv_len], v_cache[:, :, : plan.kv_len]
             else:
                 # Advanced indices split by a slice put the indexed dims first: [B, T, kv_heads, hd].
                 k_cache[plan.row_index, :, plan.slots] = k.transpose(1, 2)
                 v_cache[plan.row_index, :, plan.slots] = v.transpose(1, 2)
                 k, v = k_cache[:, :, : plan.kv_len], v_cache[:, :, : plan.kv_len]
+        # New tokens of a row starting at slot 0 attend causally; a single new token after
+        # a cache with no per-row differences attends to everything (mask None).
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=plan.mask, is_causal=plan.mask is None and T > 1,
+            q, k, v, attn_mask=plan.mask, is_causal=plan.mask is None and plan.from_zero and T > 1,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
         return F.linear(out.transpose(1, 2).reshape(B, T, -1), self.o_weight)
@@ -281,9 +287,14 @@ class Decoder(nn.Module):
         kv_len = max(start_pos) + T
         if kv_len > cache.max_len:
             raise ValueError(f"sequence of {kv_len} tokens does not fit the KV cache (max_len={cache.max_len})")
-        mask = torch.arange(kv_len, device=device).view(1, 1, 1, kv_len) <= positions.view(len(start_pos), 1, T, 1)
+        same_start = start_pos[0] if min(start_pos) == max(start_pos) else None
+        mask = None
+        if same_start is None or T > 1:  # rows in lock-step decoding one token attend to every slot
+            mask = torch.arange(kv_len, device=device).view(1, 1, 1, kv_len) <= positions.view(len(start_pos), 1, T, 1)
+        if same_start is not None:
+            return _AttentionPlan(rows, False, kv_len, same_start=same_start, mask=mask), positions
         row_index = torch.arange(len(start_pos), device=device).unsqueeze(1).expand(-1, T)
-        return _AttentionPlan(rows, False, row_index, positions, mask, kv_len), positions
+        return _AttentionPlan(rows, False, kv_len, row_index=row_index, slots=positions, mask=mask), positions
 
     def forward(self, tokens: torch.Tensor, start_pos: list[int] | None = None, cache: KVCache | None = None,
                 rows: slice = slice(None), logits_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -298,6 +309,7 @@ class Decoder(nn.Module):
         if len(start_pos) != B:
             raise ValueError(f"start_pos has {len(start_pos)} entries for a batch of {B}")
         plan, positions = self._plan(start_pos, T, cache, rows)
+        self.rotary.ensure(max(start_pos) + T)
         cos, sin = self.rotary(positions, self.dtype)
         x = F.embedding(tokens, self.embed_weight)
         for layer in self.layers:

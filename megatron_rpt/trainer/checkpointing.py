@@ -92,7 +92,10 @@ def sharded_state_dict(model_chunks: list[Any], optimizer: Any | None, is_loadin
         for i, chunk in enumerate(model_chunks):
             state[f"model{i}"] = _unwrap(chunk).sharded_state_dict()
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading)
+        # Model-space sharding keeps optimizer states loadable at another TP/PP/DP layout.
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+        )
     return state
 
 

@@ -31,6 +31,27 @@ from megatron_rpt.trainer.rollout_phase import (
 log = logging.getLogger("megatron_rpt")
 
 
+def engine_vs_policy_logprob_diff(micro_batches: list[dict[str, torch.Tensor]],
+                                  engine_logprobs: list[list[float]]) -> float:
+    """Mean |engine logprob - Megatron logprob| over response tokens (temperature 1 only).
+
+    The engine samples with the weights the bridge pushed; Megatron scores the same tokens with
+    the weights it trains. Anything but float noise here means the weight sync is broken.
+    """
+    diffs = []
+    sample = 0
+    for mb in micro_batches:
+        for row in range(mb["loss_mask"].shape[0]):
+            mask = mb["loss_mask"][row].bool()
+            if not mask.any():
+                continue  # padding row added to keep micro-batch shapes equal
+            policy = mb["old_logprobs"][row][mask].double()
+            engine = torch.tensor(engine_logprobs[sample], dtype=torch.float64)
+            diffs.append((policy - engine).abs())
+            sample += 1
+    return float(torch.cat(diffs).mean()) if diffs else float("nan")
+
+
 class _StopFlag:
     """Set by SIGTERM / SIGUSR1 (SLURM preemption or time limit): save and exit at the next boundary."""
 
@@ -184,7 +205,7 @@ class Trainer:
                 self.engine.sleep()
         if cfg.logging.save_rollouts and self.engine is not None and self.rank == dist.get_global_rank(
                 self._mp_group(), 0):
-            save_rollouts(cfg.logging.dir, self.step, self.dp_rank, groups)
+            save_rollouts(cfg.logging.dir, self.step + 1, self.dp_rank, groups)  # 1-based, like metrics
 
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
         advantages = group_advantages(rewards, normalize_std=cfg.rl.normalize_advantage_std)
@@ -194,13 +215,21 @@ class Trainer:
             pad_token_id=0,
         )
         local_tokens = response_token_count(groups)
-        global_tokens, global_seqs = all_reduce_sum([local_tokens, len(samples)], group=self._dp_group())
+        trained_tokens = sum(len(p) + len(r) for p, r in samples) * cfg.rl.updates_per_batch
+        global_tokens, global_seqs, global_trained, global_generated = all_reduce_sum(
+            [local_tokens, len(samples), trained_tokens, metrics["rollout/generated_tokens"]], group=self._dp_group())
+        # Global counts (identical on every rank) for the compute axis of the scaling fit.
+        metrics["compute/trained_tokens"] = global_trained
+        metrics["compute/generated_tokens"] = global_generated
 
         with self.timer("logprob"):
             old = self.policy.compute_logprobs(micro_batches)
         if old is not None:
             for mb, lp in zip(micro_batches, old):
                 mb["old_logprobs"] = lp
+            if cfg.rollout.temperature == 1.0:
+                metrics["rollout/engine_logprob_abs_diff"] = engine_vs_policy_logprob_diff(
+                    micro_batches, [lp for g in groups for lp in g.engine_logprobs])
         else:
             for mb in micro_batches:
                 mb["old_logprobs"] = torch.zeros_like(mb["loss_mask"], dtype=torch.float32)
@@ -211,6 +240,13 @@ class Trainer:
         metrics.update({f"train/{k}": v for k, v in train_metrics.items()})
         metrics.update(self.sync_weights())
         return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation metrics on the held-out split (collective: every rank calls it)."""
+        from megatron_rpt.eval import evaluate_during_training
+
+        with self.timer("eval"):
+            return evaluate_during_training(self, self.step)
 
     def _mp_group(self):
         from megatron.core import parallel_state
@@ -259,6 +295,8 @@ class Trainer:
             metrics["time/step"] = step_time
             metrics["throughput/generated_tokens_per_s"] = metrics.get("rollout/generated_tokens", 0.0) / max(
                 metrics.get("time/rollout", step_time), 1e-9)
+            if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
+                metrics.update(self.evaluate())
             metrics = self._reduce_metrics(metrics)
             self.metrics.log(self.step, metrics)
             history.append(metrics)
