@@ -94,7 +94,8 @@ def test_templates_follow_the_paper():
         "Please reason step by step to find the most probable next token as the final answer, and enclose it "
         "in \\boxed{} (note: the token may begin with a space, e.g., \\boxed{ para} or \\boxed{ =}; do not use "
         "\\text{}).\n\n### Context\nCTX")
-    assert sorted(TEMPLATES) == [f"v{i}" for i in range(7)]
+    assert sorted(TEMPLATES) == ["raw"] + [f"v{i}" for i in range(7)]
+    assert render_instruction("CTX", "raw") == "CTX"
     for name in TEMPLATES:
         text = render_instruction("<<CONTEXT {x}>>", name)
         assert text.count("<<CONTEXT {x}>>") == 1, name  # braces in the context are left alone

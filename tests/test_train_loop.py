@@ -113,13 +113,18 @@ def test_toy_does_not_learn_when_broken(toy_dir, tmp_path, sabotage):
 # ----------------------------------------------------------------------------- parallel layouts
 
 
-@pytest.mark.parametrize("layout", [["parallel.tensor_parallel=2"], ["parallel.pipeline_parallel=2"]],
-                         ids=["tp2", "pp2"])
+@pytest.mark.parametrize("layout", [["parallel.tensor_parallel=2"], ["parallel.pipeline_parallel=2"], []],
+                         ids=["tp2", "pp2", "dp2"])
 def test_parallel_runs_train_and_sync(toy_dir, tmp_path, layout):
     run = tmp_path / "run"
-    _train(toy_dir, run, "train.steps=12", "train.eval_interval=0", *layout, nproc=2)
+    ckpt = tmp_path / "ckpt"
+    _train(toy_dir, run, "train.steps=10", "train.eval_interval=0", f"checkpoint.dir={ckpt}",
+           "checkpoint.save_interval=5", *layout, nproc=2)
+    # Resume from step 10's checkpoint on the same layout and train two more steps.
+    _train(toy_dir, run, "train.steps=12", "train.eval_interval=0", f"checkpoint.dir={ckpt}",
+           "checkpoint.save_interval=0", *layout, nproc=2, resume="auto")
     rows = _metrics(run)
-    assert len(rows) == 12
+    assert [r["step"] for r in rows] == list(range(1, 13))
     assert max(r["rollout/engine_logprob_abs_diff"] for r in rows) < 1e-4
     assert all(r["train/grad_norm"] > 0 for r in rows)
     assert _mean(r["reward/mean"] for r in rows[-3:]) > _mean(r["reward/mean"] for r in rows[:3])
@@ -165,8 +170,11 @@ def test_sigterm_saves_and_resume_continues_exactly(toy_dir, tmp_path):
     straight = tmp_path / "straight"
     _train(toy_dir, straight, *common, f"train.steps={final_step}")
 
-    # A half-written newer checkpoint must be skipped (with a log line), not loaded.
-    (ckpt / "iter_9999999").mkdir()
+    # A corrupt newer checkpoint that `latest` points at must be skipped (with a log line).
+    corrupt = ckpt / "iter_9999999"
+    (corrupt / "dist").mkdir(parents=True)
+    (corrupt / "complete.json").write_text("{}")
+    (ckpt / "latest").write_text("iter_9999999\n")
     proc = _train(toy_dir, run, *common, f"train.steps={final_step}", f"checkpoint.dir={ckpt}", resume="auto")
     assert "iter_9999999 is unusable" in proc.stderr + proc.stdout
     for step in range(saved_step + 1, final_step + 1):

@@ -25,6 +25,12 @@ Layouts (all defined once in ``megatron_rpt/bridge/name_maps.py``):
   * Vocabulary padding: rows padded with zeros to a multiple of
     ``--make-vocab-size-divisible-by`` (default 128) x TP; removed again on export.
 
+Memory: ``hf-to-mcore`` ranks read only their slices (``safetensors`` ``get_slice``); on CPU each
+rank's parameters live in memory-mapped scratch files (``<out>.scratch-XXXX``, removed at the
+end), so its anonymous RAM is the framework plus a few of the largest tensors, whatever the
+shard size (see ``megatron_rpt/checkpoint/convert.py``).
+``mcore-to-hf`` holds one layer at a time and writes each tensor straight into its shard.
+
 Every bad input (missing shard or tensor, shape mismatch, unsupported architecture, TP not
 dividing heads / KV heads / MLP width, PP not dividing layers, existing output without
 ``--force``) exits non-zero with a message and leaves no output directory behind: results are
@@ -47,7 +53,9 @@ EXIT_MISMATCH = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     to_mcore = sub.add_parser("hf-to-mcore", help="HF safetensors -> Megatron dist checkpoint (torch_dist)")

@@ -230,7 +230,9 @@ class HFShardWriter:
         return list(self.files)
 
 
-def copy_model_files(src: str | Path, dst: str | Path, names: Iterable[str] = CONFIG_FILES + TOKENIZER_FILES) -> list[str]:
+def copy_model_files(
+    src: str | Path, dst: str | Path, names: Iterable[str] = CONFIG_FILES + TOKENIZER_FILES
+) -> list[str]:
     """Copy the listed non-weight files that exist in ``src`` to ``dst``; return the names copied."""
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)

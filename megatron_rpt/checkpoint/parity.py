@@ -38,6 +38,7 @@ def megatron_logits(model_chunks: Sequence[torch.nn.Module], tokens: torch.Tenso
     """Full padded-vocab logits [batch, seq, padded_vocab] on the last pipeline stage, None elsewhere.
 
     Every rank must pass the same ``tokens``. One micro-batch, no attention mask (causal).
+    Leaves the chunks in eval mode.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -138,7 +139,7 @@ def verify(
     Megatron loads ``ckpt_dir`` (a converted dist checkpoint) when given, else ``hf_dir``
     directly. Launches TP*PP ranks.
     """
-    from megatron_rpt.checkpoint.convert import check_parallel_layout, read_meta
+    from megatron_rpt.checkpoint.convert import NO_TIMEOUT, check_parallel_layout, read_meta
     from megatron_rpt.checkpoint.hf_io import HFCheckpointReader
     from megatron_rpt.checkpoint.model_ckpt import resolve_checkpoint_dir
     from megatron_rpt.config import ConfigError
@@ -160,7 +161,7 @@ def verify(
     reference = hf_logits(hf_dir, tokens)
     source = str(ckpt_dir if ckpt_dir is not None else hf_dir)
     results = spawn(megatron_logits_rank, tensor_parallel * pipeline_parallel, source, str(hf_dir), tokens,
-                    tensor_parallel, pipeline_parallel, divisible_by)
+                    tensor_parallel, pipeline_parallel, divisible_by, timeout=NO_TIMEOUT)
     logits = next(r for r in results if r is not None)
     diff = (reference - logits).abs()
     max_diff = float(diff.max())

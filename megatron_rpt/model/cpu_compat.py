@@ -103,6 +103,13 @@ def enable() -> bool:
     mrandom._get_cuda_rng_state = _cpu_rng_state
     mrandom._set_cuda_rng_state = _set_cpu_rng_state
 
+    # megatron-core 0.16 only binds te_general_gemm when Transformer Engine imports, then tests it
+    # for None in the MoE router: define the fallback so the router uses torch matmuls.
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()
     _ENABLED = True

@@ -124,7 +124,8 @@ def arch_from_dict(cfg: dict[str, Any], source: str = "config.json") -> ArchConf
                     f"(Megatron-Core fixes it to {v})"
                 )
         factor = float(scaling.get("factor", 8.0))
-    num_experts = int(cfg.get("num_experts") or 0) if family == "qwen3_moe" else 0
+    # transformers 5 writes num_local_experts for Qwen3-MoE; 4.x wrote num_experts.
+    num_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0) if family == "qwen3_moe" else 0
     if family == "qwen3_moe" and int(cfg.get("mlp_only_layers") and len(cfg["mlp_only_layers"]) or 0):
         raise UnsupportedArchitecture(f"{source}: Qwen3-MoE with mlp_only_layers is not supported")
     return ArchConfig(

@@ -9,7 +9,7 @@ Owns:
     hf-to-mcore`` or a training checkpoint) -> the chunks, at any TP/PP (re-sharded by
     ``megatron.core.dist_checkpointing``).
   * :func:`back_parameters_with_files`: moves parameter storage onto memory-mapped scratch
-    files (CPU only), used by the converter to keep anonymous RAM near one layer.
+    files (CPU only), used by the converter so a rank's anonymous RAM does not grow with its shard.
 
 All name and layout knowledge comes from :mod:`megatron_rpt.bridge.name_maps`.
 """
@@ -50,12 +50,11 @@ def validate_hf_checkpoint(reader: HFCheckpointReader, arch: ArchConfig) -> int:
                 problems.append(f"missing tensor {name}")
             elif reader.shape(name) != shape:
                 problems.append(f"{name} has shape {list(reader.shape(name))}, config.json implies {list(shape)}")
-            if len(problems) >= 10:
-                break
     if problems:
+        more = f"; ... ({len(problems) - 10} more)" if len(problems) > 10 else ""
         raise CheckpointError(
             f"the weights in {reader.dir} do not match its config.json ({arch.hf_architecture}): "
-            + "; ".join(problems) + ("; ..." if len(problems) >= 10 else "")
+            + "; ".join(problems[:10]) + more
             + " — the checkpoint is incomplete or config.json belongs to another model"
         )
     return checked
@@ -142,7 +141,7 @@ def back_parameters_with_files(model_chunks: Sequence[torch.nn.Module], scratch:
 
     The pages are shared file-backed memory: the kernel writes them back and evicts them under
     pressure, so a whole model shard can be filled and saved while the process's *anonymous*
-    memory stays about one tensor. Build the model with ``perform_initialization=False`` first
+    memory stays at a few tensors. Build the model with ``perform_initialization=False`` first
     (never-touched ``torch.empty`` pages are not resident). The files are scratch: delete
     ``scratch`` when done. No-op for parameters that are not on the CPU.
     """
@@ -165,7 +164,9 @@ def back_parameters_with_files(model_chunks: Sequence[torch.nn.Module], scratch:
 # ------------------------------------------------------------------------ Megatron checkpoints
 
 
-def load_megatron_checkpoint(model_chunks: Sequence[torch.nn.Module], ckpt_dir: str | Path, strict: bool = True) -> None:
+def load_megatron_checkpoint(
+    model_chunks: Sequence[torch.nn.Module], ckpt_dir: str | Path, strict: bool = True
+) -> None:
     """Load model weights from a Megatron dist checkpoint into this rank's chunks (any TP/PP)."""
     from megatron_rpt.checkpoint.model_ckpt import load_model_checkpoint
 

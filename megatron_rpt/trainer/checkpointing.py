@@ -92,11 +92,44 @@ def sharded_state_dict(model_chunks: list[Any], optimizer: Any | None, is_loadin
         for i, chunk in enumerate(model_chunks):
             state[f"model{i}"] = _unwrap(chunk).sharded_state_dict()
     if optimizer is not None:
-        # Model-space sharding keeps optimizer states loadable at another TP/PP/DP layout.
+        # dp_reshardable: each rank writes its own optimizer shard, no gathering. (megatron-core 0.16's
+        # model-space formats fail with torch Adam: flattened_range removed, "step" missing on load.)
         state["optimizer"] = optimizer.sharded_state_dict(
-            state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+            state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
         )
     return state
+
+
+def _data_parallel_group() -> Any:
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _save_strategy() -> Any:
+    """Fully parallel save: data-parallel replicas split the writing of replicated shards
+    instead of one replica writing everything."""
+    group = _data_parallel_group()
+    if group is None:
+        return None
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), group)
+
+
+def _load_strategy(checkpoint_dir: Path) -> Any:
+    """Fully parallel load: each replica reads a part and they exchange it."""
+    group = _data_parallel_group()
+    if group is None:
+        return None
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(checkpoint_dir)), group)
 
 
 def save_checkpoint(ckpt_dir: str | Path, step: int, model_chunks: list[Any], optimizer: Any, scheduler: Any,
@@ -115,8 +148,10 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_chunks: list[Any], op
         (tmp / "dist").mkdir(parents=True)
         (tmp / "trainer").mkdir()
     _barrier()
-    dist_checkpointing.save(sharded_state_dict(model_chunks, optimizer), str(tmp / "dist"))
-    per_rank = dict(trainer_state, rng=rng_state(), scheduler=scheduler.state_dict(), step=step)
+    dist_checkpointing.save(sharded_state_dict(model_chunks, optimizer), str(tmp / "dist"),
+                            sharded_strategy=_save_strategy())
+    per_rank = dict(trainer_state, rng=rng_state(), scheduler=scheduler.state_dict(), step=step,
+                    adam_step=adam_step(optimizer))
     torch.save(per_rank, tmp / "trainer" / f"rank_{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:
@@ -166,14 +201,20 @@ def load_checkpoint(ckpt: str | Path, model_chunks: list[Any], optimizer: Any | 
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE}); it was interrupted mid-save")
     opt = optimizer if load_optimizer else None
-    state = dist_checkpointing.load(sharded_state_dict(model_chunks, opt, is_loading=True), str(path / "dist"))
+    if opt is not None:
+        _materialize_optimizer_state(opt)
+    state = dist_checkpointing.load(sharded_state_dict(model_chunks, opt, is_loading=True), str(path / "dist"),
+                                    sharded_strategy=_load_strategy(path / "dist"))
     if len(model_chunks) == 1:
         _unwrap(model_chunks[0]).load_state_dict(state["model"])
     else:
         for i, chunk in enumerate(model_chunks):
             _unwrap(chunk).load_state_dict(state[f"model{i}"])
     if opt is not None:
-        opt.load_state_dict(state["optimizer"])
+        # With fp32 params Megatron's main params are views of the (grad-requiring) model params,
+        # and its loader copies into them in place: that must happen outside autograd.
+        with torch.no_grad():
+            opt.load_state_dict(state["optimizer"])
     rank_file = path / "trainer" / f"rank_{_rank():05d}.pt"
     if not rank_file.is_file():
         raise FileNotFoundError(
@@ -181,10 +222,45 @@ def load_checkpoint(ckpt: str | Path, model_chunks: list[Any], optimizer: Any | 
             "resume with the same number of ranks (model weights alone can be loaded at any TP/PP via model.load)"
         )
     trainer_state = torch.load(rank_file, weights_only=False)
+    if opt is not None:
+        set_adam_step(opt, trainer_state.get("adam_step"))
     if scheduler is not None:
         scheduler.load_state_dict(trainer_state["scheduler"])
     set_rng_state(trainer_state["rng"])
     return trainer_state
+
+
+def _adam_states(optimizer: Any) -> list[dict[str, Any]]:
+    states = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", opt)
+        states.extend(getattr(inner, "state", {}).values())
+    return states
+
+
+def adam_step(optimizer: Any) -> float | None:
+    """Adam's step count (bias correction), or None before the first step."""
+    steps = {float(s["step"]) for s in _adam_states(optimizer) if "step" in s}
+    return max(steps) if steps else None
+
+
+def set_adam_step(optimizer: Any, step: float | None) -> None:
+    """Megatron-core 0.16's dp_reshardable loader overwrites torch Adam's per-parameter ``step``
+    with the local placeholder value; put the saved count back (one tensor per parameter)."""
+    if step is None:
+        return
+    for state in _adam_states(optimizer):
+        if "step" in state:
+            state["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+
+def _materialize_optimizer_state(optimizer: Any) -> None:
+    """A fresh distributed optimizer has no Adam state yet, and Megatron's loading path asserts on
+    it; create placeholder state (overwritten by the load) the way Megatron-LM does."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and inner is not None and not inner.state:
+            opt._init_optimizer_states_with_dummy_values()
 
 
 def resume(ckpt_dir: str | Path, model_chunks: list[Any], optimizer: Any, scheduler: Any) -> dict[str, Any] | None:

@@ -24,11 +24,16 @@ from megatron_rpt.trainer.rollout_phase import (
     all_reduce_sum,
     collect_step_groups,
     hosts_engine,
-    response_token_count,
     save_rollouts,
 )
 
 log = logging.getLogger("megatron_rpt")
+
+
+def _split_evenly(n: int, parts: int) -> list[range]:
+    """``parts`` contiguous index ranges covering ``range(n)`` (sizes differ by at most one)."""
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 def engine_vs_policy_logprob_diff(micro_batches: list[dict[str, torch.Tensor]],
@@ -90,6 +95,9 @@ class Trainer:
 
         self.cfg = cfg
         p = cfg.parallel
+        if p.context_parallel > 1:
+            raise ConfigError("parallel.context_parallel > 1 is not supported by the trainer's GRPO loss yet "
+                              "(the model builder and planner accept it); set parallel.context_parallel=1")
         init_distributed(p.tensor_parallel, p.pipeline_parallel, p.context_parallel, p.expert_parallel,
                          p.virtual_pipeline, seed=cfg.train.seed)
         self.rank = dist.get_rank()
@@ -208,35 +216,42 @@ class Trainer:
             save_rollouts(cfg.logging.dir, self.step + 1, self.dp_rank, groups)  # 1-based, like metrics
 
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
-        advantages = group_advantages(rewards, normalize_std=cfg.rl.normalize_advantage_std)
+        advantages = group_advantages(rewards, normalize_std=cfg.rl.normalize_advantage_std).reshape(-1).tolist()
         samples = [(g.problem.prompt_ids, ids) for g in groups for ids in g.token_ids]
-        micro_batches = build_micro_batches(
-            samples, advantages.reshape(-1).tolist(), micro_batch_size=cfg.rl.micro_batch_size,
-            pad_token_id=0,
-        )
-        local_tokens = response_token_count(groups)
+        engine_logprobs = [lp for g in groups for lp in g.engine_logprobs]
         trained_tokens = sum(len(p) + len(r) for p, r in samples) * cfg.rl.updates_per_batch
-        global_tokens, global_seqs, global_trained, global_generated = all_reduce_sum(
-            [local_tokens, len(samples), trained_tokens, metrics["rollout/generated_tokens"]], group=self._dp_group())
+        global_trained, global_generated = all_reduce_sum(
+            [trained_tokens, metrics["rollout/generated_tokens"]], group=self._dp_group())
         # Global counts (identical on every rank) for the compute axis of the scaling fit.
         metrics["compute/trained_tokens"] = global_trained
         metrics["compute/generated_tokens"] = global_generated
 
+        # Mini-batches: every one is an optimizer step whose loss is normalised over the tokens and
+        # sequences of that mini-batch across all data-parallel ranks.
+        mini_batches = []
+        for part in _split_evenly(len(samples), cfg.rl.mini_batches_per_step):
+            chunk = [samples[i] for i in part]
+            micro = build_micro_batches(chunk, [advantages[i] for i in part],
+                                        micro_batch_size=cfg.rl.micro_batch_size, pad_token_id=0)
+            tokens, seqs = all_reduce_sum([sum(len(r) for _, r in chunk), len(chunk)], group=self._dp_group())
+            mini_batches.append((micro, int(tokens), int(seqs), [engine_logprobs[i] for i in part]))
+
         with self.timer("logprob"):
-            old = self.policy.compute_logprobs(micro_batches)
-        if old is not None:
-            for mb, lp in zip(micro_batches, old):
-                mb["old_logprobs"] = lp
-            if cfg.rollout.temperature == 1.0:
-                metrics["rollout/engine_logprob_abs_diff"] = engine_vs_policy_logprob_diff(
-                    micro_batches, [lp for g in groups for lp in g.engine_logprobs])
-        else:
-            for mb in micro_batches:
-                mb["old_logprobs"] = torch.zeros_like(mb["loss_mask"], dtype=torch.float32)
+            diffs = []
+            for micro, _, _, engine_lp in mini_batches:
+                old = self.policy.compute_logprobs(micro)
+                for mb, lp in zip(micro, old or [torch.zeros_like(mb["loss_mask"], dtype=torch.float32)
+                                                 for mb in micro]):
+                    mb["old_logprobs"] = lp
+                if old is not None and cfg.rollout.temperature == 1.0:
+                    diffs.append(engine_vs_policy_logprob_diff(micro, engine_lp))
+            if diffs:
+                metrics["rollout/engine_logprob_abs_diff"] = max(diffs)
 
         with self.timer("update"):
             for _ in range(cfg.rl.updates_per_batch):
-                train_metrics = self.policy.train_step(micro_batches, int(global_tokens), int(global_seqs))
+                for micro, tokens, seqs, _ in mini_batches:
+                    train_metrics = self.policy.train_step(micro, tokens, seqs)
         metrics.update({f"train/{k}": v for k, v in train_metrics.items()})
         metrics.update(self.sync_weights())
         return metrics

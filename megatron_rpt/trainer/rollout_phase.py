@@ -163,10 +163,6 @@ def save_rollouts(log_dir: str | Path, step: int, dp_rank: int, groups: list[Rol
     tmp.replace(final)
 
 
-def response_token_count(groups: list[RolloutGroup]) -> int:
-    return sum(len(t) for g in groups for t in g.token_ids)
-
-
 def all_reduce_sum(values: list[float], group: Any = None) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized():
