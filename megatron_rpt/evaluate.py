@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = _modes(args, cfg)
 
     from megatron_rpt.eval.loading import ModelLoadError, load_hf_model, load_megatron_model
-    from megatron_rpt.eval.report import format_table, write_report, write_text_atomic
+    from megatron_rpt.atomic import write_text_atomic
+    from megatron_rpt.eval.report import format_table, write_report
     from megatron_rpt.eval.runner import run_evaluation
 
     megatron = args.ckpt is not None

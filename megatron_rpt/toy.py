@@ -17,8 +17,9 @@ import argparse
 import json
 import random
 import shutil
-import tempfile
 from pathlib import Path
+
+from megatron_rpt.atomic import atomic_output_dir
 
 ALPHABET = "abcdefghijklmnop"
 EOS = "<|endoftext|>"
@@ -55,9 +56,7 @@ def prepare_toy(out_dir: str | Path, num_docs: int = 512, doc_len: int = 40, see
     out = Path(out_dir)
     if (out / "model" / "config.json").is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+    with atomic_output_dir(out) as tmp:
         rng = random.Random(seed)
         successor = list(ALPHABET)
         rng.shuffle(successor)
@@ -76,13 +75,6 @@ def prepare_toy(out_dir: str | Path, num_docs: int = 512, doc_len: int = 40, see
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (tmp / "tokenizer" / name).exists():
                 shutil.copy(tmp / "tokenizer" / name, tmp / "model" / name)
-        if out.exists():
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -27,7 +27,7 @@ from megatron_rpt.bridge.name_maps import (
     tp_shard,
     tp_slice_ranges,
 )
-from megatron_rpt.checkpoint.atomic import OutputExistsError, atomic_output_dir
+from megatron_rpt.atomic import OutputExistsError, atomic_output_dir
 from megatron_rpt.checkpoint.hf_io import CheckpointError, HFCheckpointReader, HFShardWriter, parse_size
 from megatron_rpt.model.build import padded_vocab_size
 from megatron_rpt.model.hf_config import arch_from_dict

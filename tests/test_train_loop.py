@@ -197,7 +197,7 @@ def test_main_job_config_on_tiny_model(shared, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     rows = _metrics(run)
     assert [r["step"] for r in rows] == [1, 2]
-    assert all(r["rollout/samples"] == 8 for r in rows)
+    assert all(r["rollout/samples"] == 16 for r in rows)  # 4 prompts x 4 samples
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000002"
     assert (tmp_path / "ckpt" / "iter_0000002" / "complete.json").is_file()
     assert "megatron-rpt: 2 steps done" in proc.stdout

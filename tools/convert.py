@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_rpt.checkpoint.atomic import OutputExistsError
+    from megatron_rpt.atomic import OutputExistsError
     from megatron_rpt.checkpoint.hf_io import CheckpointError
     from megatron_rpt.config import ConfigError
 

@@ -26,7 +26,7 @@ from megatron_rpt.eval.plots import (
     run_compute_model,
     scaling_points,
 )
-from megatron_rpt.eval.report import write_text_atomic
+from megatron_rpt.atomic import write_text_atomic
 from megatron_rpt.eval.scaling import PowerLawFit
 
 

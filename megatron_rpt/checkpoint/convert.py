@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from megatron_rpt.checkpoint.atomic import atomic_output_dir, check_output_dir, scratch_dir
+from megatron_rpt.atomic import atomic_output_dir, check_output_dir, scratch_dir
 from megatron_rpt.checkpoint.hf_io import (
     CONFIG_FILES,
     TOKENIZER_FILES,

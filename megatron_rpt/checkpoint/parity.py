@@ -11,7 +11,6 @@ Owns:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from megatron_rpt.atomic import write_json_atomic
+
 from megatron_rpt.data.corpus import CorpusStream, open_sources
 from megatron_rpt.data.entropy_filter import ProxyScorer, split_names
 from megatron_rpt.data.tokenizer import encode_document, tokenizer_hash, vocab_hash
@@ -41,12 +43,6 @@ class ScoredDoc:
     doc_id: str
     token_ids: list[int]
     entropy: np.ndarray | None  # float32 per position, NaN at 0; None = not scored
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _write_shard(path: Path, docs: Sequence[ScoredDoc]) -> None:

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_rpt.atomic import write_text_atomic
+
 __all__ = [
     "PATTERN_KEYWORDS",
     "PatternCounter",
@@ -242,13 +244,6 @@ def format_table(sets: dict[str, PatternStats], change: dict[str, float] | None 
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _json_safe(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
@@ -312,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         payload = {"sets": {k: v.to_dict() for k, v in stats.items()}, "relative_change_fraction": change,
                    "relative_change_mean_count": relative_change(stats[names[0]], stats[names[1]], "mean_count"),
                    "keywords": counter.keywords, "thinking_only": args.thinking_only}
-        _write_atomic(out / "patterns.json", json.dumps(_json_safe(payload), indent=2) + "\n")
-        _write_atomic(out / "patterns.md", "# Reasoning patterns\n\n" + table + "\n")
+        write_text_atomic(out / "patterns.json", json.dumps(_json_safe(payload), indent=2) + "\n")
+        write_text_atomic(out / "patterns.md", "# Reasoning patterns\n\n" + table + "\n")
         print(f"wrote {out / 'patterns.json'} and {out / 'patterns.md'}")
     return 0
 

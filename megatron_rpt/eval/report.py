@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_rpt.atomic import write_text_atomic
+
 __all__ = [
     "bucket_names",
     "in_bucket",
@@ -184,17 +186,6 @@ def to_markdown(report: EvalReport) -> str:
         lines += ["", "## Setup", ""]
         lines += [f"- **{k}**: {v}" for k, v in report.meta.items() if not isinstance(v, (dict, list))]
     return "\n".join(lines) + "\n"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_report(report: EvalReport, out_dir: str | os.PathLike, stem: str = "eval") -> tuple[Path, Path]:

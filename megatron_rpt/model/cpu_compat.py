@@ -10,7 +10,6 @@ the *real* megatron-core code (TP/PP over gloo) runs in CI. It is enabled only w
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 from torch.overrides import TorchFunctionMode

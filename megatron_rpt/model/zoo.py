@@ -13,11 +13,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from megatron_rpt.atomic import atomic_output_dir
 
 CACHE = Path(os.environ.get("RPT_CACHE_DIR", Path.home() / ".cache" / "megatron-rpt"))
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,17 +36,9 @@ def _smollm2_gguf(install: bool) -> Path | None:
 
 
 def _atomic_dir(final: Path, build) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-    try:
+    """Build ``final`` in a temporary sibling directory and rename it into place."""
+    with atomic_output_dir(final) as tmp:
         build(tmp)
-        if final.exists():  # another process won the race
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

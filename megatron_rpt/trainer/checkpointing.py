@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_rpt.atomic import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 COMPLETE = "complete.json"
@@ -45,12 +47,6 @@ def _barrier() -> None:
 
 def iter_name(step: int) -> str:
     return f"iter_{step:07d}"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:

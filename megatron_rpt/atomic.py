@@ -1,18 +1,37 @@
-"""All-or-nothing output directories.
+"""All-or-nothing writes: files and output directories.
 
-Owns :func:`atomic_output_dir`: the caller writes into ``<out>.tmp-XXXX`` next to the final
-path; on success the directory is renamed to ``<out>`` (one ``rename``, atomic on a POSIX
-file system), on any error — including Ctrl-C — it is removed, so no half-written checkpoint
-is ever left at ``<out>``.
+Owns :func:`write_text_atomic` / :func:`write_json_atomic` (temp file + ``os.replace``) and
+:func:`atomic_output_dir`: the caller writes into ``<out>.tmp-XXXX`` next to the final path; on
+success the directory is renamed to ``<out>`` (one ``rename``, atomic on a POSIX file system),
+on any error — including Ctrl-C — it is removed, so nothing half-written is ever left at ``<out>``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling file and one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 class OutputExistsError(FileExistsError):

@@ -1,0 +1,51 @@
+"""Policy model build: layer-spec choice, FP8 errors, vocabulary padding, parameter shapes."""
+
+import pytest
+
+from megatron_rpt.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_rpt.model.build import padded_vocab_size
+from megatron_rpt.model.hf_config import arch_from_dict
+from megatron_rpt.model.specs import fp8_settings, resolve_transformer_impl, transformer_engine_available
+
+QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 96, "num_hidden_layers": 2, "num_attention_heads": 6,
+         "num_key_value_heads": 2, "intermediate_size": 160, "vocab_size": 1000, "rope_theta": 1e6}
+
+
+def test_padded_vocab_follows_megatron_lm():
+    assert padded_vocab_size(1000, 128, 1) == 1024
+    assert padded_vocab_size(1000, 128, 2) == 1024
+    assert padded_vocab_size(1025, 128, 2) == 1280
+    assert padded_vocab_size(151665, 128, 8) == 152576
+
+
+@pytest.mark.skipif(transformer_engine_available(), reason="checks the machine without Transformer Engine")
+def test_without_transformer_engine():
+    assert resolve_transformer_impl(ModelConfig()) == "local"
+    with pytest.raises(ConfigError, match=r"model\.transformer_impl=transformer_engine .*pip install -e '\.\[gpu\]'"):
+        resolve_transformer_impl(ModelConfig(transformer_impl="transformer_engine"))
+    with pytest.raises(ConfigError, match=r"model\.fp8='hybrid' needs Transformer Engine on a GPU"):
+        fp8_settings(ModelConfig(fp8="hybrid"), "local")
+    assert fp8_settings(ModelConfig(), "local") == {}
+
+
+def _shapes(tp: int):
+    from megatron_rpt.distributed import init_distributed
+    from megatron_rpt.model.build import build_model
+
+    init_distributed(tensor_parallel=tp)
+    model = build_model(arch_from_dict(QWEN2), ModelConfig(), ParallelConfig(tensor_parallel=tp))
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}, type(model.decoder.layers[0].mlp).__name__
+
+
+def test_parameter_shapes_at_tp2():
+    from megatron_rpt.distributed import spawn
+
+    shapes, _ = spawn(_shapes, 2, 2)[0]
+    # 6 query heads + 2 KV groups x (k, v), head_dim 16, split over 2 ranks: (6 + 4) * 16 / 2 = 80 rows.
+    assert shapes["decoder.layers.0.self_attention.linear_qkv.weight"] == (80, 96)
+    assert shapes["decoder.layers.0.self_attention.linear_qkv.bias"] == (80,)
+    assert shapes["decoder.layers.0.self_attention.linear_proj.weight"] == (96, 48)
+    assert shapes["decoder.layers.0.mlp.linear_fc1.weight"] == (160, 96)  # [gate_r; up_r], 80 rows each
+    assert shapes["decoder.layers.0.mlp.linear_fc2.weight"] == (96, 80)
+    assert shapes["embedding.word_embeddings.weight"] == (512, 96)  # 1024 padded / 2
+    assert shapes["output_layer.weight"] == (512, 96)  # untied
