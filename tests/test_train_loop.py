@@ -201,3 +201,15 @@ def test_main_job_config_on_tiny_model(shared, tmp_path):
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000002"
     assert (tmp_path / "ckpt" / "iter_0000002" / "complete.json").is_file()
     assert "megatron-rpt: 2 steps done" in proc.stdout
+
+
+def test_async_checkpoints_finalize_and_resume(toy_dir, tmp_path):
+    run, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    common = ["train.eval_interval=0", f"checkpoint.dir={ckpt}", "checkpoint.async_save=true"]
+    proc = _train(toy_dir, run, *common, "train.steps=4", "checkpoint.save_interval=2")
+    assert proc.stderr.count("(async)") == 2
+    assert (ckpt / "latest").read_text().strip() == "iter_0000004"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000002", "iter_0000004", "latest"]
+    assert all((ckpt / name / "complete.json").is_file() for name in ("iter_0000002", "iter_0000004"))
+    _train(toy_dir, run, *common, "train.steps=6", "checkpoint.save_interval=0", resume="auto")
+    assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4, 5, 6]

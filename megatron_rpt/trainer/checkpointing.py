@@ -129,8 +129,14 @@ def _load_strategy(checkpoint_dir: Path) -> Any:
 
 
 def save_checkpoint(ckpt_dir: str | Path, step: int, model_chunks: list[Any], optimizer: Any, scheduler: Any,
-                    trainer_state: dict[str, Any], keep_last: int = 3) -> Path:
-    """Save everything needed for an exact resume at ``step``; returns the checkpoint path."""
+                    trainer_state: dict[str, Any], keep_last: int = 3, async_queue: Any = None) -> Path:
+    """Save everything needed for an exact resume at ``step``; returns the checkpoint path.
+
+    With ``async_queue`` (a Megatron ``AsyncCallsQueue``) the sharded tensors are written by a
+    background process (forked, so it sees the weights as of this call) and the checkpoint is
+    finalised — ``complete.json``, rename, ``latest`` — when the queue is polled after the write
+    finished; until then the previous checkpoint stays the latest.
+    """
     from megatron.core import dist_checkpointing
 
     root = Path(ckpt_dir)
@@ -144,23 +150,38 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_chunks: list[Any], op
         (tmp / "dist").mkdir(parents=True)
         (tmp / "trainer").mkdir()
     _barrier()
-    dist_checkpointing.save(sharded_state_dict(model_chunks, optimizer), str(tmp / "dist"),
-                            sharded_strategy=_save_strategy())
+    request = dist_checkpointing.save(sharded_state_dict(model_chunks, optimizer), str(tmp / "dist"),
+                                      sharded_strategy=_save_strategy(), async_sharded_save=async_queue is not None)
     per_rank = dict(trainer_state, rng=rng_state(), scheduler=scheduler.state_dict(), step=step,
                     adam_step=adam_step(optimizer))
     torch.save(per_rank, tmp / "trainer" / f"rank_{_rank():05d}.pt")
-    _barrier()
-    if _rank() == 0:
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        (tmp / COMPLETE).write_text(json.dumps({"step": step, "world_size": world, "time": time.time()}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_text_atomic(root / "latest", final.name + "\n")
-        _prune(root, keep_last)
-        log.info("saved checkpoint %s in %.1fs", final, time.perf_counter() - start)
-    _barrier()
+
+    def finalize() -> None:
+        _barrier()
+        if _rank() == 0:
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            (tmp / COMPLETE).write_text(json.dumps({"step": step, "world_size": world, "time": time.time()}))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            write_text_atomic(root / "latest", final.name + "\n")
+            _prune(root, keep_last)
+            log.info("saved checkpoint %s in %.1fs%s", final, time.perf_counter() - start,
+                     " (async)" if async_queue is not None else "")
+        _barrier()
+
+    if async_queue is None:
+        finalize()
+    else:
+        request.add_finalize_fn(finalize)
+        async_queue.schedule_async_request(request)
     return final
+
+
+def new_async_queue() -> Any:
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    return AsyncCallsQueue()
 
 
 def _prune(root: Path, keep_last: int) -> None:

@@ -146,6 +146,7 @@ class Trainer:
             (Path(cfg.logging.dir) / "config.yaml").write_text(dump_yaml(cfg))
         self.stop = _StopFlag()
         self.timer = PhaseTimer()
+        self.async_saves = checkpointing.new_async_queue() if cfg.checkpoint.async_save else None
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -187,7 +188,13 @@ class Trainer:
             checkpointing.save_checkpoint(
                 self.cfg.checkpoint.dir, self.step, self.policy.model, self.policy.optimizer, self.policy.scheduler,
                 trainer_state={"data": self.stream.state_dict()}, keep_last=self.cfg.checkpoint.keep_last,
+                async_queue=self.async_saves,
             )
+
+    def _finish_saves(self, blocking: bool) -> None:
+        """Finalise asynchronous saves whose background write is done (all of them if blocking)."""
+        if self.async_saves is not None:
+            self.async_saves.maybe_finalize_async_calls(blocking=blocking)
 
     # ------------------------------------------------------------------ the step
 
@@ -303,6 +310,7 @@ class Trainer:
         exit_reason = "completed"
         while self.step < cfg.train.steps:
             start = time.perf_counter()
+            self._finish_saves(blocking=False)
             metrics = self.train_step()
             self.step += 1
             step_time = time.perf_counter() - start
@@ -330,6 +338,9 @@ class Trainer:
             if cfg.checkpoint.dir and cfg.checkpoint.save_on_exit and (
                     not cfg.checkpoint.save_interval or self.step % cfg.checkpoint.save_interval):
                 self._save()
+        self._finish_saves(blocking=True)
+        if self.async_saves is not None:
+            self.async_saves.close()
         if progress is not None:
             progress.close()
         self.metrics.close()
