@@ -213,3 +213,18 @@ def test_async_checkpoints_finalize_and_resume(toy_dir, tmp_path):
     assert all((ckpt / name / "complete.json").is_file() for name in ("iter_0000002", "iter_0000004"))
     _train(toy_dir, run, *common, "train.steps=6", "checkpoint.save_interval=0", resume="auto")
     assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_dynamic_sampling_drops_and_refills(toy_dir, tmp_path):
+    run = tmp_path / "run"
+    _train(toy_dir, run, "train.eval_interval=0", "train.steps=6", "rl.dynamic_sampling_from_step=2",
+           "rl.max_refill_rounds=3")
+    rows = _metrics(run)
+    # Off before step 2 (0-based), on after: all-0 groups of a near-random policy are dropped and refilled.
+    assert [r["dynamic/rounds"] for r in rows[:2]] == [1.0, 1.0]
+    assert all(r["dynamic/dropped_groups"] == 0 for r in rows[:2])
+    assert sum(r["dynamic/dropped_groups"] for r in rows[2:]) > 0
+    assert all(r["dynamic/rounds"] > 1 for r in rows[2:] if r["dynamic/dropped_groups"] > 0)
+    # The batch is full unless the refill rounds ran out (1 + rl.max_refill_rounds generations).
+    assert all(r["dynamic/kept_groups"] == 32 or r["dynamic/rounds"] == 4 for r in rows)
+    assert all(0 < r["dynamic/kept_groups"] <= 32 for r in rows)

@@ -200,17 +200,14 @@ class Trainer:
 
     def sync_weights(self) -> dict[str, float]:
         with self.timer("sync"):
-            if self.engine is not None:
-                stats = self.bridge.sync(self.engine)
-            else:
-                stats = self.bridge.sync(None)
+            stats = self.bridge.sync(self.engine)  # ranks without an engine still join the collectives
         return {"sync/gb_per_s": float(getattr(stats, "gb_per_s", float("nan")))}
 
     def train_step(self) -> dict[str, float]:
-        from megatron_rpt.rl import build_micro_batches, group_advantages
+        from megatron_rpt.rl import build_micro_batches, dynamic_sampling_active, group_advantages
 
         cfg = self.cfg
-        dynamic = cfg.rl.dynamic_sampling_from_step is not None and self.step >= cfg.rl.dynamic_sampling_from_step
+        dynamic = dynamic_sampling_active(self.step, cfg.rl.dynamic_sampling_from_step)
         seed = cfg.rollout.seed + 1_000_003 * self.step + 101 * self.dp_rank
         with self.timer("rollout"):
             if self.engine is not None and hasattr(self.engine, "wake_up"):
