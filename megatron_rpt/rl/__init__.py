@@ -7,6 +7,14 @@ rewards -> :func:`filter_groups` (DAPO dynamic sampling) -> :func:`group_advanta
 
 from megatron_rpt.rl.advantages import group_advantages
 from megatron_rpt.rl.batch import TrainBatch, build_batch, build_micro_batches, split_micro_batches
+from megatron_rpt.rl.context_parallel import (
+    check_context_parallel_config,
+    gather_from_context_parallel,
+    grpo_loss_scale,
+    sequence_multiple,
+    split_for_context_parallel,
+    unsplit_context_parallel,
+)
 from megatron_rpt.rl.dynamic_sampling import (
     GroupFilter,
     classify_groups,
@@ -30,17 +38,23 @@ __all__ = [
     "aggregate_loss",
     "build_batch",
     "build_micro_batches",
+    "check_context_parallel_config",
     "classify_groups",
     "dynamic_sampling_active",
     "filter_groups",
+    "gather_from_context_parallel",
     "group_advantages",
     "grpo_loss",
+    "grpo_loss_scale",
     "kl_penalty",
     "merge_metrics",
     "needs_refill",
     "refill_prompt_count",
     "scaled_logits",
+    "sequence_multiple",
+    "split_for_context_parallel",
     "split_micro_batches",
+    "unsplit_context_parallel",
     "vocab_parallel_entropy",
     "vocab_parallel_logprobs",
     "vocab_parallel_logprobs_and_entropy",

@@ -95,9 +95,10 @@ class Trainer:
 
         self.cfg = cfg
         p = cfg.parallel
-        if p.context_parallel > 1:
-            raise ConfigError("parallel.context_parallel > 1 is not supported by the trainer's GRPO loss yet "
-                              "(the model builder and planner accept it); set parallel.context_parallel=1")
+        if p.context_parallel > 1:  # needs TE attention and a CP-splittable loss aggregation
+            from megatron_rpt.rl import check_context_parallel_config
+
+            check_context_parallel_config(cfg)
         init_distributed(p.tensor_parallel, p.pipeline_parallel, p.context_parallel, p.expert_parallel,
                          p.virtual_pipeline, seed=cfg.train.seed)
         self.rank = dist.get_rank()

@@ -5,6 +5,11 @@ pipeline schedules or no pipelining), computing token logprobs and entropy on th
 pipeline stage through the vocab-parallel path (full-vocabulary logits are never
 gathered), scaling the GRPO loss so that micro-batch and data-parallel averaging inside
 Megatron reproduce the loss of the whole global batch, and the optimizer step.
+
+Context parallelism: callers hand over whole (unsplit) micro-batches; ``_run`` pads them to
+``seq_multiple`` and keeps this CP rank's load-balanced share for the forward, and
+``compute_logprobs`` gathers the CP shares back so every CP rank returns full-length
+logprobs (see :mod:`megatron_rpt.rl.context_parallel`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,17 @@ import torch
 
 from megatron_rpt.config import Config
 from megatron_rpt.model.hf_config import ArchConfig
-from megatron_rpt.rl import GRPOLossConfig, grpo_loss, merge_metrics, vocab_parallel_logprobs_and_entropy
+from megatron_rpt.rl import (
+    GRPOLossConfig,
+    check_context_parallel_config,
+    gather_from_context_parallel,
+    grpo_loss,
+    grpo_loss_scale,
+    merge_metrics,
+    sequence_multiple,
+    split_for_context_parallel,
+    vocab_parallel_logprobs_and_entropy,
+)
 
 
 def _pad_to_multiple(batch: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
@@ -51,8 +66,12 @@ class MegatronPolicy:
         self.loss_cfg = GRPOLossConfig.from_rl_config(cfg.rl)
         self.temperature = cfg.rollout.temperature
         self.is_last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-        self.dp_size = parallel_state.get_data_parallel_world_size()
-        self.seq_multiple = max(8, cfg.parallel.tensor_parallel) if cfg.parallel.sequence_parallel else 8
+        check_context_parallel_config(cfg)
+        self.dp_size = parallel_state.get_data_parallel_world_size()  # without CP: see grpo_loss_scale
+        self.cp_size = parallel_state.get_context_parallel_world_size()
+        self.cp_rank = parallel_state.get_context_parallel_rank()
+        p = cfg.parallel
+        self.seq_multiple = sequence_multiple(self.cp_size, p.tensor_parallel, p.sequence_parallel)
 
     # ------------------------------------------------------------------ schedule plumbing
 
@@ -63,7 +82,9 @@ class MegatronPolicy:
         shapes = {tuple(mb["tokens"].shape) for mb in micro_batches}
         if len(shapes) != 1:
             raise ValueError(f"micro-batches must share one [batch, seq] shape for pipeline p2p, got {sorted(shapes)}")
-        (micro_batch_size, seq_length), = shapes
+        (micro_batch_size, seq_length), = shapes  # the schedule divides seq_length by CP itself
+        if self.cp_size > 1:
+            micro_batches = [split_for_context_parallel(mb, self.cp_size, self.cp_rank) for mb in micro_batches]
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
@@ -105,6 +126,8 @@ class MegatronPolicy:
         out = self._run(micro_batches, loss_fn, forward_only=True)
         if not self.is_last_stage:
             return None
+        if self.cp_size > 1:  # every CP rank of this (last) stage joins the gather
+            out = [{"logprobs": gather_from_context_parallel(o["logprobs"])} for o in out]
         return [o["logprobs"][:, :s] for o, s in zip(out, seqs)]
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], num_global_tokens: int,
@@ -113,14 +136,15 @@ class MegatronPolicy:
 
         ``num_global_tokens`` / ``num_global_seqs`` count response tokens / sequences of the whole
         mini-batch over all data-parallel ranks, so every aggregation mode equals the loss of the
-        global batch: Megatron divides each micro-batch loss by the number of micro-batches and
-        DDP averages gradients over data-parallel ranks; we multiply both factors back.
+        global batch: Megatron divides each micro-batch loss by the number of micro-batches (and
+        multiplies it by the CP size) and DDP averages gradients over the dp*cp ranks; we multiply
+        by ``grpo_loss_scale`` (micro-batches * dp) so that the product is exactly 1.
         """
         for chunk in self.model:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        scale = len(micro_batches) * self.dp_size
+        scale = grpo_loss_scale(len(micro_batches), self.dp_size)
 
         def loss_fn(mb, logits):
             logprobs, entropy = self._logprobs(mb, logits.float(), entropy_grad=self.loss_cfg.entropy_coef > 0)
@@ -147,5 +171,21 @@ class MegatronPolicy:
             "lr": float(self.optimizer.param_groups[0]["lr"]),
         }
         if self.is_last_stage and outputs:
-            metrics.update(merge_metrics(outputs))
+            metrics.update(self._merge_cp_metrics(outputs, micro_batches))
         return metrics
+
+    def _merge_cp_metrics(self, outputs: list[dict[str, torch.Tensor]],
+                          micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Loss metrics of the whole sequences: each CP rank saw only its share of the tokens."""
+        if self.cp_size == 1:
+            return merge_metrics(outputs)
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        local = [{k: float(v) for k, v in o.items()} for o in outputs]
+        gathered: list[list[dict[str, float]]] = [None] * self.cp_size  # type: ignore[list-item]
+        dist.all_gather_object(gathered, local, group=parallel_state.get_context_parallel_group())
+        merged = merge_metrics([m for rank in gathered for m in rank])
+        # A sequence split over CP ranks was counted once per rank; count it from the whole batch.
+        merged["num_seqs"] = float(sum(int((mb["loss_mask"].sum(-1) > 0).sum()) for mb in micro_batches))
+        return merged
