@@ -228,3 +228,12 @@ def test_dynamic_sampling_drops_and_refills(toy_dir, tmp_path):
     # The batch is full unless the refill rounds ran out (1 + rl.max_refill_rounds generations).
     assert all(r["dynamic/kept_groups"] == 32 or r["dynamic/rounds"] == 4 for r in rows)
     assert all(0 < r["dynamic/kept_groups"] <= 32 for r in rows)
+
+
+def test_kl_to_a_frozen_reference(toy_dir, tmp_path):
+    run = tmp_path / "run"
+    _train(toy_dir, run, "train.eval_interval=0", "train.steps=5", "rl.kl_coef=0.1", "rl.kl_type=k3")
+    kl = [r["train/kl_to_ref"] for r in _metrics(run)]
+    # The reference is the initial policy: no divergence before the first update, then growing.
+    assert kl[0] == pytest.approx(0.0, abs=1e-6)
+    assert 0 < kl[1] < kl[-1] < 1.0, kl

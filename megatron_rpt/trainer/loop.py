@@ -124,6 +124,15 @@ class Trainer:
 
         chunks = build_model_chunks(self.arch, cfg.model, cfg.parallel)
         self._load_initial_weights(chunks, model_dir)
+        # KL to a reference: a frozen copy of the initial policy (never trained, never resumed).
+        self.reference: MegatronPolicy | None = None
+        if cfg.rl.kl_coef > 0:
+            reference = build_model_chunks(self.arch, cfg.model, cfg.parallel,
+                                           config_overrides={"perform_initialization": False})
+            for ref_chunk, chunk in zip(reference, chunks):
+                ref_chunk.load_state_dict(chunk.state_dict())
+                ref_chunk.requires_grad_(False)
+            self.reference = MegatronPolicy(cfg, self.arch, reference, optimizer=None, scheduler=None)
         chunks = wrap_ddp(chunks, cfg)
         optimizer, scheduler = build_optimizer(chunks, cfg)
         self.policy = MegatronPolicy(cfg, self.arch, chunks, optimizer, scheduler)
@@ -250,6 +259,11 @@ class Trainer:
                     mb["old_logprobs"] = lp
                 if old is not None and cfg.rollout.temperature == 1.0:
                     diffs.append(engine_vs_policy_logprob_diff(micro, engine_lp))
+                if self.reference is not None:
+                    ref = self.reference.compute_logprobs(micro)
+                    for mb, lp in zip(micro, ref or [torch.zeros_like(mb["loss_mask"], dtype=torch.float32)
+                                                     for mb in micro]):
+                        mb["ref_logprobs"] = lp
             if diffs:
                 metrics["rollout/engine_logprob_abs_diff"] = max(diffs)
 
