@@ -1,4 +1,5 @@
-"""Logits parity: Megatron-Core (real, over gloo) vs transformers, at (TP, PP) in {(1,1), (2,1), (1,2)}.
+"""Logits parity: Megatron-Core (real, over gloo) vs transformers, at (TP, PP) in {(1,1), (2,1), (1,2)},
+for Qwen2, Llama (tied, llama3 rope scaling), Qwen3 (qk-norm) and Qwen3-MoE (routed experts).
 
 Reference: transformers' own forward in float32 with eager attention on the same random
 tokens. Odd sizes on purpose (hidden 96, 6 heads in 2 KV groups, vocab 1000 -> padded 1024).
@@ -43,6 +44,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
                                          rope_scaling=LLAMA3_ROPE_SCALING, max_position_embeddings=16384,
                                          tokenizer=False),
         "qwen3": make_tiny_hf_checkpoint("qwen3", root / "qwen3", tokenizer=False),  # qk-norm
+        "qwen3_moe": make_tiny_hf_checkpoint("qwen3_moe", root / "qwen3_moe", tokenizer=False),  # routed experts
     }
 
 
@@ -73,7 +75,7 @@ def results(models, qwen2_tp2_checkpoint):
 
 
 @pytest.mark.parametrize("tp,pp", LAYOUTS)
-@pytest.mark.parametrize("name", ["qwen2", "llama", "qwen3"])
+@pytest.mark.parametrize("name", ["qwen2", "llama", "qwen3", "qwen3_moe"])
 def test_logits_match_transformers(results, name, tp, pp):
     logits, reference = results[(name, tp, pp)]
     assert logits.shape == reference.shape == (2, 24, 1000)
