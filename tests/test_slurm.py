@@ -220,6 +220,9 @@ def test_sbatch_usr1_requeue_and_resume(cluster, tmp_path):
     while True:
         info = cluster.job_info(job.job_id)
         if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime" and not released:
+            # slurmd refuses to launch a job whose previous instance it is still cleaning up
+            # ("Job N already killed, do not launch batch job"): give the kill a moment to finish.
+            time.sleep(3)
             cluster.start_now(job.job_id)
             released = True
         if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
