@@ -8,6 +8,7 @@ that runs a function on N local ranks (used by tests and ``tools/convert.py``).
 
 from __future__ import annotations
 
+import io
 import os
 import queue as queue_module
 import socket
@@ -88,7 +89,11 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue: 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
         result = fn(*args)
-        queue.put((rank, "ok", result))
+        # Serialise to bytes: tensors put on a multiprocessing queue travel as shared-memory file
+        # descriptors, which die with this process if it exits before the parent has read them.
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - report every failure to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -127,7 +132,7 @@ def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 900.0) -> 
                 errors.append(f"timed out after {timeout:.0f}s waiting for ranks")
             continue
         if status == "ok":
-            results[rank] = payload
+            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
         else:
             errors.append(f"rank {rank} failed:\n{payload}")
     for p in procs:
