@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rpt.atomic import write_text_atomic
+from megatron_rpt.bridge.name_maps import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +75,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _unwrap(module: Any) -> Any:
-    while hasattr(module, "module"):
-        module = module.module
-    return module
-
-
 def sharded_state_dict(model_chunks: list[Any], optimizer: Any | None, is_loading: bool = False) -> dict[str, Any]:
     state: dict[str, Any] = {}
     if len(model_chunks) == 1:
-        state["model"] = _unwrap(model_chunks[0]).sharded_state_dict()
+        state["model"] = unwrap(model_chunks[0]).sharded_state_dict()
     else:
         for i, chunk in enumerate(model_chunks):
-            state[f"model{i}"] = _unwrap(chunk).sharded_state_dict()
+            state[f"model{i}"] = unwrap(chunk).sharded_state_dict()
     if optimizer is not None:
         # dp_reshardable: each rank writes its own optimizer shard, no gathering. (megatron-core 0.16's
         # model-space formats fail with torch Adam: flattened_range removed, "step" missing on load.)
@@ -223,10 +218,10 @@ def load_checkpoint(ckpt: str | Path, model_chunks: list[Any], optimizer: Any | 
     state = dist_checkpointing.load(sharded_state_dict(model_chunks, opt, is_loading=True), str(path / "dist"),
                                     sharded_strategy=_load_strategy(path / "dist"))
     if len(model_chunks) == 1:
-        _unwrap(model_chunks[0]).load_state_dict(state["model"])
+        unwrap(model_chunks[0]).load_state_dict(state["model"])
     else:
         for i, chunk in enumerate(model_chunks):
-            _unwrap(chunk).load_state_dict(state[f"model{i}"])
+            unwrap(chunk).load_state_dict(state[f"model{i}"])
     if opt is not None:
         # With fp32 params Megatron's main params are views of the (grad-requiring) model params,
         # and its loader copies into them in place: that must happen outside autograd.
