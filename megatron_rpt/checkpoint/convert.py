@@ -47,13 +47,13 @@ from megatron_rpt.checkpoint.hf_io import (
     copy_model_files,
 )
 from megatron_rpt.config import Config, ConfigError, ModelConfig, ParallelConfig, validate
+from megatron_rpt.model.build import DTYPES
 from megatron_rpt.model.hf_config import ArchConfig, load_hf_config, read_hf_config_dict
 
 META_NAME = "rpt_meta.json"
 HF_SUBDIR = "hf"
 # Conversions of large models run for hours; dead ranks are still detected by spawn's exit-code polling.
 NO_TIMEOUT = float("inf")
-DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -105,10 +105,10 @@ def _check_not_inside(out: str | Path, source: str | Path, flag: str) -> None:
 
 def _resolve_dtype(name: str | None, fallback: str) -> str:
     name = name or fallback
-    if name not in DTYPE_NAMES:
+    if name not in DTYPES:
         name = "bfloat16" if "bf" in str(name) else "float32" if "32" in str(name) else name
-    if name not in DTYPE_NAMES:
-        raise ConfigError(f"--dtype {name!r} is not one of {sorted(DTYPE_NAMES)}")
+    if name not in DTYPES:
+        raise ConfigError(f"--dtype {name!r} is not one of {sorted(DTYPES)}")
     return name
 
 
@@ -320,7 +320,7 @@ def mcore_to_hf_rank(ckpt_dir: str, hf_config_dir: str, out_dir: str, dtype: str
         for tmap, layer, expert in names.iter_all()
         for hf_name, shape in zip(tmap.format(layer, expert)[1], expected_hf_shapes(tmap, arch))
     ]
-    writer = HFShardWriter(out_dir, plan, DTYPE_NAMES[dtype], max_shard_bytes)
+    writer = HFShardWriter(out_dir, plan, DTYPES[dtype], max_shard_bytes)
     bar = None
     if progress:
         from tqdm import tqdm

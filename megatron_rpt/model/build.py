@@ -17,6 +17,7 @@ from megatron_rpt.config import ModelConfig, ParallelConfig
 from megatron_rpt.model.hf_config import ArchConfig
 from megatron_rpt.model.specs import fp8_settings, layer_spec, resolve_transformer_impl
 
+# The dtype names configs use (model.params_dtype, rollout.dtype, --dtype) -> torch dtypes.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -24,12 +24,10 @@ from typing import Any
 
 import torch
 
+from megatron_rpt.model.build import DTYPES
 from megatron_rpt.model.hf_config import ArchConfig, load_hf_config
 from megatron_rpt.rollout.base import Generation, SamplingParams, hf_parameter_shapes
 from megatron_rpt.rollout.torch_decoder import Decoder, KVCache
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):

@@ -86,7 +86,7 @@ class Trainer:
         from megatron_rpt.bridge import WeightBridge
         from megatron_rpt.data import ProblemStream, load_tokenizer
         from megatron_rpt.distributed import init_distributed
-        from megatron_rpt.model.build import build_model_chunks
+        from megatron_rpt.model.build import DTYPES, build_model_chunks
         from megatron_rpt.model.hf_config import load_hf_config
         from megatron_rpt.model.zoo import resolve_model_dir
         from megatron_rpt.rollout import make_engine
@@ -139,7 +139,7 @@ class Trainer:
 
         self.engine = make_engine(cfg, self.arch, self.tokenizer) if hosts_engine(cfg) else None
         self.bridge = WeightBridge(chunks, self.arch, bucket_mb=cfg.rollout.bucket_mb,
-                                   dtype=getattr(torch, cfg.rollout.dtype))
+                                   dtype=DTYPES[cfg.rollout.dtype])
         self.stream = ProblemStream(cfg.data, self.tokenizer, dp_rank=self.dp_rank, dp_size=self.dp_size,
                                     split="train")
         self.step = 0

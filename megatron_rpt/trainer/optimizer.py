@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from megatron_rpt.config import Config
+from megatron_rpt.model.build import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def build_optimizer(model_chunks: list[Any], cfg: Config) -> tuple[Any, Any]:
         clip_grad=o.clip_grad,
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
-        params_dtype=getattr(torch, dtype),
+        params_dtype=DTYPES[dtype],
         use_distributed_optimizer=use_distributed_optimizer(cfg),
     )
     optimizer = get_megatron_optimizer(opt_config, model_chunks)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rpt.config import Config
+from megatron_rpt.data.entropy_filter import split_names
 from megatron_rpt.reward import compute_reward, prefix_match_reward
 from megatron_rpt.rl import filter_groups
 from megatron_rpt.rollout import SamplingParams
@@ -133,17 +134,12 @@ def rollout_metrics(cfg: Config, groups: list[RolloutGroup]) -> dict[str, float]
         "rollout/samples": float(len(rewards)),
         "rollout/generated_tokens": float(sum(lengths)),
     }
-    for name, threshold in zip(("easy", "medium", "hard"), cfg.data.difficulty_thresholds):
-        scored = [r for g in groups if _entropy(g.problem) is not None and _entropy(g.problem) > threshold
-                  for r in g.rewards]
+    for name in split_names(cfg.data.difficulty_thresholds):
+        # Problem.splits holds every (nested) difficulty split its position's entropy falls in.
+        scored = [r for g in groups if name in g.problem.splits for r in g.rewards]
         out[f"accuracy/{name}"] = sum(scored) / len(scored) if scored else float("nan")
         out[f"accuracy/{name}_samples"] = float(len(scored))
     return out
-
-
-def _entropy(problem: Any) -> float | None:
-    value = getattr(problem, "entropy", None)
-    return None if value is None else float(value)
 
 
 def save_rollouts(log_dir: str | Path, step: int, dp_rank: int, groups: list[RolloutGroup]) -> None:
@@ -157,7 +153,7 @@ def save_rollouts(log_dir: str | Path, step: int, dp_rank: int, groups: list[Rol
             for text, reward in zip(g.texts, g.rewards):
                 f.write(json.dumps({
                     "step": step, "doc_id": getattr(p, "doc_id", None), "position": getattr(p, "position", None),
-                    "entropy": _entropy(p), "target": b"".join(p.target_token_bytes).decode("utf-8", "replace"),
+                    "entropy": None if p.entropy is None else float(p.entropy), "target": b"".join(p.target_token_bytes).decode("utf-8", "replace"),
                     "response": text, "reward": reward,
                 }) + "\n")
     tmp.replace(final)
