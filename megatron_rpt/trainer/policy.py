@@ -120,7 +120,7 @@ class MegatronPolicy:
 
         def loss_fn(mb, logits):
             logprobs, _ = self._logprobs(mb, logits.float())
-            return logits.new_zeros(()), {"logprobs": logprobs.detach()[:, : mb["labels"].shape[1]]}
+            return logits.new_zeros(()), {"logprobs": logprobs.detach()}
 
         seqs = [mb["tokens"].shape[1] for mb in micro_batches]
         out = self._run(micro_batches, loss_fn, forward_only=True)
