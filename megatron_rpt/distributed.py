@@ -2,8 +2,10 @@
 
 Owns: picking the backend (NCCL on GPU, gloo on CPU), enabling the CPU shim,
 initialising ``megatron.core.parallel_state`` from a :class:`ParallelConfig`, seeding
-Megatron's RNG trackers, and :func:`spawn` — a small ``torch.multiprocessing`` launcher
-that runs a function on N local ranks (used by tests and ``tools/convert.py``).
+Megatron's RNG trackers, the small collectives of Python numbers every other module uses
+(:func:`all_reduce_numbers`: the tensor goes on the device the group's backend needs, so
+NCCL never sees a CPU tensor), and :func:`spawn` — a small ``torch.multiprocessing``
+launcher that runs a function on N local ranks (used by tests and ``tools/convert.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import queue as queue_module
 import socket
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -70,6 +72,32 @@ def init_distributed(
         expert_model_parallel_size=expert_parallel,
     )
     mtp.model_parallel_cuda_manual_seed(seed)
+
+
+def collective_device(group: Any = None) -> torch.device:
+    """The device a tensor must live on for a collective over ``group`` (default: the world).
+
+    NCCL only moves CUDA tensors ("No backend type associated with device type cpu"); gloo
+    moves CPU tensors. A group created with both (``cpu:gloo,cuda:nccl``) takes either; CUDA
+    is used then, like NCCL.
+    """
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_numbers(values: Sequence[float], op: dist.ReduceOp = dist.ReduceOp.SUM,
+                       group: Any = None) -> list[float]:
+    """Reduce a few Python numbers over ``group`` (float64, on the backend's device).
+
+    Without torch.distributed (a single process) the values come back unchanged.
+    """
+    if not dist.is_initialized():
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=collective_device(group))
+    dist.all_reduce(t, op=op, group=group)
+    return t.cpu().tolist()
 
 
 def destroy_distributed() -> None:

@@ -123,3 +123,18 @@ def test_load_errors(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5", "r1_distill_qwen"])
+def test_tokenizer_encodes_as_its_tokenizer_json(name):
+    """transformers < 5.20 rebuilds the R1-Distill tokenizer (tokenizer_class LlamaTokenizerFast) with
+    Llama's Metaspace pre-tokenizer and encodes "a b" as "ab"; the reference is the tokenizers
+    library reading tokenizer.json itself."""
+    from tokenizers import Tokenizer
+
+    path = shared_path(f"tokenizers/{name}")
+    text = "Consider pairs $(f,g)$ of functions\n\n  from 12 to 345."
+    reference = Tokenizer.from_file(str(path / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    tok = load_tokenizer(path)
+    assert encode_document(tok, text) == reference
+    assert b"".join(token_bytes(tok, reference)) == text.encode()

@@ -112,12 +112,40 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
                                 "it is not a Hugging Face tokenizer directory")
     try:
         tok = AutoTokenizer.from_pretrained(str(p))
+        if not _matches_tokenizer_json(tok, p / "tokenizer.json"):
+            tok = PreTrainedTokenizerFast.from_pretrained(str(p))
     except Exception as exc:  # transformers raises many types here; name the directory
         raise ValueError(f"could not load the tokenizer in {p}: {exc}") from exc
     jinja = p / "chat_template.jinja"
     if getattr(tok, "chat_template", None) is None and jinja.is_file():
         tok.chat_template = jinja.read_text(encoding="utf-8")
     return tok
+
+
+def _matches_tokenizer_json(tok: PreTrainedTokenizerBase, file: Path) -> bool:
+    """True when ``tok`` pre-tokenises and decodes as ``tokenizer.json`` says.
+
+    transformers 5 rebuilds a tokenizer from its ``tokenizer_class``; before 5.20 a Qwen2 BPE
+    vocabulary declared ``LlamaTokenizerFast`` (the DeepSeek-R1-Distill-Qwen tokenizers) is
+    rebuilt with Llama's Metaspace pre-tokenizer when no ``config.json`` names the model type,
+    and then encodes "a b" as "ab". The file itself is the ground truth.
+    """
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None or not file.is_file():
+        return True
+    loaded = json.loads(backend.to_str())
+    wanted = json.loads(file.read_text(encoding="utf-8"))
+    return all(_component_types(loaded.get(k)) == _component_types(wanted.get(k)) for k in ("pre_tokenizer", "decoder"))
+
+
+def _component_types(node: Any) -> Any:
+    """The nested ``type`` names of a tokenizer.json component (options such as trim_offsets ignored)."""
+    if isinstance(node, list):
+        return [_component_types(n) for n in node]
+    if not isinstance(node, dict):
+        return None
+    children = node.get("pretokenizers") or node.get("decoders") or []
+    return [node.get("type"), _component_types(children)]
 
 
 # ----------------------------------------------------------------------------- token bytes

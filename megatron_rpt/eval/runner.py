@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from megatron_rpt.config import Config
+from megatron_rpt.distributed import all_reduce_numbers
 from megatron_rpt.eval.next_token import (
     DecoderLogits,
     argmax_and_entropy,
@@ -291,17 +292,6 @@ def _unpack(trainer_or_parts: Any) -> tuple[Config, Any, Any, int, int, bool, An
     return cfg, engine, tokenizer, dp_rank, dp_size, contributes, None
 
 
-def _all_reduce(values: list[float]) -> list[float]:
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t)
-    return t.cpu().tolist()
-
-
 def evaluate_during_training(trainer_or_parts: Any, step: int, modes: Sequence[str] | None = None,
                              validation_set: ValidationSet | None = None) -> dict[str, float]:
     """Validation metrics for the training loop: ``val/standard_acc_easy``, ``val/reasoning_random1_hard``,
@@ -341,7 +331,7 @@ def evaluate_during_training(trainer_or_parts: Any, step: int, modes: Sequence[s
         for key in keys:
             flat += accs[key].sums + [float(c) for c in accs[key].counts]
         local = flat + [float(len(shard)), float(res.generated_tokens)]
-    total = _all_reduce(local)
+    total = all_reduce_numbers(local)
     report_accs: dict[tuple[str, str], BucketAccumulator] = {}
     for i, key in enumerate(keys):
         acc = BucketAccumulator(cfg.data.difficulty_thresholds)

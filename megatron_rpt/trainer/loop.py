@@ -20,8 +20,8 @@ import torch.distributed as dist
 from megatron_rpt.config import Config, ConfigError, dump_yaml, validate
 from megatron_rpt.trainer import checkpointing
 from megatron_rpt.trainer.metrics import MetricsLogger, PhaseTimer
+from megatron_rpt.distributed import all_reduce_numbers
 from megatron_rpt.trainer.rollout_phase import (
-    all_reduce_sum,
     collect_step_groups,
     hosts_engine,
     save_rollouts,
@@ -73,10 +73,8 @@ class _StopFlag:
 
     def agreed(self) -> bool:
         """True on every rank when any rank was signalled."""
-        flag = torch.tensor([1.0 if self.raised else 0.0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        (flag,) = all_reduce_numbers([1.0 if self.raised else 0.0], op=dist.ReduceOp.MAX)
+        return flag > 0
 
 
 class Trainer:
@@ -234,7 +232,7 @@ class Trainer:
         samples = [(g.problem.prompt_ids, ids) for g in groups for ids in g.token_ids]
         engine_logprobs = [lp for g in groups for lp in g.engine_logprobs]
         trained_tokens = sum(len(p) + len(r) for p, r in samples) * cfg.rl.updates_per_batch
-        global_trained, global_generated = all_reduce_sum(
+        global_trained, global_generated = all_reduce_numbers(
             [trained_tokens, metrics["rollout/generated_tokens"]], group=self._dp_group())
         # Global counts (identical on every rank) for the compute axis of the scaling fit.
         metrics["compute/trained_tokens"] = global_trained
@@ -247,7 +245,7 @@ class Trainer:
             chunk = [samples[i] for i in part]
             micro = build_micro_batches(chunk, [advantages[i] for i in part],
                                         micro_batch_size=cfg.rl.micro_batch_size, pad_token_id=0)
-            tokens, seqs = all_reduce_sum([sum(len(r) for _, r in chunk), len(chunk)], group=self._dp_group())
+            tokens, seqs = all_reduce_numbers([sum(len(r) for _, r in chunk), len(chunk)], group=self._dp_group())
             mini_batches.append((micro, int(tokens), int(seqs), [engine_logprobs[i] for i in part]))
 
         with self.timer("logprob"):

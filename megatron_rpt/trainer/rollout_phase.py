@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
 import torch.distributed as dist
 
 from megatron_rpt.config import Config
@@ -158,9 +157,3 @@ def save_rollouts(log_dir: str | Path, step: int, dp_rank: int, groups: list[Rol
                 }) + "\n")
     tmp.replace(final)
 
-
-def all_reduce_sum(values: list[float], group: Any = None) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t, group=group)
-    return t.tolist()
