@@ -159,17 +159,19 @@ def qkv_to_mcore(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: ArchCo
     return fused.reshape(groups * (per_group + 2) * hd, *tail)
 
 
-def qkv_from_mcore(fused: torch.Tensor, arch: ArchConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def qkv_grouped_views(fused: torch.Tensor, arch: ArchConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of a fused ``linear_qkv`` as views ``[groups, rows_per_group, *tail]`` (no copy):
+    an HF tensor reshaped the same way can take them with one strided ``copy_``."""
     groups, hd = arch.num_key_value_heads, arch.head_dim
     per_group = arch.num_attention_heads // groups
-    tail = fused.shape[1:]
-    grouped = fused.reshape(groups, (per_group + 2) * hd, *tail)
+    grouped = fused.reshape(groups, (per_group + 2) * hd, *fused.shape[1:])
     q, k, v = torch.split(grouped, [per_group * hd, hd, hd], dim=1)
-    return (
-        q.reshape(groups * per_group * hd, *tail).contiguous(),
-        k.reshape(groups * hd, *tail).contiguous(),
-        v.reshape(groups * hd, *tail).contiguous(),
-    )
+    return q, k, v
+
+
+def qkv_from_mcore(fused: torch.Tensor, arch: ArchConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = qkv_grouped_views(fused, arch)
+    return tuple(t.reshape(-1, *fused.shape[1:]).contiguous() for t in (q, k, v))  # type: ignore[return-value]
 
 
 def to_mcore(tmap: TensorMap, hf: Sequence[torch.Tensor], arch: ArchConfig, padded_vocab: int) -> torch.Tensor:

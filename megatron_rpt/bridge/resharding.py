@@ -9,9 +9,8 @@ How a sync moves a tensor (every rank runs the same sequence of collectives):
   1. Plan (once, at construction). Every parameter of the full model gets an owner pipeline
      stage (one ``all_gather_object`` of parameter names over the pipeline group) and a
      *kind*: ``whole`` (this rank holds all of it: replicated, or TP=1), ``tp`` (gathered over
-     the tensor-parallel group), ``expert`` (gathered over the expert-TP x expert-parallel
-     group, global expert indices from ``named_parameters_global(expert_offset=...)``) or
-     ``engine_shard`` (this rank's shard already is the engine's slice; see below). Shapes
+     the tensor-parallel group) or ``expert`` (gathered over the expert-TP x expert-parallel
+     group, global expert indices from ``named_parameters_global(expert_offset=...)``). Shapes
      come from :class:`ArchConfig` and the padded vocabulary, so receivers need no metadata.
      Parameters of one owner stage and kind are packed into buckets of at most ``bucket_mb``.
   2. Per bucket: the owner stage packs its shards into one flat staging buffer, casting to
@@ -21,45 +20,36 @@ How a sync moves a tensor (every rank runs the same sequence of collectives):
      hands the bucket to the other stages.
   3. Every rank un-fuses the bucket into HF tensors (q/k/v, gate/up, vocabulary padding
      removed) writing each HF tensor once, straight from the gathered shards.
-No collective and no cast needed (TP=1, PP=1, EP=1, same dtype): tensors are yielded as views
-of the parameters (zero copy; only q/k/v need a copy to un-interleave).
+No collective needed (TP=1, PP=1, EP=1): tensors are yielded as views of the parameters, in
+the parameters' dtype (zero copy; the engine's own copy casts to its dtype, one pass instead of a
+cast into a buffer and a second copy out of it). Only q/k/v need a copy to un-interleave.
+Every rank receives the *full* HF tensors: a tensor-parallel engine (vLLM) narrows them to its
+rank itself in its weight loaders.
 
 Memory: one staging buffer (the largest bucket, ``<= bucket_mb`` unless a single tensor is
 larger) is reused for every bucket, plus one un-fuse buffer the size of the largest HF
-tensor group merged from TP shards (e.g. lm_head), plus fresh copies for q/k/v (one shard's
-at a time when merging): about one bucket plus one tensor, reported as
-``SyncStats.peak_extra_bytes``. On CPU both buffers are kept between syncs (a fresh page
-costs a page fault, which would halve the throughput; ``release_buffers()`` frees them); on
-an accelerator they are dropped after each sync (the caching allocator keeps the blocks).
+tensor group written from shards (e.g. lm_head merged over TP, or one layer's q/k/v): about
+one bucket plus one tensor, reported as ``SyncStats.peak_extra_bytes``. On CPU both buffers
+are kept between syncs (a fresh page costs a page fault, which would halve the throughput;
+``release_buffers()`` frees them); on an accelerator they are dropped after each sync (the
+caching allocator keeps the blocks).
 
-Lifetime: yielded tensors are views of the bridge's buffers or of the live parameters. They
-are valid only until the next item is requested; a consumer copies them (``update_weights``
-does) or clones them to keep them.
-
-Engine tensor parallelism (``engine_tp_size > 1``, e.g. vLLM with TP): a rank receives only
-its engine-TP slice: ``torch.chunk(hf_tensor, engine_tp_size, dim)[engine_tp_rank]`` along the
-HF tensor's parallel dimension (dim 0 for q/k/v (+ biases), gate/up and column-parallel
-weights, dim 1 for o_proj / down_proj). Exactly what vLLM's QKVParallelLinear,
-MergedColumnParallelLinear and RowParallelLinear hold when ``num_key_value_heads``,
-``num_attention_heads`` and the FFN size are divisible by ``engine_tp_size``. Replicated
-tensors (norms, router) and the vocabulary tensors (``embed_tokens`` / ``lm_head``, whose
-engine-side padding differs from Megatron's; the engine's loader slices them) come whole.
-When ``engine_tp_size`` equals Megatron's TP size (and ``engine_tp_rank`` its TP rank), these
-tensors skip the TP gather entirely, because Megatron's shard of them *is* the engine slice:
-  * ``linear_qkv`` weight / bias: a shard holds whole query groups, i.e. q, k and v heads of
-    groups ``[r*g/tp, (r+1)*g/tp)`` = chunk r of q_proj, k_proj and v_proj;
-  * dense ``linear_fc1``: the shard is ``[gate_r; up_r]`` = chunk r of gate_proj and up_proj;
-  * ``linear_proj`` / dense ``linear_fc2``: chunk r along dim 1 of o_proj / down_proj;
-  * experts likewise when expert parallelism is 1 and the expert-TP size equals the engine TP.
-The vocabulary tensors are still gathered (padding boundaries differ), experts with EP > 1
-are still gathered over EP (each engine rank needs every expert), replicated tensors need no
-gather at all, and with PP > 1 every tensor is still broadcast to the other stages.
-With any other engine TP size the full tensor is gathered and then sliced.
+Lifetime: by default a yielded tensor is valid only until the next item is requested (the
+buffers behind it are reused); the engine copies it before asking for the next one (the
+built-in engine does). An engine that keeps references to pushed tensors and reads them later
+declares ``retains_pushed_tensors = True`` (vLLM's in-place reload buffers every tensor of a
+layer until the layer is complete, then loads and post-processes them together). For such an
+engine the bridge never reuses memory a yielded tensor may view: every bucket gets a fresh
+staging buffer and every un-fused tensor fresh memory, freed by reference counting once the
+engine drops its references. Peak memory is then about one bucket plus the buckets holding the
+layers the engine has not finished (one layer, or one MoE layer's experts, when tensors come
+in layer order as here), and ``peak_extra_bytes`` counts every such buffer while it is alive.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -73,13 +63,13 @@ from megatron_rpt.bridge.name_maps import (
     expected_hf_shapes,
     from_mcore,
     named_parameters_global,
-    qkv_from_mcore,
+    qkv_grouped_views,
     unwrap,
     uses_te_layout,
 )
 from megatron_rpt.model.hf_config import ArchConfig
 
-WHOLE, TP_GATHER, EXPERT_GATHER, ENGINE_SHARD = "whole", "tp", "expert", "engine_shard"
+WHOLE, TP_GATHER, EXPERT_GATHER = "whole", "tp", "expert"
 
 
 @dataclass(frozen=True)
@@ -87,12 +77,12 @@ class SyncStats:
     """What one sync moved and what it cost on this rank."""
 
     seconds: float
-    bytes: int  # bytes of the HF tensors delivered to the engine
+    bytes: int  # bytes of the HF tensors delivered, counted in the engine dtype
     gb_per_s: float
     num_tensors: int
     num_buckets: int  # staging buffers filled (collective rounds or casting copies)
     max_bucket_bytes: int  # size of the staging buffer (the largest bucket)
-    peak_extra_bytes: int  # staging + un-fuse buffers + the most bytes allocated for one parameter
+    peak_extra_bytes: int  # most bytes the bridge had allocated at once (staging, un-fuse, retained buckets)
 
 
 # --------------------------------------------------------------------------- shard -> HF layout
@@ -110,8 +100,14 @@ def hf_slice_of_shard(tmap: TensorMap, shard: torch.Tensor, arch: ArchConfig, tp
     if tmap.layout == "vocab" and tp_size > 1:
         raise ValueError("a vocabulary shard is not a slice of the HF tensor (Megatron pads the vocabulary)")
     if tmap.layout == "qkv":
-        return list(qkv_from_mcore(shard, tp_local_arch(arch, tp_size)))
+        return [t.reshape(-1, *shard.shape[1:]) for t in qkv_grouped_views(shard, tp_local_arch(arch, tp_size))]
     return from_mcore(tmap, shard, arch)  # gate_up: [gate_r; up_r] halves; copy: the shard itself
+
+
+def writes_hf_tensors(tmap: TensorMap, num_shards: int) -> bool:
+    """Whether the HF tensors of ``tmap`` must be written (merged from several shards, or q/k/v
+    un-interleaved) rather than being views of one shard."""
+    return tmap.tp_dim is not None and (num_shards > 1 or tmap.layout == "qkv")
 
 
 def hf_from_tp_shards(tmap: TensorMap, shards: Sequence[torch.Tensor], arch: ArchConfig,
@@ -119,12 +115,13 @@ def hf_from_tp_shards(tmap: TensorMap, shards: Sequence[torch.Tensor], arch: Arc
     """HF tensors (``tmap.hf`` order) from all TP ranks' shards (rank order).
 
     Equals ``from_mcore(tmap, tp_merge(tmap, shards), arch)``, but writes each HF tensor once
-    into its final buffer (``out`` when given, shaped as :func:`expected_hf_shapes`) instead of
-    materialising the merged Megatron tensor first. One shard (or a replicated tensor) needs
-    no merge: the result is then ``from_mcore`` of it (views where the layout allows).
+    into its final buffer (``out`` when given, shaped as :func:`expected_hf_shapes`; fresh
+    memory otherwise) instead of materialising the merged Megatron tensor first. When nothing
+    must be written (one shard that is not q/k/v, or a replicated tensor) the result is
+    ``from_mcore`` of the shard: views.
     """
     n = len(shards)
-    if tmap.tp_dim is None or n == 1:
+    if not writes_hf_tensors(tmap, n):
         return from_mcore(tmap, shards[0], arch)
     ref = shards[0]
     outs = list(out) if out is not None else [
@@ -137,6 +134,13 @@ def hf_from_tp_shards(tmap: TensorMap, shards: Sequence[torch.Tensor], arch: Arc
             keep = max(0, min(rows, arch.vocab_size - start))
             if keep:
                 outs[0].narrow(0, start, keep).copy_(shard.narrow(0, 0, keep))
+        return outs
+    if tmap.layout == "qkv":  # strided copies straight out of each shard's per-group layout
+        local = tp_local_arch(arch, n)
+        for r, shard in enumerate(shards):
+            for dst, part in zip(outs, qkv_grouped_views(shard, local)):
+                rows = part.shape[0] * part.shape[1]
+                dst.narrow(0, r * rows, rows).view(part.shape).copy_(part)
         return outs
     for r, shard in enumerate(shards):
         for dst, part in zip(outs, hf_slice_of_shard(tmap, shard, arch, n)):
@@ -255,7 +259,7 @@ class _Bucket:
     group_size: int
     slots: list[_Slot] = field(default_factory=list)
     member_numel: int = 0
-    staged: bool = True  # False: zero-copy views of the parameters (no collective, no cast)
+    staged: bool = True  # False: zero-copy views of the parameters (no collective)
 
     @property
     def nbytes(self) -> int:
@@ -297,9 +301,10 @@ class WeightBridge:
 
     ``model_chunks``: this rank's model chunks (one per virtual pipeline stage; DDP /
     Float16Module wrappers are fine). ``bucket_mb``: staging-buffer size per collective.
-    ``dtype``: engine dtype (None: the parameters' own). ``te_layout``: the Transformer-Engine
-    spec's fused norm names (None: detect from the model). ``engine_tp_size`` /
-    ``engine_tp_rank``: deliver only that engine-TP slice (see the module docstring).
+    ``dtype``: engine dtype (None: the parameters' own); collectives move it (the packing copy
+    casts), tensors that need no collective come in the parameters' dtype and the engine's own
+    copy casts them. ``te_layout``: the Transformer-Engine spec's fused norm names (None:
+    detect from the model).
 
     Construction (one ``all_gather_object`` over the pipeline group, and over the expert
     group with MoE), :meth:`iter_hf_tensors` and :meth:`sync` are collective: every rank of
@@ -313,8 +318,6 @@ class WeightBridge:
         bucket_mb: float,
         dtype: torch.dtype | None = None,
         te_layout: bool | None = None,
-        engine_tp_size: int = 1,
-        engine_tp_rank: int = 0,
     ):
         if not model_chunks:
             raise ValueError("WeightBridge needs at least one model chunk")
@@ -329,7 +332,6 @@ class WeightBridge:
         self.names = NameMap(arch, te_layout)
         self.padded_vocab = self._padded_vocab()
         self.topo = _Topology.current(bool(arch.num_experts))
-        self.engine_tp_size, self.engine_tp_rank = self._check_engine_tp(engine_tp_size, engine_tp_rank)
         local = self._local_tensors()
         self.buckets = self._plan(local)
         self.max_bucket_bytes = max((b.nbytes for b in self.buckets if b.staged), default=0)
@@ -337,20 +339,24 @@ class WeightBridge:
         self._device = next(iter(self.chunks[0].parameters())).device
         self._keep_buffers = self._device.type == "cpu"
         self._staging = self._scratch = None
+        self._param_storages: set[int] = set()
+        self._alive: dict[int, int] = {}  # storage pointer -> bytes of bridge memory alive now
         self._reset_counters()
 
     # ------------------------------------------------------------------ public API
 
-    def iter_hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every HF tensor of the model (this rank's engine-TP slice of it), in plan order.
+    def iter_hf_tensors(self, retained: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every HF tensor of the full model, in plan order (layer by layer within a bucket group).
 
-        Tensors are valid until the next item is requested (see the module docstring).
+        ``retained=False``: a tensor is valid until the next item is requested. ``True``: tensors
+        stay valid for as long as the consumer references them (see the module docstring).
         """
-        return self._stream(decode=True)
+        return self._stream(decode=True, retained=retained)
 
     def sync(self, engine: object | None) -> SyncStats:
         """Push the current weights into ``engine.update_weights``; ``None``: this rank hosts no
-        engine but still takes part in the collectives (nothing is un-fused or delivered)."""
+        engine but still takes part in the collectives (nothing is un-fused or delivered).
+        An engine with ``retains_pushed_tensors = True`` gets tensors that outlive the next item."""
         start = time.perf_counter()
         if engine is None:
             for _ in self._stream(decode=False):
@@ -359,7 +365,7 @@ class WeightBridge:
             update = getattr(engine, "update_weights", None)
             if update is None:
                 raise TypeError(f"{type(engine).__name__} has no update_weights(stream); it is not a rollout engine")
-            stream = self._stream(decode=True)
+            stream = self._stream(decode=True, retained=bool(getattr(engine, "retains_pushed_tensors", False)))
             update(stream)
             leftover = sum(1 for _ in stream)  # keep the other ranks' collectives matched
             if leftover:
@@ -379,28 +385,6 @@ class WeightBridge:
         if vocab is None:
             raise TypeError(f"{type(self.chunks[0]).__name__} has no vocab_size; WeightBridge expects GPTModel chunks")
         return int(vocab)
-
-    def _check_engine_tp(self, size: int, rank: int) -> tuple[int, int]:
-        if size < 1 or not 0 <= rank < size:
-            raise ValueError(f"engine_tp_rank={rank} must be in [0, engine_tp_size={size})")
-        if size == 1:
-            return 1, 0
-        arch = self.arch
-        dims = {"num_attention_heads": arch.num_attention_heads, "num_key_value_heads": arch.num_key_value_heads,
-                "intermediate_size": arch.intermediate_size, "moe_intermediate_size": arch.moe_intermediate_size}
-        bad = [f"{k}={v}" for k, v in dims.items() if v % size]
-        if bad:
-            raise ValueError(
-                f"engine_tp_size={size} does not divide {', '.join(bad)}; choose an engine TP size that does"
-            )
-        topo = self.topo
-        for what, mc_size, mc_rank in (("TP", topo.tp_size, topo.tp_rank), ("expert-TP", topo.etp_size, topo.etp_rank)):
-            if size == mc_size and rank != mc_rank:
-                raise ValueError(
-                    f"engine_tp_size equals Megatron's {what} size ({size}) but engine_tp_rank={rank} differs from "
-                    f"this rank's {what} rank {mc_rank}; map engine TP rank r onto Megatron TP rank r"
-                )
-        return size, rank
 
     def _local_tensors(self) -> dict[tuple[str, int | None, int | None], torch.Tensor]:
         """(map template, layer, global expert) -> this rank's parameter."""
@@ -482,34 +466,35 @@ class WeightBridge:
                 bucket.slots.append(slot)
                 bucket.member_numel += slot.numel
             buckets.append(bucket)
-        for bucket in buckets:
-            bucket.staged = (
-                topo.pp_size > 1 or bucket.group_size > 1
-                or any(s.source is None or s.source.dtype != bucket.dtype for s in bucket.slots)
-            )
+        for bucket in buckets:  # a cast alone needs no staging: the engine's copy casts
+            bucket.staged = topo.pp_size > 1 or bucket.group_size > 1 or any(s.source is None for s in bucket.slots)
         return buckets
 
     def _kind(self, tmap: TensorMap) -> tuple[str, int]:
         """(kind, how many ranks the tensor is split over) for this model's layout."""
-        topo, etp = self.topo, self.engine_tp_size
+        topo = self.topo
         if tmap.per_expert:
             if topo.ep_size * topo.etp_size == 1:
                 return WHOLE, 1
-            if topo.ep_size == 1 and etp == topo.etp_size and tmap.tp_dim is not None:
-                return ENGINE_SHARD, topo.etp_size
             return EXPERT_GATHER, topo.etp_size if tmap.tp_dim is not None else 1
         if tmap.tp_dim is None or topo.tp_size == 1:
             return WHOLE, 1
-        if etp == topo.tp_size and tmap.layout != "vocab":
-            return ENGINE_SHARD, topo.tp_size
         return TP_GATHER, topo.tp_size
 
+    def _shards_per_hf(self, bucket: _Bucket, slot: _Slot) -> int:
+        """How many shards one HF tensor of ``slot`` is written from."""
+        if bucket.kind == WHOLE or slot.tmap.tp_dim is None:
+            return 1
+        return self._split_of(slot.tmap)
+
     def _scratch_need(self, bucket: _Bucket, slot: _Slot) -> int:
-        """Bytes of the HF tensors merged from several shards for ``slot`` (un-fuse buffer)."""
-        if bucket.kind not in (TP_GATHER, EXPERT_GATHER) or slot.tmap.tp_dim is None or self._split_of(slot.tmap) == 1:
+        """Bytes of the HF tensors written for ``slot`` (un-fuse buffer): merged from several
+        shards, or q/k/v un-interleaved; in the dtype they are yielded in."""
+        if not writes_hf_tensors(slot.tmap, self._shards_per_hf(bucket, slot)):
             return 0
         copies = self.topo.ep_size if bucket.kind == EXPERT_GATHER else 1
-        return _carved_bytes(expected_hf_shapes(slot.tmap, self.arch) * copies, bucket.dtype)
+        dtype = bucket.dtype if bucket.staged else slot.source.dtype
+        return _carved_bytes(expected_hf_shapes(slot.tmap, self.arch) * copies, dtype)
 
     def _group_size(self, kind: str) -> int:
         if kind == TP_GATHER:
@@ -537,18 +522,35 @@ class WeightBridge:
             setattr(self, attr, buf)
         return buf
 
-    def _stream(self, decode: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    def _track(self, tensor: torch.Tensor) -> None:
+        """Count ``tensor``'s memory as the bridge's until every view of it is gone."""
+        storage = tensor.untyped_storage()  # shared by every view, dtype views included
+        key = storage.data_ptr()
+        if key in self._alive or key in self._param_storages:
+            return
+        self._alive[key] = storage.nbytes()
+        weakref.finalize(storage, self._alive.pop, key, None)
+        self._counters["peak"] = max(self._counters["peak"], sum(self._alive.values()))
+
+    def _stream(self, decode: bool, retained: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         self._reset_counters()
         self._param_storages = {_storage_key(s.source) for b in self.buckets for s in b.slots if s.source is not None}
-        staging = self._buffer("_staging", self.max_bucket_bytes)
-        scratch = self._buffer("_scratch", self.scratch_bytes) if decode else None
-        self._held = {_storage_key(b): b.numel() for b in (staging, scratch) if b is not None}
+        fresh = decode and retained  # never reuse memory a yielded tensor may still view
+        staging = None if fresh else self._buffer("_staging", self.max_bucket_bytes)
+        scratch = None if fresh or not decode else self._buffer("_scratch", self.scratch_bytes)
+        for buf in (staging, scratch):
+            if buf is not None:
+                self._track(buf)
+        self._counters["peak"] = sum(self._alive.values())
         try:
             for bucket in self.buckets:
                 if not bucket.staged:
                     if decode:
                         yield from self._emit(bucket, [[slot.source.detach()] for slot in bucket.slots], scratch)
                     continue
+                if fresh:
+                    staging = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self._device)
+                    self._track(staging)
                 flat = staging[: bucket.nbytes].view(bucket.dtype)
                 self._transfer(bucket, flat)
                 self._counters["buckets"] += 1
@@ -556,7 +558,12 @@ class WeightBridge:
                     segments = [flat.narrow(0, m * bucket.member_numel, bucket.member_numel)
                                 for m in range(bucket.group_size)]
                     views = [[seg.narrow(0, s.offset, s.numel).view(s.shape) for seg in segments] for s in bucket.slots]
+                    del segments
                     yield from self._emit(bucket, views, scratch)
+                    del views
+                del flat
+                if fresh:
+                    staging = None  # the engine's references alone keep it alive now
         finally:
             del staging, scratch
             if not self._keep_buffers:
@@ -580,63 +587,37 @@ class WeightBridge:
               scratch: torch.Tensor | None) -> Iterator[tuple[str, torch.Tensor]]:
         """Un-fuse each slot of a transferred bucket into HF tensors and yield them."""
         for slot, shards in zip(bucket.slots, views):
-            items, also_alive, transient = self._hf_tensors(bucket, slot, shards, scratch)
-            fresh = {}
-            for t in [t for _, t in items] + also_alive:
-                key = _storage_key(t)
-                if key not in self._held and key not in self._param_storages:
-                    fresh[key] = t.untyped_storage().nbytes()
-            extra = sum(self._held.values()) + sum(fresh.values()) + transient
-            self._counters["peak"] = max(self._counters["peak"], extra)
+            items = self._hf_tensors(bucket, slot, shards, scratch)
             for name, tensor in items:
-                self._counters["bytes"] += tensor.numel() * tensor.element_size()
+                self._track(tensor)  # a no-op for views of parameters or of the held buffers
+                self._counters["bytes"] += tensor.numel() * (self.dtype or tensor.dtype).itemsize
                 self._counters["tensors"] += 1
                 yield name, tensor
-            del items, also_alive
+            del items, shards
 
-    def _hf_tensors(self, bucket: _Bucket, slot: _Slot, shards: list[torch.Tensor], scratch: torch.Tensor | None
-                    ) -> tuple[list[tuple[str, torch.Tensor]], list[torch.Tensor], int]:
-        """[(HF name, tensor)] of one slot, the intermediates that were alive with them, and
-        the bytes of short-lived pieces allocated on the way (for the memory accounting)."""
+    def _hf_tensors(self, bucket: _Bucket, slot: _Slot, shards: list[torch.Tensor],
+                    scratch: torch.Tensor | None) -> list[tuple[str, torch.Tensor]]:
+        """[(HF name, tensor)] of one slot; written tensors are carved from ``scratch`` (fresh
+        memory when it is None)."""
         arch, tmap = self.arch, slot.tmap
-        if bucket.kind == ENGINE_SHARD:
-            (shard,) = shards
-            parts = [t.contiguous() for t in hf_slice_of_shard(tmap, shard, arch, self._split_of(tmap))]
-            return list(zip(tmap.format(slot.layer, slot.expert)[1], parts)), [], 0
+        dtype = shards[0].dtype
         if bucket.kind != EXPERT_GATHER:
             shards = shards if tmap.tp_dim is not None else shards[:1]  # replicated: all members sent the same
-            out = _carve(scratch, expected_hf_shapes(tmap, arch), bucket.dtype) if len(shards) > 1 else None
-            full = hf_from_tp_shards(tmap, shards, arch, out)
-            sliced = self._engine_slices(tmap, full)
-            return list(zip(tmap.format(slot.layer, slot.expert)[1], sliced)), full, self._qkv_transient(tmap, shards)
+            out = _carve(scratch, expected_hf_shapes(tmap, arch), dtype) if writes_hf_tensors(tmap, len(shards)) else None
+            return list(zip(tmap.format(slot.layer, slot.expert)[1], hf_from_tp_shards(tmap, shards, arch, out)))
         # One slot carries local expert j of every EP rank: experts ep * n_local + j.
         n_local = arch.num_experts // self.topo.ep_size
         shapes = expected_hf_shapes(tmap, arch)
-        outs = _carve(scratch, shapes * self.topo.ep_size, bucket.dtype) if self.topo.etp_size > 1 else None
+        per_expert = self.topo.etp_size if tmap.tp_dim is not None else 1
+        outs = _carve(scratch, shapes * self.topo.ep_size, dtype) if writes_hf_tensors(tmap, per_expert) else None
         items: list[tuple[str, torch.Tensor]] = []
-        fulls: list[torch.Tensor] = []
         for ep in range(self.topo.ep_size):
             ranked = sorted((etp, i) for i, (etp, e) in enumerate(self.topo.expert_members) if e == ep)
-            expert_shards = [shards[i] for _, i in ranked]
+            expert_shards = [shards[i] for _, i in ranked][:per_expert]
             out = outs[ep * len(shapes): (ep + 1) * len(shapes)] if outs is not None else None
             full = hf_from_tp_shards(tmap, expert_shards, arch, out)
-            fulls += full
-            items += list(zip(tmap.format(slot.layer, ep * n_local + slot.expert)[1], self._engine_slices(tmap, full)))
-        return items, fulls, self._qkv_transient(tmap, shards)
+            items += list(zip(tmap.format(slot.layer, ep * n_local + slot.expert)[1], full))
+        return items
 
     def _split_of(self, tmap: TensorMap) -> int:
         return self.topo.etp_size if tmap.per_expert else self.topo.tp_size
-
-    def _engine_slices(self, tmap: TensorMap, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        if self.engine_tp_size == 1 or tmap.tp_dim is None or tmap.layout == "vocab":
-            return tensors
-        return [torch.chunk(t, self.engine_tp_size, dim=tmap.tp_dim)[self.engine_tp_rank].contiguous()
-                for t in tensors]
-
-    @staticmethod
-    def _qkv_transient(tmap: TensorMap, shards: list[torch.Tensor]) -> int:
-        # hf_from_tp_shards un-interleaves one shard's q/k/v at a time into the outputs.
-        if tmap.layout != "qkv" or len(shards) < 2:
-            return 0
-        return shards[0].numel() * shards[0].element_size()
-
