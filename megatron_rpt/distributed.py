@@ -14,6 +14,7 @@ import io
 import os
 import queue as queue_module
 import socket
+import sys
 import time
 import traceback
 from typing import Any, Callable, Sequence
@@ -105,6 +106,9 @@ def destroy_distributed() -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    vllm_engines = sys.modules.get("megatron_rpt.rollout.vllm_engine")
+    if vllm_engines is not None:  # vLLM's own shutdown ends with destroying the default group
+        vllm_engines.close_all()
     if dist.is_initialized():
         dist.destroy_process_group()
 

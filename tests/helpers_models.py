@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from conftest import SHARED
 
-SHARED_QWEN_TOKENIZER = Path(__file__).resolve().parent.parent.parent / "shared" / "tokenizers" / "qwen2_5"
+SHARED_QWEN_TOKENIZER = SHARED / "tokenizers" / "qwen2_5"
 
 LLAMA3_ROPE_SCALING = {
     "rope_type": "llama3",

@@ -44,9 +44,9 @@ class CharTokenizer:
         return "".join("ab"[i % 2] * (1 + i % 3) for i in ids)
 
 
-def teacher_forced_logprobs(model, prompt, completion):
+def teacher_forced_logprobs(model, prompt, completion, temperature=1.0):
     with torch.no_grad():
-        logits = model(torch.tensor([prompt + completion])).logits[0].double().log_softmax(-1)
+        logits = (model(torch.tensor([prompt + completion])).logits[0].double() / temperature).log_softmax(-1)
     return [logits[len(prompt) - 1 + t, tok].item() for t, tok in enumerate(completion)]
 
 
@@ -70,12 +70,14 @@ def test_greedy_matches_transformers_generate_with_refill(hf_model):
     assert reasons == {"stop", "length"}
 
 
-def test_sampled_rollouts_carry_teacher_forced_logprobs(hf_model):
-    """Rows finish at random steps and are refilled: cache copies must never corrupt a row."""
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_sampled_rollouts_carry_teacher_forced_logprobs(hf_model, temperature):
+    """Rows finish at random steps and are refilled: cache copies must never corrupt a row.
+    Logprobs are those of the temperature-scaled distribution (what Megatron recomputes)."""
     model, _ = hf_model
     eos_ids = list(range(0, VOCAB, 7))  # ~1 in 7 tokens ends a row
     engine = engine_for(hf_model, eos_token_ids=eos_ids)
-    params = SamplingParams(n=4, temperature=1.0, max_tokens=12, seed=0)
+    params = SamplingParams(n=4, temperature=temperature, max_tokens=12, seed=0)
     out = engine.generate(PROMPTS, params)
     lengths = set()
     for i, prompt in enumerate(PROMPTS):
@@ -85,9 +87,19 @@ def test_sampled_rollouts_carry_teacher_forced_logprobs(hf_model):
             assert 1 <= len(g.token_ids) <= 12 and len(g.logprobs) == len(g.token_ids)
             assert (g.token_ids[-1] in eos_ids) == (g.finish_reason == "stop")
             assert not any(t in eos_ids for t in g.token_ids[:-1])
-            ref = teacher_forced_logprobs(model, prompt, g.token_ids)
+            ref = teacher_forced_logprobs(model, prompt, g.token_ids, temperature)
             assert max(abs(a - b) for a, b in zip(g.logprobs, ref)) < 1e-4
     assert len(lengths) > 3  # the schedule really mixed short and long rows
+
+
+def test_prompt_logprobs_are_teacher_forced_at_temperature_1(hf_model):
+    model, _ = hf_model
+    engine = engine_for(hf_model)
+    got = engine.prompt_logprobs(PROMPTS)
+    for prompt, row in zip(PROMPTS, got):
+        ref = teacher_forced_logprobs(model, prompt[:1], prompt[1:])
+        assert len(row) == len(prompt) - 1
+        assert max((abs(a - b) for a, b in zip(row, ref)), default=0.0) < 1e-5
 
 
 def test_seeded_generation_is_reproducible(hf_model):
@@ -116,9 +128,9 @@ def test_sampler_matches_temperature_and_top_p_distribution():
     freq = torch.bincount(tokens, minlength=5).double() / draws
     assert freq[keep:].sum() == 0  # outside the nucleus: never
     assert 0.5 * (freq - torch.tensor(expected, dtype=torch.float64)).abs().sum() < 0.01
-    # Logprobs are log_softmax at temperature 1, whatever the sampling temperature.
-    raw = logits.double().log_softmax(-1)
-    assert torch.allclose(logprobs.double(), raw[tokens], atol=1e-6)
+    # Logprobs are those of softmax(logits / T) before the top-p cut (rollout/base.py).
+    scaled = (logits.double() / temperature).log_softmax(-1)
+    assert torch.allclose(logprobs.double(), scaled[tokens], atol=1e-6)
 
 
 def test_stop_strings_end_generation_at_the_first_match(hf_model):
@@ -168,7 +180,7 @@ def test_update_weights_in_buckets_any_dtype_any_order(hf_model):
     random.Random(0).shuffle(items)
     for start in range(0, len(items), 5):  # buckets of 5 tensors
         engine.update_weights(iter(items[start:start + 5]))
-    view = engine.state_dict_view()
+    view = engine.model.hf_parameters()
     assert set(view) == {k for k, _ in items}
     for name, tensor in items:
         assert torch.equal(view[name], tensor.float()), name  # bit-exact after the cast

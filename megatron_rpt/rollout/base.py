@@ -4,10 +4,14 @@ Owns: :class:`SamplingParams`, :class:`Generation`, the :class:`RolloutEngine` p
 and :func:`hf_parameter_shapes`, the table of Hugging Face parameter names and shapes an
 engine accepts in ``update_weights`` (both engines validate pushed weights against it).
 
-Log-probability convention: ``Generation.logprobs[i]`` is ``log_softmax(raw_logits)`` of
-the sampled token at step ``i`` -- temperature 1, before top-p -- i.e. the same quantity
-the trainer recomputes for the old policy in GRPO (vLLM's ``logprobs_mode="raw_logprobs"``).
-It is *not* the log-probability under the temperature / top-p sampling distribution.
+Log-probability convention: ``Generation.logprobs[i]`` is the log-probability of the sampled
+token at step ``i`` under the temperature-scaled distribution ``log_softmax(logits / T)``,
+before top-p truncation -- the quantity the trainer recomputes with Megatron for GRPO's old
+policy (``MegatronPolicy`` scales by ``rollout.temperature``), so the two can be compared at
+every temperature. Greedy decoding (``T == 0``) reports ``log_softmax(logits)``.
+vLLM (``logprobs_mode="processed_logprobs"``) reports exactly this when ``top_p == 1``; with
+``top_p < 1`` it renormalises over the nucleus, so its value is larger by ``-log(nucleus mass)``
+(vLLM exposes no pre-top-p processed log-probability).
 """
 
 from __future__ import annotations
@@ -70,6 +74,11 @@ class Generation:
 class RolloutEngine(Protocol):
     """What the trainer needs from an inference engine (built-in torch or vLLM)."""
 
+    #: True when ``update_weights`` keeps references to pushed tensors and reads them after
+    #: asking for the next one (vLLM's in-place reload buffers a layer's tensors until the layer
+    #: is complete): the weight bridge then never reuses the memory behind a yielded tensor.
+    retains_pushed_tensors: bool
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Generation]]:
         """``params.n`` samples per prompt: ``result[i][j]`` is sample j of prompt i."""
         ...
@@ -80,16 +89,19 @@ class RolloutEngine(Protocol):
         ``KeyError`` on an unknown name and ``ValueError`` on a shape mismatch."""
         ...
 
+    def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """``log p(x_t | x_<t)`` at temperature 1 for t = 1 .. len-1 of each sequence.
+
+        Checks the engine's weights from the outside (against Megatron's log-probabilities),
+        without reading its parameters, which vLLM's CPU backend repacks into kernel layouts."""
+        ...
+
     def sleep(self) -> None:
         """Free accelerator memory (KV cache, and weights where the engine can restore them)."""
         ...
 
     def wake_up(self) -> None:
         """Restore what :meth:`sleep` freed. ``generate`` also wakes the engine itself."""
-        ...
-
-    def state_dict_view(self) -> dict[str, torch.Tensor]:
-        """HF-named weights as the engine holds them (views where possible, no copies)."""
         ...
 
 

@@ -59,14 +59,15 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row of float32 ``logits`` [B, V].
 
-    Returns (tokens [B], logprobs [B]) where logprobs are ``log_softmax(logits)`` of the
-    sampled tokens at temperature 1 (the GRPO old-policy log-probability).
+    Returns (tokens [B], logprobs [B]): ``log_softmax(logits / temperature)`` of the sampled
+    tokens, before top-p (the GRPO old-policy log-probability; see rollout/base.py), and
+    ``log_softmax(logits)`` when greedy.
     """
-    logprobs = torch.log_softmax(logits, dim=-1)
+    logprobs = torch.log_softmax(logits if temperature in (0, 1.0) else logits / temperature, dim=-1)
     if temperature == 0:
         tokens = logits.argmax(dim=-1)
     else:
-        probs = logprobs.exp() if temperature == 1.0 else torch.softmax(logits / temperature, dim=-1)
+        probs = logprobs.exp()
         if top_p < 1.0:
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
@@ -142,11 +143,20 @@ class BuiltinEngine:
 
     # ------------------------------------------------------------------ RolloutEngine protocol
 
+    retains_pushed_tensors = False  # every pushed tensor is copied before the next is requested
+
     def update_weights(self, stream: Iterable[tuple[str, torch.Tensor]]) -> None:
         self._missing -= self.model.load_hf_weights(stream)
 
-    def state_dict_view(self) -> dict[str, torch.Tensor]:
-        return self.model.hf_parameters()
+    @torch.inference_mode()
+    def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        self._check_ready(sequences, SamplingParams())
+        out = []
+        for seq in sequences:  # one at a time: no padding, and no cache to size
+            tokens = torch.tensor([seq], device=self.device)
+            logprobs = self.model(tokens)[0, :-1].log_softmax(dim=-1)
+            out.append(logprobs.gather(1, tokens[0, 1:].unsqueeze(1)).squeeze(1).tolist())
+        return out
 
     def sleep(self) -> None:
         self._kv = None

