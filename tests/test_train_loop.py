@@ -73,6 +73,15 @@ def test_toy_reward_rises(toy_dir, tmp_path):
     assert "reward           first" in proc.stdout
 
 
+def test_engine_logprobs_match_megatron_at_temperature_0_8(toy_dir, tmp_path):
+    # The paper samples at T=0.8: the engine and Megatron both score log_softmax(logits / T)
+    # of the sampled tokens, so the sync check holds (and is logged) at every temperature.
+    _train(toy_dir, tmp_path / "run", "train.steps=3", "train.eval_interval=0", "rollout.temperature=0.8")
+    rows = _metrics(tmp_path / "run")
+    assert len(rows) == 3
+    assert max(r["rollout/engine_logprob_abs_diff"] for r in rows) < 1e-4
+
+
 # ----------------------------------------------------------------------------- sabotage
 
 

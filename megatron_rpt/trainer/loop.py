@@ -38,10 +38,14 @@ def _split_evenly(n: int, parts: int) -> list[range]:
 
 def engine_vs_policy_logprob_diff(micro_batches: list[dict[str, torch.Tensor]],
                                   engine_logprobs: list[list[float]]) -> float:
-    """Mean |engine logprob - Megatron logprob| over response tokens (temperature 1 only).
+    """Mean |engine logprob - Megatron logprob| over response tokens, at every temperature.
 
     The engine samples with the weights the bridge pushed; Megatron scores the same tokens with
-    the weights it trains. Anything but float noise here means the weight sync is broken.
+    the weights it trains. Both are ``log_softmax(logits / T)`` of the sampled token (see
+    rollout/base.py), so anything but float noise here means the weight sync is broken. With
+    ``rollout.top_p < 1`` vLLM reports the log-probability renormalised over the nucleus: the
+    metric then also holds the mean ``-log(nucleus mass)`` of the sampled positions (the
+    built-in engine reports the pre-top-p value at any top_p).
     """
     diffs = []
     sample = 0
@@ -255,7 +259,7 @@ class Trainer:
                 for mb, lp in zip(micro, old or [torch.zeros_like(mb["loss_mask"], dtype=torch.float32)
                                                  for mb in micro]):
                     mb["old_logprobs"] = lp
-                if old is not None and cfg.rollout.temperature == 1.0:
+                if old is not None:
                     diffs.append(engine_vs_policy_logprob_diff(micro, engine_lp))
                 if self.reference is not None:
                     ref = self.reference.compute_logprobs(micro)
