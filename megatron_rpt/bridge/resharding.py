@@ -546,7 +546,7 @@ class WeightBridge:
             for bucket in self.buckets:
                 if not bucket.staged:
                     if decode:
-                        yield from self._emit(bucket, [[slot.source.detach()] for slot in bucket.slots], scratch)
+                        yield from self._emit(bucket, [[slot.source.detach()] for slot in bucket.slots], scratch, fresh)
                     continue
                 if fresh:
                     staging = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self._device)
@@ -559,7 +559,7 @@ class WeightBridge:
                                 for m in range(bucket.group_size)]
                     views = [[seg.narrow(0, s.offset, s.numel).view(s.shape) for seg in segments] for s in bucket.slots]
                     del segments
-                    yield from self._emit(bucket, views, scratch)
+                    yield from self._emit(bucket, views, scratch, fresh)
                     del views
                 del flat
                 if fresh:
@@ -583,13 +583,15 @@ class WeightBridge:
         if topo.pp_size > 1:
             dist.broadcast(flat, group=topo.pp_group, group_src=bucket.stage)
 
-    def _emit(self, bucket: _Bucket, views: list[list[torch.Tensor]],
-              scratch: torch.Tensor | None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Un-fuse each slot of a transferred bucket into HF tensors and yield them."""
+    def _emit(self, bucket: _Bucket, views: list[list[torch.Tensor]], scratch: torch.Tensor | None,
+              fresh: bool) -> Iterator[tuple[str, torch.Tensor]]:
+        """Un-fuse each slot of a transferred bucket into HF tensors and yield them. Only with
+        ``fresh`` memory can a yielded tensor own memory the bridge has not counted already."""
         for slot, shards in zip(bucket.slots, views):
             items = self._hf_tensors(bucket, slot, shards, scratch)
             for name, tensor in items:
-                self._track(tensor)  # a no-op for views of parameters or of the held buffers
+                if fresh:
+                    self._track(tensor)  # a no-op for views of parameters or of tracked buckets
                 self._counters["bytes"] += tensor.numel() * (self.dtype or tensor.dtype).itemsize
                 self._counters["tensors"] += 1
                 yield name, tensor
