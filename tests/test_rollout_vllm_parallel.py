@@ -109,6 +109,9 @@ def test_every_rank_receives_the_full_model_in_several_buckets(runs, case):
         stats = r[case]["sync"]
         assert stats["num_buckets"] > 4
         assert stats["bytes"] == runs[0][case]["sync"]["bytes"]  # full HF tensors on every rank
+        if not case.startswith("tp2"):  # (at TP=2 the two vocabulary tensors alone are 99 % of the model)
+            # the stream is never materialised whole, although vLLM keeps tensors until a layer is complete
+            assert stats["peak_extra_bytes"] < stats["bytes"] / 2
 
 
 @pytest.mark.slow
