@@ -12,6 +12,8 @@ untied embeddings) is pushed into the built-in engine's preallocated HF-layout w
   ``hf_state_dict_from_full``, broadcast (``broadcast_object_list``) and loaded;
 * ``memcpy``: ``torch`` copy of a preallocated buffer of the model's size on each rank at
   the same time, the physical limit of the machine;
+* ``engine alone``: ``update_weights`` with the same HF tensors made beforehand (the engine's
+  own copies, casting ones for bf16): the floor of any bridge into this engine;
 * ``coll.``: the bare collective (one bucket gathered over TP / broadcast over PP), the
   transport's limit (gloo over loopback TCP here).
 
@@ -209,6 +211,16 @@ def run_layout(tp: int, pp: int, dtype_name: str, bucket_mb: float, repeats: int
         naive_s.append(time.perf_counter() - start)
     rss_naive = peak_rss_bytes() - rss_base
 
+    # The engine's own copies of the same tensors, made beforehand: what the bridge adds is the rest.
+    made = [(name, tensor.clone()) for name, tensor in bridge.iter_hf_tensors()]
+    engine_alone = []
+    for _ in range(repeats):
+        barrier()
+        start = time.perf_counter()
+        engine.update_weights(iter(made))
+        engine_alone.append(time.perf_counter() - start)
+    del made
+
     collective_gbps = collective_limit(bridge, tp, pp, repeats)
     best = min(runs, key=lambda r: r.seconds)
     memcpy_gbps = memcpy.nbytes / min(copies) / 1e9
@@ -224,6 +236,8 @@ def run_layout(tp: int, pp: int, dtype_name: str, bucket_mb: float, repeats: int
         "naive_rss_growth_bytes": rss_naive,
         "memcpy_gbps": memcpy_gbps, "memcpy_s_median": statistics.median(copies),
         "ratio_to_memcpy": bridge_gbps / memcpy_gbps,
+        "engine_alone_s": min(engine_alone),
+        "engine_alone_ratio_to_memcpy": model_bytes / min(engine_alone) / 1e9 / memcpy_gbps,
         "collective_gbps": collective_gbps,
         "speedup_vs_naive": min(naive_s) / best.seconds,
     }
@@ -342,14 +356,16 @@ def main() -> None:
                 vllm_rows.append(row)
                 print(f"done TP={tp} PP={pp} {dtype} -> vLLM", flush=True)
 
-    header = (f"{'TP':>2} {'PP':>2} {'dtype':>5} | {'bridge s':>8} {'GB/s':>6} {'%memcpy':>7} {'buckets':>7} | "
+    header = (f"{'TP':>2} {'PP':>2} {'dtype':>5} | {'bridge s':>8} {'GB/s':>6} {'%memcpy':>7} {'buckets':>7} "
+              f"{'engine alone %':>14} | "
               f"{'naive s':>7} {'GB/s':>6} {'speedup':>7} | {'memcpy GB/s':>11} {'coll. GB/s':>10} | "
               f"{'peak MB (acct)':>14} {'RSS+ MB bridge':>14} {'RSS+ MB naive':>13}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['tp']:>2} {r['pp']:>2} {r['dtype']:>5} | {r['bridge_s']:8.3f} {r['bridge_gbps']:6.2f} "
-              f"{100 * r['ratio_to_memcpy']:6.1f}% {r['bridge_buckets']:>7} | {r['naive_s']:7.3f} "
+              f"{100 * r['ratio_to_memcpy']:6.1f}% {r['bridge_buckets']:>7} "
+              f"{100 * r['engine_alone_ratio_to_memcpy']:13.1f}% | {r['naive_s']:7.3f} "
               f"{r['naive_gbps']:6.2f} {r['speedup_vs_naive']:6.1f}x | {r['memcpy_gbps']:11.2f} "
               f"{'-' if r['collective_gbps'] is None else format(r['collective_gbps'], '.2f'):>10} | "
               f"{mb(r['bridge_peak_extra_bytes']):>14} {mb(r['bridge_rss_growth_bytes']):>14} "
