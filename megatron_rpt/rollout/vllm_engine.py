@@ -163,6 +163,8 @@ class VLLMEngine:
         # update_weights needs the model in this process.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         on_cuda = current_platform.is_cuda_alike()
+        if current_platform.is_cpu():
+            _check_cpu_head_dim(arch)
         self.enable_sleep_mode = enable_sleep_mode and current_platform.is_sleep_mode_available()
         kwargs: dict[str, Any] = dict(
             model=str(model_dir),
@@ -352,6 +354,21 @@ def weight_push_path(llm: Any) -> WeightPush:
         f"vLLM {vllm.__version__} offers no way to push weights in place: its worker has no "
         "reload_weights(weights_iterator=...) and its model no load_weights; install vLLM 0.32 (tested)"
     )
+
+
+def _check_cpu_head_dim(arch: ArchConfig) -> None:
+    """vLLM's CPU attention kernels exist for a few head sizes only; say so before vLLM fails deep inside."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except ImportError:  # another layout of vLLM: let vLLM itself decide
+        return
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if arch.head_dim not in sizes:
+        raise ValueError(
+            f"vLLM's CPU build supports head_dim in {sizes}, the model has head_dim={arch.head_dim} "
+            f"(hidden_size {arch.hidden_size} / {arch.num_attention_heads} heads); use rollout.engine=builtin "
+            "for it, or a model with a supported head size"
+        )
 
 
 def _engine_arg_exists(name: str) -> bool:
