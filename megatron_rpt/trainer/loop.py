@@ -98,7 +98,7 @@ class Trainer:
 
             check_context_parallel_config(cfg)
         init_distributed(p.tensor_parallel, p.pipeline_parallel, p.context_parallel, p.expert_parallel,
-                         p.virtual_pipeline, seed=cfg.train.seed)
+                         p.virtual_pipeline, seed=cfg.train.seed, timeout_minutes=p.distributed_timeout_minutes)
         self.rank = dist.get_rank()
         validate(cfg, world_size=dist.get_world_size())
         self.dp_rank = parallel_state.get_data_parallel_rank()
