@@ -1,11 +1,20 @@
 """Policy model build: layer-spec choice, FP8 errors, vocabulary padding, parameter shapes."""
 
+import importlib
+
 import pytest
+import torch
 
 from megatron_rpt.config import ConfigError, ModelConfig, ParallelConfig
-from megatron_rpt.model.build import padded_vocab_size
+from megatron_rpt.model.build import fusion_settings, padded_vocab_size
 from megatron_rpt.model.hf_config import arch_from_dict
-from megatron_rpt.model.specs import fp8_settings, resolve_transformer_impl, transformer_engine_available
+from megatron_rpt.model.specs import (
+    FUSED_SOFTMAX_EXTENSIONS,
+    fp8_settings,
+    fused_softmax_available,
+    resolve_transformer_impl,
+    transformer_engine_available,
+)
 
 QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 96, "num_hidden_layers": 2, "num_attention_heads": 6,
          "num_key_value_heads": 2, "intermediate_size": 160, "vocab_size": 1000, "rope_theta": 1e6}
@@ -49,3 +58,30 @@ def test_parameter_shapes_at_tp2():
     assert shapes["decoder.layers.0.mlp.linear_fc2.weight"] == (96, 80)
     assert shapes["embedding.word_embeddings.weight"] == (512, 96)  # 1024 padded / 2
     assert shapes["output_layer.weight"] == (512, 96)  # untied
+
+
+@pytest.mark.skipif(fused_softmax_available(), reason="checks a machine without Apex's fused softmax kernels")
+def test_gpu_fusion_flags_keep_the_local_softmax_off_apex_kernels():
+    """Issue 11 item 2: bf16 scores with 32 keys through megatron-core's own softmax module,
+    configured with the flags a GPU run of the local spec gets, must not import Apex's kernels."""
+    from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.utils import attention_mask_func
+
+    with pytest.raises(ModuleNotFoundError):  # the kernel really is absent here
+        importlib.import_module(FUSED_SOFTMAX_EXTENSIONS[0])
+    flags = fusion_settings(on_gpu=True, impl="local")
+    softmax = FusedScaleMaskSoftmax(
+        input_in_fp16=False, input_in_bf16=True, attn_mask_type=AttnMaskType.causal,
+        scaled_masked_softmax_fusion=flags["masked_softmax_fusion"], mask_func=attention_mask_func,
+        softmax_in_fp32=True, scale=None,
+    )
+    scores = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
+    mask = torch.triu(torch.ones(32, 32, dtype=torch.bool), diagonal=1)[None, None]  # True: masked
+    probs = softmax(scores, mask)
+    reference = torch.softmax(scores.double().masked_fill(mask, float("-inf")), dim=-1)
+    assert probs.dtype == torch.bfloat16
+    assert (probs.double() - reference).abs().max() < 1e-2
+    # Transformer Engine's attention does not go through this module; there the flag stays on.
+    assert fusion_settings(on_gpu=True, impl="transformer_engine")["masked_softmax_fusion"]
+    assert not any(fusion_settings(on_gpu=False, impl="local").values())

@@ -20,6 +20,16 @@ def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
+# Apex's fused softmax extensions, which megatron-core's FusedScaleMaskSoftmax imports when
+# masked_softmax_fusion is on (they are not part of the megatron-core wheel).
+FUSED_SOFTMAX_EXTENSIONS = ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda",
+                            "scaled_softmax_cuda")
+
+
+def fused_softmax_available() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in FUSED_SOFTMAX_EXTENSIONS)
+
+
 def resolve_transformer_impl(model_cfg: ModelConfig) -> str:
     """'transformer_engine' or 'local' for this machine and config."""
     impl = model_cfg.transformer_impl
