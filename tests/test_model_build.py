@@ -1,6 +1,7 @@
 """Policy model build: layer-spec choice, FP8 errors, vocabulary padding, parameter shapes."""
 
 import importlib
+import re
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from megatron_rpt.model.build import fusion_settings, padded_vocab_size
 from megatron_rpt.model.hf_config import arch_from_dict
 from megatron_rpt.model.specs import (
     FUSED_SOFTMAX_EXTENSIONS,
+    fp8_hardware_problem,
     fp8_settings,
     fused_softmax_available,
     resolve_transformer_impl,
@@ -85,3 +87,22 @@ def test_gpu_fusion_flags_keep_the_local_softmax_off_apex_kernels():
     # Transformer Engine's attention does not go through this module; there the flag stays on.
     assert fusion_settings(on_gpu=True, impl="transformer_engine")["masked_softmax_fusion"]
     assert not any(fusion_settings(on_gpu=False, impl="local").values())
+
+
+@pytest.mark.parametrize("recipe,capability,cuda,problem", [
+    ("blockwise", (8, 9), "12.9", r"blockwise needs Hopper \(sm_90\) or newer; this GPU is sm_89"),  # Ada
+    ("blockwise", (9, 0), "12.8", r"blockwise needs CUDA >= 12.9; this torch is built with CUDA 12.8"),
+    ("blockwise", (9, 0), "13.0", None),  # H100 / H200
+    ("blockwise", (10, 0), "12.9", None),
+    ("delayed", (8, 9), "12.1", None),
+    ("tensorwise", (8, 0), "12.9", r"needs an FP8-capable GPU .* this one is sm_80"),  # A100
+    ("mxfp8", (9, 0), "12.9", r"mxfp8 needs Blackwell .* this GPU is sm_90"),
+    ("mxfp8", (10, 0), "12.9", None),
+])
+def test_fp8_recipes_follow_transformer_engines_hardware_gates(recipe, capability, cuda, problem):
+    """Issue 11 item 6: TE's block-scaled GEMM needs sm_90+ (its _compute_fp8_block_scaling_support)."""
+    found = fp8_hardware_problem(ModelConfig(fp8="hybrid", fp8_recipe=recipe), capability, cuda)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and re.search(problem, found), found

@@ -74,12 +74,32 @@ def fp8_settings(model_cfg: ModelConfig, impl: str) -> dict[str, Any]:
             f"model.fp8={model_cfg.fp8!r} needs Transformer Engine on a GPU; install it with "
             "pip install -e '.[gpu]' or set model.fp8=null"
         )
-    major, minor = torch.cuda.get_device_capability()
-    if (major, minor) < (8, 9):
-        raise ConfigError(
-            f"model.fp8={model_cfg.fp8!r} needs an FP8-capable GPU (Hopper sm_90 or Ada sm_89); "
-            f"this one is sm_{major}{minor}. Set model.fp8=null"
-        )
-    if model_cfg.fp8_recipe == "mxfp8" and major < 10:
-        raise ConfigError("model.fp8_recipe=mxfp8 needs Blackwell (sm_100); use delayed or tensorwise on Hopper")
+    problem = fp8_hardware_problem(model_cfg, torch.cuda.get_device_capability(), torch.version.cuda)
+    if problem:
+        raise ConfigError(problem)
     return {"fp8": model_cfg.fp8, "fp8_recipe": model_cfg.fp8_recipe}
+
+
+def fp8_hardware_problem(model_cfg: ModelConfig, capability: tuple[int, int], cuda_version: str | None) -> str | None:
+    """Why this GPU cannot run ``model.fp8`` with ``model.fp8_recipe`` (None: it can).
+
+    Transformer Engine's own gates (``transformer_engine/pytorch/quantization.py``,
+    ``_compute_*_support``): FP8 needs sm_89+; block scaling sm_90+ and CUDA >= 12.9 (Ada's
+    sm_89 has no block-scaled GEMM); MXFP8 sm_100 up to, not including, sm_120. Checked here
+    so the run fails at start-up with the fix, not at the first forward inside TE.
+    """
+    major, minor = capability
+    fp8, recipe = model_cfg.fp8, model_cfg.fp8_recipe
+    if capability < (8, 9):
+        return (f"model.fp8={fp8!r} needs an FP8-capable GPU (Hopper sm_90 or Ada sm_89); "
+                f"this one is sm_{major}{minor}. Set model.fp8=null")
+    if recipe == "blockwise" and capability < (9, 0):
+        return (f"model.fp8_recipe=blockwise needs Hopper (sm_90) or newer; this GPU is sm_{major}{minor}. "
+                "Use model.fp8_recipe=delayed or tensorwise")
+    if recipe == "blockwise" and cuda_version and tuple(int(x) for x in cuda_version.split(".")[:2]) < (12, 9):
+        return (f"model.fp8_recipe=blockwise needs CUDA >= 12.9; this torch is built with CUDA {cuda_version}. "
+                "Use model.fp8_recipe=delayed or tensorwise")
+    if recipe == "mxfp8" and not (10, 0) <= capability < (12, 0):
+        return (f"model.fp8_recipe=mxfp8 needs Blackwell (sm_100 to sm_11x); this GPU is sm_{major}{minor}. "
+                "Use delayed or tensorwise on Hopper")
+    return None
