@@ -75,6 +75,7 @@ from megatron_rpt.bridge.name_maps import (
     named_parameters_global,
     qkv_from_mcore,
     unwrap,
+    uses_grouped_experts,
     uses_te_layout,
 )
 from megatron_rpt.model.hf_config import ArchConfig
@@ -326,7 +327,7 @@ class WeightBridge:
         self.chunks = [unwrap(c) for c in model_chunks]
         if te_layout is None:
             te_layout = any(uses_te_layout(c) for c in self.chunks)
-        self.names = NameMap(arch, te_layout)
+        self.names = NameMap(arch, te_layout, grouped_experts=any(uses_grouped_experts(c) for c in self.chunks))
         self.padded_vocab = self._padded_vocab()
         self.topo = _Topology.current(bool(arch.num_experts))
         self.engine_tp_size, self.engine_tp_rank = self._check_engine_tp(engine_tp_size, engine_tp_rank)

@@ -60,9 +60,18 @@ def layer_spec(arch: ArchConfig, impl: str) -> Any:
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
-        return get_gpt_layer_local_spec(
+        spec = get_gpt_layer_local_spec(
             num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_norm, normalization="RMSNorm"
         )
+    if num_experts:
+        # The local spec saves pre_mlp_layernorm.* as mlp.linear_fc1.layer_norm_* in dist checkpoints,
+        # where TE's dense spec fuses that norm into linear_fc1; TE's MoE spec keeps a separate
+        # pre_mlp_layernorm (gpt_layer_specs.py: pre_mlp_layernorm=backend.layer_norm() if num_experts).
+        # Keep the MoE name so a checkpoint written with the local spec loads under TE and back.
+        keys = dict(spec.submodules.sharded_state_dict_keys_map)
+        keys.pop("pre_mlp_layernorm.", None)
+        spec.submodules.sharded_state_dict_keys_map = keys
+    return spec
 
 
 def fp8_settings(model_cfg: ModelConfig, impl: str) -> dict[str, Any]:
