@@ -1,7 +1,7 @@
 """Generated tokens/s of the built-in rollout engine vs ``transformers`` ``generate``.
 
-Same random Qwen2-shaped model (~33M parameters, tied embeddings), same prompts, same
-number of new tokens (EOS disabled so every row runs to ``--new-tokens``), sampling at
+Same random Qwen2-shaped model (``--size small``: ~33M parameters, tied embeddings; ``gpu``:
+~0.5B, in ``--dtype bfloat16`` on a GPU), same prompts, same number of new tokens (EOS disabled so every row runs to ``--new-tokens``), sampling at
 temperature 1. Scenarios:
 
 * ``batch B``: B different prompts, one sample each. The built-in engine is compared with
@@ -15,6 +15,7 @@ skews both alike. Prints a table and writes JSON (temp file, then rename). Issue
 targets: >= 1x HF at batch 1, >= 2x at batch 32.
 
     python benchmarks/bench_rollout.py [--device cpu] [--threads 1] [--out benchmarks/results/bench_rollout.json]
+    python benchmarks/bench_rollout.py --device cuda --size gpu --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -30,19 +31,24 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from megatron_rpt.model.build import DTYPES
 from megatron_rpt.model.hf_config import arch_from_dict
 from megatron_rpt.rollout import BuiltinEngine, SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
+SIZES = {
+    "small": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2,
+                  intermediate_size=1408),
+    "gpu": dict(hidden_size=1536, num_hidden_layers=16, num_attention_heads=12, num_key_value_heads=2,
+                intermediate_size=4096),
+}
 
 
-def build_model(device: str) -> tuple[Qwen2ForCausalLM, Qwen2Config]:
-    cfg = Qwen2Config(vocab_size=32000, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
-                      num_key_value_heads=2, intermediate_size=1408, tie_word_embeddings=True,
-                      max_position_embeddings=4096)
+def build_model(device: str, size: str = "small", dtype: str = "float32") -> tuple[Qwen2ForCausalLM, Qwen2Config]:
+    cfg = Qwen2Config(vocab_size=32000, tie_word_embeddings=True, max_position_embeddings=4096, **SIZES[size])
     cfg.architectures = ["Qwen2ForCausalLM"]
     torch.manual_seed(0)
-    return Qwen2ForCausalLM(cfg).eval().to(device), cfg
+    return Qwen2ForCausalLM(cfg).eval().to(device=device, dtype=DTYPES[dtype]), cfg
 
 
 def timed(fn: Callable[[], object], device: str) -> float:
@@ -71,9 +77,11 @@ def hf_generate(model, prompts: torch.Tensor, new_tokens: int, n: int = 1) -> No
     assert out.shape == (prompts.shape[0] * n, prompts.shape[1] + new_tokens)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", choices=sorted(SIZES), default="small", help="model shape")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of both engines")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -85,14 +93,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0 = torch default); 1 is steadiest on a shared machine")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/bench_rollout.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, cfg = build_model(args.device)
+    model, cfg = build_model(args.device, args.size, args.dtype)
     arch = arch_from_dict(cfg.to_dict(), source="bench model")
     grpo_prompts, grpo_n, grpo_len = args.grpo
-    engine = BuiltinEngine(arch, "float32", args.device, max_batch_size=max(args.batches + [grpo_prompts * grpo_n]),
+    engine = BuiltinEngine(arch, args.dtype, args.device, max_batch_size=max(args.batches + [grpo_prompts * grpo_n]),
                            max_seq_len=max(args.prompt_tokens, grpo_len) + args.new_tokens, eos_token_ids=[])
     engine.update_weights(model.state_dict().items())
     gen = torch.Generator().manual_seed(1)
@@ -144,6 +152,8 @@ def main() -> None:
     result = {
         "benchmark": "bench_rollout",
         "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
+        "dtype": args.dtype,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),

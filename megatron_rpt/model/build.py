@@ -34,10 +34,12 @@ def fusion_settings(on_gpu: bool, impl: str) -> dict[str, bool]:
     ``scaled_masked_softmax_cuda`` for fp16/bf16 scores with more than 16 keys, and that
     extension is not in the megatron-core wheel (``ModuleNotFoundError`` at the first long
     forward), so it is on only with Transformer Engine (whose attention does not use it) or
-    when the kernels import.
+    when the kernels import. ``bias_dropout_fusion`` stays off: these models have no linear
+    biases and no dropout, so the fused op is one residual add, and megatron-core wraps it in
+    ``torch.compile`` on torch >= 2.2 (a compile per new sequence length, tens of seconds each).
     """
     return dict(
-        bias_dropout_fusion=on_gpu,
+        bias_dropout_fusion=False,
         masked_softmax_fusion=on_gpu and (impl == "transformer_engine" or fused_softmax_available()),
         apply_rope_fusion=on_gpu and impl == "transformer_engine",
         gradient_accumulation_fusion=False,
