@@ -1,8 +1,8 @@
 """Generated tokens/s of the built-in rollout engine vs ``transformers`` ``generate``.
 
 Same random Qwen2-shaped model (``--size small``: ~33M parameters, tied embeddings; ``gpu``:
-~0.5B, in ``--dtype bfloat16`` on a GPU), same prompts, same number of new tokens (EOS disabled so every row runs to ``--new-tokens``), sampling at
-temperature 1. Scenarios:
+~0.5B, in ``--dtype bfloat16`` on a GPU), same prompts, same number of new tokens (EOS
+disabled so every row runs to ``--new-tokens``), sampling at temperature 1. Scenarios:
 
 * ``batch B``: B different prompts, one sample each. The built-in engine is compared with
   HF ``generate`` on the whole batch at once and with HF ``generate`` prompt by prompt (that

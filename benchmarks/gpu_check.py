@@ -111,16 +111,12 @@ def roofline_stage(dry: bool) -> dict[str, Any]:
     device = "cpu" if dry else "cuda"
     n, dtype = (256, torch.float32) if dry else (8192, torch.bfloat16)
     gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    matmul_s = _median_seconds(lambda: a @ b, device)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=gen) for _ in range(2))
+    matmul_s = _median_seconds(lambda: torch.mm(a, b), device)
     nbytes = (64 if dry else 4096) * 2**20
     src = torch.randn(nbytes // 2, device=device, dtype=torch.bfloat16, generator=gen)
     dst = torch.empty_like(src)
     copy_s = _median_seconds(lambda: dst.copy_(src), device)
-    del a, b, src, dst
-    if device == "cuda":
-        torch.cuda.empty_cache()
     return {"matmul": {"n": n, "dtype": str(dtype).removeprefix("torch."), "seconds": matmul_s,
                        "tflops": 2 * n**3 / matmul_s / 1e12},
             "copy": {"bytes": nbytes, "seconds": copy_s, "gb_per_s": nbytes / copy_s / 1e9,
@@ -183,8 +179,9 @@ def train_stage(dry: bool, work: Path, timeout: float, peak_tflops: float) -> di
 
     toy = prepare_toy(work / "toy", num_docs=64 if dry else 256, doc_len=40 if dry else 1100)
     vocab = len(ALPHABET) + 1  # the toy tokenizer's letters + end of text
-    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": vocab, "eos_token_id": vocab - 1,
-              "bos_token_id": vocab - 1, "max_position_embeddings": 2048, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
+    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": vocab,
+              "eos_token_id": vocab - 1, "bos_token_id": vocab - 1, "max_position_embeddings": 2048,
+              "rope_theta": 1e6, "rms_norm_eps": 1e-6,
               "tie_word_embeddings": False, **TRAIN_MODEL[dry]}
     (work / "train_model").mkdir(exist_ok=True)
     (work / "train_model" / "config.json").write_text(json.dumps(config))
@@ -254,7 +251,8 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         lines.append(f"  sync {row['bridge_gbps']:.1f} GB/s = {100 * row['ratio_to_memcpy']:.0f} % of copy")
     rollout = s.get("rollout", {}).get("report")
     if rollout:
-        lines += [f"  rollout {r['scenario']}: {r['speedup_vs_hf_batched']:.2f}x HF generate" for r in rollout["results"]]
+        lines += [f"  rollout {r['scenario']}: {r['speedup_vs_hf_batched']:.2f}x HF generate"
+                  for r in rollout["results"]]
     return lines
 
 
@@ -282,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                     result = {"ok": True, **env_stage(args.dry_run)}
                 elif name == "roofline":
                     result = {"ok": True, **roofline_stage(args.dry_run)}
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()  # its 8 GiB of buffers back to the later stages' processes
                 elif name == "train":
                     peak = data["stages"].get("roofline", {}).get("matmul", {}).get("tflops", 989.0)
                     result = train_stage(args.dry_run, work, min(timeouts[name], left), peak)

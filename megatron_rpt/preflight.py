@@ -64,8 +64,8 @@ def check_node(cfg: Config, gpus: int) -> tuple[list[str], list[str]]:
                    f"model.fp8={cfg.model.fp8}" if cfg.model.fp8 else
                    f"parallel.context_parallel={cfg.parallel.context_parallel}" if te_required else
                    "model.transformer_impl=auto picks it because it is installed")
-            problems.append(f"{host}: {why} but `import transformer_engine.pytorch` fails ({error}); "
-                            "pip install -e '.[gpu]' (matching this torch and CUDA), or set model.transformer_impl=local")
+            problems.append(f"{host}: {why} but `import transformer_engine.pytorch` fails ({error}); pip install "
+                            "-e '.[gpu]' (matching this torch and CUDA), or set model.transformer_impl=local")
     elif gpus and impl == "auto":
         warnings.append(f"{host}: Transformer Engine is not installed: model.transformer_impl=auto uses the local "
                         "spec (slower, no FP8); pip install -e '.[gpu]' for the fast path")

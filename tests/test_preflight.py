@@ -47,7 +47,7 @@ def test_cli_exit_codes(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("model:\n  hf_config: ''\n")
     # The trainer's own arguments pass through (--resume is the trainer's; --set overrides apply).
-    assert main(["--gpus", "0", "--config", str(config), "--resume", "auto", "--set", "model.hf_checkpoint=auto:smollm2",
-                 "--set", "data.paths=[]"]) == 0
+    assert main(["--gpus", "0", "--config", str(config), "--resume", "auto",
+                 "--set", "model.hf_checkpoint=auto:smollm2", "--set", "data.paths=[]"]) == 0
     assert main(["--gpus", "2", "--config", str(config), "--set", "model.hf_checkpoint=auto:smollm2"]) == 1
     assert "expected 2 GPUs" in capsys.readouterr().err

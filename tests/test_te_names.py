@@ -94,7 +94,7 @@ def test_grouped_expert_index_is_the_gemm_index_plus_the_expert_parallel_offset(
     assert expert == 2 and tmap.tp_dim == 1
     # EP rank 1 of 2 holds experts 2 and 3 as its GEMMs 0 and 1.
     model = torch.nn.Module()
-    assert global_param_name(model, "mlp.experts.linear_fc2.weight1", expert_offset=2) == "mlp.experts.linear_fc2.weight3"
+    assert global_param_name(model, "mlp.experts.linear_fc2.weight1", 2) == "mlp.experts.linear_fc2.weight3"
     assert global_param_name(model, "mlp.experts.local_experts.1.linear_fc2.weight", 2) == \
         "mlp.experts.local_experts.3.linear_fc2.weight"
 
