@@ -13,6 +13,7 @@ setup(
         "transformers>=4.51",
         "safetensors>=0.4",
         "tokenizers>=0.20",
+        "sentencepiece>=0.2",  # Llama-2 / Mistral checkpoints ship only a SentencePiece tokenizer.model
         "datasets>=3.0",
         "pyarrow>=15",
         "pyyaml>=6",

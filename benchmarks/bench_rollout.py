@@ -1,11 +1,12 @@
 """Generated tokens/s of the built-in rollout engine vs vLLM (CPU build) vs ``transformers`` ``generate``.
 
-Same random Qwen2-shaped model (~33M parameters, tied embeddings), same prompts, same
-number of new tokens (EOS disabled so every row runs to ``--new-tokens``), sampling at
-temperature 1, one process. vLLM runs in-process (``VLLMEngine``, dummy weights replaced by
-``update_weights``, no tokenizer); its CPU worker binds the process to one thread per rank and
-ignores later ``torch.set_num_threads`` calls, so every engine is timed with the threads vLLM
-leaves (recorded). ``--no-vllm`` skips it. Scenarios:
+Same random Qwen2-shaped model (``--size small``: ~33M parameters, tied embeddings; ``gpu``:
+~0.5B, in ``--dtype bfloat16`` on a GPU), same prompts, same number of new tokens (EOS
+disabled so every row runs to ``--new-tokens``), sampling at temperature 1, one process. On
+CPU vLLM runs in-process too (``VLLMEngine``, dummy weights replaced by ``update_weights``, no
+tokenizer); its CPU worker binds the process to one thread per rank and ignores later
+``torch.set_num_threads`` calls, so every engine is timed with the threads vLLM leaves
+(recorded). ``--no-vllm`` skips it. Scenarios:
 
 * ``batch B``: B different prompts, one sample each. The built-in engine is compared with
   HF ``generate`` on the whole batch at once and with HF ``generate`` prompt by prompt (that
@@ -18,6 +19,7 @@ skews both alike. Prints a table and writes JSON (temp file, then rename). Issue
 targets: >= 1x HF at batch 1, >= 2x at batch 32.
 
     python benchmarks/bench_rollout.py [--device cpu] [--threads 1] [--no-vllm] [--out benchmarks/results/bench_rollout.json]
+    python benchmarks/bench_rollout.py --device cuda --size gpu --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -34,19 +36,24 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from megatron_rpt.model.build import DTYPES
 from megatron_rpt.model.hf_config import arch_from_dict
 from megatron_rpt.rollout import BuiltinEngine, SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
+SIZES = {
+    "small": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2,
+                  intermediate_size=1408),
+    "gpu": dict(hidden_size=1536, num_hidden_layers=16, num_attention_heads=12, num_key_value_heads=2,
+                intermediate_size=4096),
+}
 
 
-def build_model(device: str) -> tuple[Qwen2ForCausalLM, Qwen2Config]:
-    cfg = Qwen2Config(vocab_size=32000, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
-                      num_key_value_heads=2, intermediate_size=1408, tie_word_embeddings=True,
-                      max_position_embeddings=4096)
+def build_model(device: str, size: str = "small", dtype: str = "float32") -> tuple[Qwen2ForCausalLM, Qwen2Config]:
+    cfg = Qwen2Config(vocab_size=32000, tie_word_embeddings=True, max_position_embeddings=4096, **SIZES[size])
     cfg.architectures = ["Qwen2ForCausalLM"]
     torch.manual_seed(0)
-    return Qwen2ForCausalLM(cfg).eval().to(device), cfg
+    return Qwen2ForCausalLM(cfg).eval().to(device=device, dtype=DTYPES[dtype]), cfg
 
 
 def timed(fn: Callable[[], object], device: str) -> float:
@@ -67,7 +74,7 @@ def best_of_interleaved(fns: list[Callable[[], object]], repeats: int, device: s
     return best
 
 
-def vllm_engine(model, cfg: Qwen2Config, arch, max_rows: int, max_len: int, model_dir: Path):
+def vllm_engine(model, cfg: Qwen2Config, arch, dtype: str, max_rows: int, max_len: int, model_dir: Path):
     """vLLM's CPU build holding ``model``'s weights (pushed in place), or None without vLLM."""
     try:
         import vllm  # noqa: F401
@@ -77,7 +84,7 @@ def vllm_engine(model, cfg: Qwen2Config, arch, max_rows: int, max_len: int, mode
         print("vLLM is not installed: skipping it (bash tools/install_vllm_cpu.sh)")
         return None
     cfg.save_pretrained(model_dir)
-    engine = VLLMEngine(model_dir, arch, dtype="float32", enforce_eager=True, seed=0, max_model_len=max_len,
+    engine = VLLMEngine(model_dir, arch, dtype=dtype, enforce_eager=True, seed=0, max_model_len=max_len,
                         max_num_seqs=max_rows, load_format="dummy", skip_tokenizer_init=True)
     engine.update_weights(model.state_dict().items())
     return engine
@@ -96,9 +103,11 @@ def hf_generate(model, prompts: torch.Tensor, new_tokens: int, n: int = 1) -> No
     assert out.shape == (prompts.shape[0] * n, prompts.shape[1] + new_tokens)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", choices=sorted(SIZES), default="small", help="model shape")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of both engines")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -111,21 +120,21 @@ def main() -> None:
                         help="torch CPU threads (0 = torch default); 1 is steadiest on a shared machine")
     parser.add_argument("--no-vllm", action="store_true", help="time the built-in engine and HF only")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/bench_rollout.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, cfg = build_model(args.device)
+    model, cfg = build_model(args.device, args.size, args.dtype)
     arch = arch_from_dict(cfg.to_dict(), source="bench model")
     grpo_prompts, grpo_n, grpo_len = args.grpo
     max_rows = max(args.batches + [grpo_prompts * grpo_n])
     max_len = max(args.prompt_tokens, grpo_len) + args.new_tokens
-    engine = BuiltinEngine(arch, "float32", args.device, max_batch_size=max_rows, max_seq_len=max_len,
+    engine = BuiltinEngine(arch, args.dtype, args.device, max_batch_size=max_rows, max_seq_len=max_len,
                            eos_token_ids=[])
     engine.update_weights(model.state_dict().items())
     tmp_dir = tempfile.TemporaryDirectory()
-    vllm = None if args.no_vllm or args.device != "cpu" else vllm_engine(model, cfg, arch, max_rows, max_len,
-                                                                         Path(tmp_dir.name))
+    vllm = None if args.no_vllm or args.device != "cpu" else vllm_engine(model, cfg, arch, args.dtype, max_rows,
+                                                                         max_len, Path(tmp_dir.name))
     gen = torch.Generator().manual_seed(1)
     # Warm up every path once (allocator, kernels).
     engine.generate([[1, 2, 3]], SamplingParams(max_tokens=4))
@@ -182,6 +191,8 @@ def main() -> None:
     result = {
         "benchmark": "bench_rollout",
         "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
+        "dtype": args.dtype,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "vllm": None if vllm is None else __import__("vllm").__version__,

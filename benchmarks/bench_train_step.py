@@ -9,8 +9,10 @@ warm-up and dropped), token throughput, and the achieved FLOP/s:
 * rollout FLOPs   = 2 * N * generated tokens (prefill counted in the prompt tokens it re-reads: ignored)
 
 with N the parameter count from the architecture. On a GPU, MFU = achieved / peak
-(``--peak-tflops``, default 989 = H100 SXM dense bf16). Prints a table, writes JSON (atomically)
-to ``benchmarks/results/bench_train_step.json``.
+(``--peak-tflops``, default 989 = H100 SXM dense bf16; ``benchmarks/gpu.sh`` passes the bf16
+matmul rate it measured in the same run), and the CUDA memory after the run is reported with
+what emptying PyTorch's cache hands back (what the rollout engine gets at its next wake-up).
+Prints a table, writes JSON (atomically) to ``benchmarks/results/bench_train_step.json``.
 
     python benchmarks/bench_train_step.py [--config configs/tiny_cpu.yaml] [--steps 3] [--set k=v ...]
 """
@@ -49,6 +51,14 @@ def _bench(config: str, overrides: list[str], steps: int) -> dict:
         vals = [h[key] for h in measured if key in h]
         return sum(vals) / len(vals) if vals else float("nan")
 
+    cuda: dict[str, float] = {}
+    if torch.cuda.is_available():
+        from megatron_rpt.rollout.handover import release_cuda_cache
+
+        cuda = {"max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "reserved_gib": torch.cuda.memory_reserved() / 2**30}
+        cuda["released_by_empty_cache_gib"] = release_cuda_cache() / 2**30
+
     phases = {p: mean(f"time/{p}") for p in ("rollout", "logprob", "update", "sync")}
     step = mean("time/step")
     trained = mean("compute/trained_tokens")
@@ -64,6 +74,8 @@ def _bench(config: str, overrides: list[str], steps: int) -> dict:
         "train_tflops": train_flops / (phases["logprob"] + phases["update"]) / 1e12,
         "rollout_tflops": rollout_flops / phases["rollout"] / 1e12,
         "reward_mean": mean("reward/mean"),
+        "params_dtype": cfg.model.params_dtype, "transformer_impl": cfg.model.transformer_impl,
+        "rollout_engine": cfg.rollout.engine, "cuda_memory": cuda,
     }
 
 

@@ -1,7 +1,8 @@
 #!/bin/bash
 # RPT, the paper's recipe: DeepSeek-R1-Distill-Qwen-14B on 4 nodes x 8 H100 80GB (TP4, DP8).
 # Config: configs/rpt_14b.yaml. Submit from the repository root (trailing arguments go to
-# the trainer); set RPT_CKPT / RPT_TOKENIZER / RPT_PROXY_MODEL / RPT_DATA first:
+# the trainer); set RPT_CKPT / RPT_TOKENIZER / RPT_PROXY_MODEL / RPT_DATA and RPT_RUNS_ROOT (or
+# SCRATCH: checkpoints go to $RPT_RUNS_ROOT/<job>-<id>, never into the repository) first:
 #   mkdir -p logs && sbatch examples/rpt_14b.sh [--set train.steps=10 ...]
 # Requeues itself at the time limit and resumes from the last checkpoint; launcher knobs
 # (run dir, NCCL settings, extra args) are documented in examples/lib/launch.sh.
@@ -16,10 +17,13 @@
 #SBATCH --output=logs/%x-%j.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
-#SBATCH --signal=B:USR1@900
+#SBATCH --signal=B:USR1@1320
 set -euo pipefail
 
 export GPUS_PER_NODE=8
+# The trainer stops between RL steps: the grace (torchrun's wait after the signal) covers one
+# step plus the save, at least twice tools/plan.py's step estimate; the USR1 lead exceeds it.
+export RPT_SAVE_GRACE_S=${RPT_SAVE_GRACE_S:-1200}
 export RPT_CONFIG=${RPT_CONFIG:-configs/rpt_14b.yaml}
 
 # shellcheck source-path=SCRIPTDIR source=lib/launch.sh

@@ -17,6 +17,7 @@ export CUDA_VISIBLE_DEVICES=""   # CPU ranks over gloo even when the node has GP
 export NPROC_PER_NODE=1
 export RPT_CONFIG=${RPT_CONFIG:-configs/tiny_cpu.yaml}
 export RPT_SAVE_GRACE_S=${RPT_SAVE_GRACE_S:-50}
+export RPT_RUNS_IN_REPO=${RPT_RUNS_IN_REPO:-1}   # a small smoke run: runs/ in the repository is fine
 
 # shellcheck source-path=SCRIPTDIR source=lib/launch.sh
 source "${RPT_REPO:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}/examples/lib/launch.sh"

@@ -63,6 +63,15 @@ class ParallelConfig:
     distributed_optimizer: bool = True
     # Intended world size of a recipe; validated when given (SLURM recipes set it).
     world_size: int | None = None
+    # Timeout of every collective (world group and Megatron's groups). Ranks that finish their
+    # rollouts first wait for the slowest at the next collective; torch's NCCL default (10 min)
+    # is shorter than an 8k-token rollout phase at scale. Peers use 20-30 minutes.
+    distributed_timeout_minutes: int = 30
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.distributed_timeout_minutes <= 1440:
+            raise ConfigError(f"parallel.distributed_timeout_minutes={self.distributed_timeout_minutes} must be "
+                              "in [1, 1440] (minutes a collective may wait for the slowest rank); e.g. 30")
 
 
 @dataclass

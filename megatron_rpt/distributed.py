@@ -1,6 +1,7 @@
 """Process-group and Megatron parallel-state set-up, for torchrun and for tests.
 
-Owns: picking the backend (NCCL on GPU, gloo on CPU), enabling the CPU shim,
+Owns: picking the backend (on GPU ``cpu:gloo,cuda:nccl``: NCCL for CUDA tensors and gloo for
+CPU tensors in every group; gloo on CPU), the process-group timeout, enabling the CPU shim,
 initialising ``megatron.core.parallel_state`` from a :class:`ParallelConfig`, seeding
 Megatron's RNG trackers, the small collectives of Python numbers every other module uses
 (:func:`all_reduce_numbers`: the tensor goes on the device the group's backend needs, so
@@ -10,6 +11,7 @@ launcher that runs a function on N local ranks (used by tests and ``tools/conver
 
 from __future__ import annotations
 
+import datetime
 import io
 import os
 import queue as queue_module
@@ -32,6 +34,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_group_backend(cuda: bool) -> str:
+    """The backend of the world group: ``cpu:gloo,cuda:nccl`` on GPU, ``gloo`` on CPU.
+
+    Why two on GPU: NCCL rejects CPU tensors ("No backend type associated with device type
+    cpu"), and CPU tensors reach collectives from many places (a few Python numbers, object
+    collectives, a benchmark's host buffer). Megatron's ``parallel_state`` creates its groups
+    with ``backend=None``, which ``torch.distributed.new_group`` resolves to the world group's
+    backend string, so every Megatron group gets both too: CUDA tensors still go over NCCL.
+    """
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
 def init_distributed(
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
@@ -39,8 +53,15 @@ def init_distributed(
     expert_parallel: int = 1,
     virtual_pipeline: int | None = None,
     seed: int = 1234,
+    timeout_minutes: int = 30,
 ) -> None:
-    """Initialise torch.distributed (from torchrun env vars) and Megatron's parallel state."""
+    """Initialise torch.distributed (from torchrun env vars) and Megatron's parallel state.
+
+    ``timeout_minutes`` (``parallel.distributed_timeout_minutes``) bounds every collective of
+    the world group and of Megatron's groups: ranks that finish their rollouts first wait for
+    the slowest one at the next collective, and torch's own NCCL default (10 minutes) is
+    shorter than a long-response rollout phase.
+    """
     from megatron.core import parallel_state, tensor_parallel as mtp
 
     on_gpu = torch.cuda.is_available()
@@ -54,7 +75,8 @@ def init_distributed(
         os.environ.setdefault("LOCAL_RANK", "0")
         if on_gpu:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(backend="nccl" if on_gpu else "gloo")
+        dist.init_process_group(backend=process_group_backend(on_gpu),
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     world = dist.get_world_size()
     model_parallel = tensor_parallel * pipeline_parallel * context_parallel
     if world % model_parallel != 0:
@@ -71,6 +93,7 @@ def init_distributed(
         virtual_pipeline_model_parallel_size=virtual_pipeline,
         context_parallel_size=context_parallel,
         expert_model_parallel_size=expert_parallel,
+        distributed_timeout_minutes=timeout_minutes,
     )
     mtp.model_parallel_cuda_manual_seed(seed)
 
@@ -79,8 +102,9 @@ def collective_device(group: Any = None) -> torch.device:
     """The device a tensor must live on for a collective over ``group`` (default: the world).
 
     NCCL only moves CUDA tensors ("No backend type associated with device type cpu"); gloo
-    moves CPU tensors. A group created with both (``cpu:gloo,cuda:nccl``) takes either; CUDA
-    is used then, like NCCL.
+    moves CPU tensors. A group created with both (``cpu:gloo,cuda:nccl``, what
+    :func:`init_distributed` creates on GPU) takes either; CUDA is used then, so the numbers
+    travel over NCCL with the rest of the step's traffic.
     """
     backend = str(dist.get_backend(group)).lower()
     if "nccl" in backend and torch.cuda.is_available():

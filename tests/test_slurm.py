@@ -81,8 +81,9 @@ def sbatch_directives(script: Path) -> dict[str, str]:
 
 def stub_env(tmp: Path, **extra: str) -> dict[str, str]:
     (tmp / "rpt_stub_trainer.py").write_text(STUB_TRAINER)
+    # The stub replaces the trainer, so the preflight of the trainer's needs is off (tested below).
     env = {"PYTHONPATH": str(tmp), "RPT_TRAIN_MODULE": "rpt_stub_trainer", "RPT_CONFIG": "configs/rpt_14b.yaml",
-           "RPT_RUN_DIR": str(tmp / "run")}
+           "RPT_RUN_DIR": str(tmp / "run"), "RPT_PREFLIGHT": "0"}
     env.update(extra)
     return env
 
@@ -109,13 +110,31 @@ def test_gpu_recipe_matches_its_config(script, config, monkeypatch):
     assert d["ntasks-per-node"] == "1" and d["gpus-per-node"] == "8"
     assert d["output"] == "logs/%x-%j.out" and "requeue" in d and d.get("open-mode") == "append"
     lead = int(re.fullmatch(r"B:USR1@(\d+)", d["signal"]).group(1))
-    grace = int(re.search(r"RPT_SAVE_GRACE_S:-(\d+)", LAUNCH_LIB.read_text()).group(1))
-    assert lead > grace, f"the USR1 lead time ({lead} s) must exceed the launcher's save grace ({grace} s)"
     text = path.read_text()
+    grace = int(re.search(r"RPT_SAVE_GRACE_S:-(\d+)", text).group(1))
+    # SLURM sends the signal up to a minute early or late: the lead must cover the grace and that.
+    assert lead >= grace + 60, f"the USR1 lead time ({lead} s) must exceed the save grace ({grace} s) by 60 s"
     assert f"RPT_CONFIG:-{config}" in text and "rpt_launch" in text and "examples/lib/launch.sh" in text
     cfg = load_config(REPO / config, validate_paths=False)
     assert cfg.parallel.world_size == int(d["nodes"]) * int(d["gpus-per-node"]), (
         f"{script} asks for {d['nodes']} x 8 GPUs but {config} has world_size {cfg.parallel.world_size}")
+    _assert_grace_covers_a_step(script, cfg, grace)
+
+
+def _assert_grace_covers_a_step(script: str, cfg, grace: int) -> None:
+    """The trainer stops between RL steps: after the signal it finishes the step and saves.
+
+    Two lower bounds on a step, from the planner's model on H100s (megatron_rpt/plan.py): its
+    estimate, doubled (it is a simple throughput model); and the longest response decoded one
+    token at a time at 50 ms per token (decoding a 72B model at TP8) plus its training time.
+    """
+    from megatron_rpt.plan import Hardware, plan_config
+
+    planned = plan_config(cfg, Hardware(gpus=cfg.parallel.world_size)).configured.time
+    latency_bound = cfg.rollout.max_response_tokens * 0.050 + planned.train_s
+    need = max(2 * planned.total_s, latency_bound)
+    assert grace >= need, (f"{script}: RPT_SAVE_GRACE_S={grace} s is shorter than one RL step plus its save "
+                           f"(planner {planned.total_s:.0f} s x 2, decode bound {latency_bound:.0f} s)")
 
 
 def test_tiny_cpu_script_shape():
@@ -172,6 +191,74 @@ def test_launcher_forwards_usr1_to_the_trainer(tmp_path, path):
     assert "got SIGUSR1" in out and "not requeueing" in out  # no SLURM job to requeue
     # torchrun logs "Received 10 death signal" only when it handles the signal itself
     assert ("death signal" in out) == (path == "torchrun-forwards"), out
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLURM_") and k not in ("RPT_RUN_DIR", "RPT_RUNS_ROOT", "SCRATCH", "RPT_RDZV_PORT")}
+    env.update(extra)
+    return env
+
+
+def test_checkpoints_never_default_into_the_repository(tmp_path):
+    """A GPU recipe without RPT_RUN_DIR / RPT_RUNS_ROOT / SCRATCH stops before anything runs."""
+    env = _clean_env(**stub_env(tmp_path), NPROC_PER_NODE="1")
+    del env["RPT_RUN_DIR"]
+    before = sorted((REPO / "runs").glob("*")) if (REPO / "runs").is_dir() else []
+    proc = subprocess.run(["bash", "examples/rpt_14b.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "set RPT_RUN_DIR (this run) or RPT_RUNS_ROOT or SCRATCH" in proc.stderr
+    assert (sorted((REPO / "runs").glob("*")) if (REPO / "runs").is_dir() else []) == before
+    # $SCRATCH is the default parent when set.
+    env["SCRATCH"] = str(tmp_path / "scratch")
+    proc = subprocess.run(["bash", "examples/rpt_14b.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (record,) = (tmp_path / "scratch" / "megatron-rpt").glob("rpt_14b-local-*/stub-run0.json")
+    assert f"logging.dir={record.parent}" in json.loads(record.read_text())["argv"]
+
+
+def _local_port_range() -> tuple[int, int]:
+    path = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    lo, hi = (int(x) for x in path.read_text().split()) if path.is_file() else (32768, 60999)
+    return lo, hi
+
+
+def test_rendezvous_port_stays_out_of_the_ephemeral_range(tmp_path):
+    lo, hi = _local_port_range()
+    env = _clean_env(**stub_env(tmp_path))
+    proc = subprocess.run(["bash", "examples/rpt_tiny_cpu.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    port = int(re.search(r"rendezvous 127\.0\.0\.1:(\d+)", proc.stdout).group(1))
+    assert 20000 <= port < 30000 and not lo <= port <= hi, port
+    env["RPT_RDZV_PORT"] = str((lo + hi) // 2)
+    proc = subprocess.run(["bash", "examples/rpt_tiny_cpu.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and f"inside this node's ephemeral port range {lo}-{hi}" in proc.stderr, proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="needs torchrun on PATH")
+def test_preflight_runs_before_the_trainer(tmp_path):
+    """The real preflight with the trainer's arguments: a config whose Transformer Engine does not
+    import here stops the job before torchrun starts; the same config with the local spec runs."""
+    from megatron_rpt.toy import prepare_toy
+
+    toy = prepare_toy(tmp_path / "toy")
+    env = _clean_env(**{**stub_env(tmp_path), "RPT_PREFLIGHT": "1", "RPT_CONFIG": "configs/toy_learn.yaml",
+                        "RPT_TOY_DIR": str(toy), "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
+    proc = subprocess.run(["bash", "examples/rpt_tiny_cpu.sh", "--set", "model.transformer_impl=transformer_engine"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "model.transformer_impl=transformer_engine but `import transformer_engine.pytorch` fails" in proc.stderr
+    assert "the preflight failed" in proc.stderr
+    assert not (tmp_path / "run" / "stub-run0.json").exists()  # the trainer never started
+    proc = subprocess.run(["bash", "examples/rpt_tiny_cpu.sh", "--set", "model.transformer_impl=local"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[preflight]" in proc.stdout and ": ok (0 GPU(s) expected" in proc.stdout
+    assert (tmp_path / "run" / "stub-run0.json").exists()
 
 
 def test_launcher_refuses_missing_config(tmp_path):

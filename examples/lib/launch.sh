@@ -1,10 +1,12 @@
 # shellcheck shell=bash
 # The one SLURM launcher behind every examples/*.sh recipe.
 #
-# Owns: finding the repository, the per-job run directory (checkpoints + logs), the
-# NCCL/CUDA environment, the torchrun rendezvous on every node through srun, forwarding
-# SIGUSR1/SIGTERM to the trainer so it checkpoints, and requeueing the job when it was
-# stopped for the time limit (the requeued job resumes with --resume auto).
+# Owns: finding the repository, the per-job run directory (checkpoints + logs, outside the
+# repository), the NCCL/CUDA environment, a preflight on every node (python -m
+# megatron_rpt.preflight: config, GPUs, vllm / transformer_engine import), the torchrun
+# rendezvous on every node through srun, forwarding SIGUSR1/SIGTERM to the trainer so it
+# checkpoints, and requeueing the job when it was stopped for the time limit (the requeued
+# job resumes with --resume auto).
 #
 # Two ways in:
 #   * sourced by a recipe, which sets RPT_CONFIG (and NPROC_PER_NODE/GPUS_PER_NODE) and
@@ -16,18 +18,27 @@
 #
 # Knobs (environment; all optional):
 #   RPT_REPO           repository root (default: $SLURM_SUBMIT_DIR, else the script's ..)
-#   RPT_RUN_DIR        run directory; default runs/<job-name>-<job-id>. A requeued job keeps
-#                      its id, so it finds its checkpoints; set it to continue another job.
+#   RPT_RUN_DIR        run directory (checkpoints + logs); default $RPT_RUNS_ROOT/<job-name>-<job-id>,
+#                      else $SCRATCH/megatron-rpt/<job-name>-<job-id>; with neither set the launcher
+#                      stops with an error: checkpoints are ~200 GB each for 14B (weights + Adam
+#                      state) and never go into the repository by default. A requeued job keeps
+#                      its id, so it finds its checkpoints; set RPT_RUN_DIR to continue another job.
+#   RPT_RUNS_ROOT      parent directory of the run directories (a large shared file system)
+#   RPT_RUNS_IN_REPO   1: default to <repo>/runs (small CPU smoke runs: rpt_tiny_cpu.sh sets it)
+#   RPT_PREFLIGHT      0: skip the per-node preflight (python -m megatron_rpt.preflight)
 #   RPT_EXTRA_ARGS     extra trainer arguments, word-split (e.g. "--set train.steps=2")
 #   RPT_TRAIN_MODULE   python module to run (default megatron_rpt.train)
 #   RPT_TORCHRUN       torchrun executable (default torchrun; pick the venv's one)
 #   RPT_PYTHON         the python that torchrun runs (default python), to probe its torch
 #   RPT_MAX_REQUEUES   stop requeueing after this many restarts (default 20)
 #   RPT_SAVE_GRACE_S   seconds torchrun gives the ranks after a signal (finish the current
-#                      phase, save) before SIGKILL; default 840, below the recipes'
-#                      --signal=B:USR1@900 lead time. One RL step of a large recipe takes
-#                      minutes (python tools/plan.py estimates it): keep the lead above it.
-#   RPT_RDZV_PORT      rendezvous port on the first node (default 20000 + job id % 20000)
+#                      step -- the trainer stops between steps -- and save) before SIGKILL;
+#                      default 840. Each GPU recipe sets its own, at least twice the RL step
+#                      time tools/plan.py estimates (a 72B step with 8k-token rollouts takes
+#                      over 10 minutes), and its --signal=B:USR1@<lead> lead time above it.
+#   RPT_RDZV_PORT      rendezvous port on the first node (default 20000 + job id % 10000, below
+#                      Linux's ephemeral range 32768-60999 so no outgoing connection holds it;
+#                      checked against this node's net.ipv4.ip_local_port_range)
 
 # ----------------------------------------------------------------------------- environment
 
@@ -106,6 +117,12 @@ _rpt_wait() {
   return "$rc"
 }
 
+# Runs on every node (srun task) before the training step: the config, the GPUs and the
+# packages the config needs, in the environment the ranks will use.
+rpt_preflight() {
+  "${RPT_PYTHON:-python}" -m megatron_rpt.preflight --gpus "${GPUS_PER_NODE:-0}" "$@"
+}
+
 # ----------------------------------------------------------------------------- batch script
 
 _rpt_repo() {
@@ -118,6 +135,42 @@ _rpt_repo() {
   done
   echo "[rpt] error: cannot find the megatron-rpt repository; submit from its root or set RPT_REPO" >&2
   return 2
+}
+
+# The run directory: never inside the repository unless asked (RPT_RUNS_IN_REPO=1).
+_rpt_run_dir() {
+  local repo=$1 name=$2 id=$3 root
+  if [[ -n "${RPT_RUN_DIR:-}" ]]; then
+    echo "$RPT_RUN_DIR"
+    return 0
+  fi
+  root=${RPT_RUNS_ROOT:-${SCRATCH:+$SCRATCH/megatron-rpt}}
+  if [[ -z "$root" && "${RPT_RUNS_IN_REPO:-0}" == 1 ]]; then
+    root=$repo/runs
+  fi
+  if [[ -z "$root" ]]; then
+    echo "[rpt] error: no run directory: set RPT_RUN_DIR (this run) or RPT_RUNS_ROOT or SCRATCH (a parent for" \
+      "all runs) to a large shared file system; checkpoints (~200 GB each for 14B) are not written into" \
+      "the repository $repo" >&2
+    return 2
+  fi
+  echo "$root/$name-$id"
+}
+
+# The rendezvous port, outside this node's ephemeral port range (where the kernel picks the
+# local ports of outgoing connections, so one may already hold it).
+_rpt_rdzv_port() {
+  local id=$1 port lo=32768 hi=60999 range=/proc/sys/net/ipv4/ip_local_port_range
+  port=${RPT_RDZV_PORT:-$((20000 + id % 10000))}
+  if [[ -r "$range" ]]; then
+    read -r lo hi <"$range"
+  fi
+  if ((port >= lo && port <= hi)); then
+    echo "[rpt] error: rendezvous port $port is inside this node's ephemeral port range $lo-$hi" \
+      "(net.ipv4.ip_local_port_range); set RPT_RDZV_PORT to a free port below $lo" >&2
+    return 2
+  fi
+  echo "$port"
 }
 
 _RPT_STOP_SIGNAL=""
@@ -143,7 +196,8 @@ rpt_launch() {
   [[ -n "${SLURM_JOB_ID:-}" ]] && in_slurm=1
   local job_id=${SLURM_JOB_ID:-local-$$}
   local job_name=${SLURM_JOB_NAME:-$(basename "$config" .yaml)}
-  local run_dir=${RPT_RUN_DIR:-$repo/runs/${job_name}-${job_id}}
+  local run_dir
+  run_dir=$(_rpt_run_dir "$repo" "$job_name" "$job_id") || return 2
   mkdir -p "$run_dir"
 
   export NPROC_PER_NODE=${NPROC_PER_NODE:-${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}}
@@ -154,7 +208,8 @@ rpt_launch() {
     head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
   fi
   # torchrun's c10d store listens here on the first node (and sets MASTER_* for the ranks).
-  local port=${RPT_RDZV_PORT:-$((20000 + ${SLURM_JOB_ID:-$$} % 20000))}
+  local port
+  port=$(_rpt_rdzv_port "${SLURM_JOB_ID:-$$}") || return 2
   export RPT_RDZV_ENDPOINT="$head:$port"
   rpt_export_env
 
@@ -162,29 +217,40 @@ rpt_launch() {
   if [[ -n "${RPT_EXTRA_ARGS:-}" ]]; then
     read -r -a extra <<<"$RPT_EXTRA_ARGS"
   fi
-  local -a trainer=(
-    -m "${RPT_TRAIN_MODULE:-megatron_rpt.train}" --config "$config" --resume auto
+  local -a args=(
+    --config "$config" --resume auto
     --set "checkpoint.dir=$run_dir/checkpoints" --set "logging.dir=$run_dir"
     "${extra[@]}" "$@"
   )
+  local -a trainer=(-m "${RPT_TRAIN_MODULE:-megatron_rpt.train}" "${args[@]}")
 
   echo "[rpt] $(date '+%F %T') job $job_id (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-$(hostname)}:" \
     "${RPT_NNODES} node(s) x ${NPROC_PER_NODE} rank(s); config $config; run dir $run_dir"
   echo "[rpt] commit $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
+  local lib
+  lib="$repo/examples/lib/launch.sh"
+  # One task per node. srun of SLURM >= 22.05 no longer inherits --cpus-per-task from
+  # sbatch: pass it on, or the task (and every rank) may be bound to a single core.
+  local -a step=(--nodes="$RPT_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1)
+  if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+    step+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+  fi
+  if [[ "${RPT_PREFLIGHT:-1}" != 0 ]]; then
+    local -a preflight=(bash "$lib" preflight "${args[@]}")
+    ((in_slurm)) && preflight=(srun "${step[@]}" "${preflight[@]}")
+    if ! "${preflight[@]}"; then
+      echo "[rpt] error: the preflight failed (lines above); fix the environment or the config before" \
+        "the run starts (RPT_PREFLIGHT=0 skips it)" >&2
+      return 1
+    fi
+  fi
+
   trap '_rpt_on_signal USR1' USR1
   trap '_rpt_on_signal TERM' TERM
   trap '_rpt_on_signal INT' INT
-  local lib
-  lib="$repo/examples/lib/launch.sh"
   if ((in_slurm)); then
-    # One task per node; it execs torchrun, which starts NPROC_PER_NODE ranks. srun of
-    # SLURM >= 22.05 no longer inherits --cpus-per-task from sbatch: pass it on, or the
-    # task (and every rank) may be bound to a single core.
-    local -a step=(--nodes="$RPT_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1)
-    if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
-      step+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-    fi
+    # The task execs torchrun, which starts NPROC_PER_NODE ranks.
     srun "${step[@]}" bash "$lib" node "${trainer[@]}" &
   else
     bash "$lib" node "${trainer[@]}" &
@@ -220,6 +286,7 @@ rpt_launch() {
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
   case "${1:-}" in
     node) shift; rpt_node "$@" ;;
+    preflight) shift; rpt_preflight "$@" ;;
     *) echo "usage: source examples/lib/launch.sh && rpt_launch [trainer args]  (or: launch.sh node ARGS, used by srun)" >&2
        exit 2 ;;
   esac

@@ -14,6 +14,11 @@ Owns, per architecture family (Llama, Qwen2, Qwen3, Qwen3-MoE):
   * which dimension tensor parallelism splits (0: column-parallel, 1: row-parallel, None).
 The Transformer-Engine spec fuses the pre-attention / pre-MLP RMSNorm weights into
 ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``; ``te_layout=True`` maps those.
+MoE experts come in two layouts: ``SequentialMLP`` (local spec) keeps one module per expert,
+``mlp.experts.local_experts.{e}.linear_fc1.weight``; ``TEGroupedMLP`` (TE spec with
+``moe_grouped_gemm``, the fast path) keeps one TE ``GroupedLinear`` per projection whose
+parameters are ``weight0..weight{n-1}``, ``mlp.experts.linear_fc1.weight{e}``
+(``grouped_experts=True``). Both hold the same per-expert tensors in the same layout.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ class TensorMap:
         return fill(self.mcore), tuple(fill(h) for h in self.hf)
 
 
-def param_maps(arch: ArchConfig, te_layout: bool = False) -> list[TensorMap]:
+def param_maps(arch: ArchConfig, te_layout: bool = False, grouped_experts: bool = False) -> list[TensorMap]:
     """All tensor maps of ``arch`` (global ones first, then per layer)."""
     L = "decoder.layers.{layer}."
     H = "model.layers.{layer}."
@@ -76,10 +81,14 @@ def param_maps(arch: ArchConfig, te_layout: bool = False) -> list[TensorMap]:
     if arch.num_experts:
         maps.append(TensorMap(L + "pre_mlp_layernorm.weight", (H + "post_attention_layernorm.weight",), "copy", None))
         maps.append(TensorMap(L + "mlp.router.weight", (H + "mlp.gate.weight",), "copy", None))
-        E = L + "mlp.experts.local_experts.{expert}."
         HE = H + "mlp.experts.{expert}."
-        maps.append(TensorMap(E + "linear_fc1.weight", (HE + "gate_proj.weight", HE + "up_proj.weight"), "gate_up", 0))
-        maps.append(TensorMap(E + "linear_fc2.weight", (HE + "down_proj.weight",), "copy", 1))
+        if grouped_experts:  # TEGroupedMLP: GroupedLinear parameters weight0..weight{n-1}
+            fc1, fc2 = L + "mlp.experts.linear_fc1.weight{expert}", L + "mlp.experts.linear_fc2.weight{expert}"
+        else:  # SequentialMLP
+            fc1 = L + "mlp.experts.local_experts.{expert}.linear_fc1.weight"
+            fc2 = L + "mlp.experts.local_experts.{expert}.linear_fc2.weight"
+        maps.append(TensorMap(fc1, (HE + "gate_proj.weight", HE + "up_proj.weight"), "gate_up", 0))
+        maps.append(TensorMap(fc2, (HE + "down_proj.weight",), "copy", 1))
     else:
         norm = L + ("mlp.linear_fc1.layer_norm_weight" if te_layout else "pre_mlp_layernorm.weight")
         maps.append(TensorMap(norm, (H + "post_attention_layernorm.weight",), "copy", None))
@@ -99,9 +108,9 @@ def _pattern(template: str) -> re.Pattern[str]:
 class NameMap:
     """Index over :func:`param_maps` for name lookups in both directions."""
 
-    def __init__(self, arch: ArchConfig, te_layout: bool = False):
+    def __init__(self, arch: ArchConfig, te_layout: bool = False, grouped_experts: bool = False):
         self.arch = arch
-        self.maps = param_maps(arch, te_layout)
+        self.maps = param_maps(arch, te_layout, grouped_experts)
         self._mcore = [(_pattern(m.mcore), m) for m in self.maps]
 
     def lookup(self, mcore_name: str) -> tuple[TensorMap, int | None, int | None]:
@@ -215,7 +224,7 @@ def expected_hf_shapes(tmap: TensorMap, arch: ArchConfig) -> list[tuple[int, ...
         return [(ffn, h), (ffn, h)]
     if name.endswith("linear_proj.weight"):
         return [(h, q)]
-    if name.endswith("linear_fc2.weight"):
+    if name.endswith(("linear_fc2.weight", "linear_fc2.weight" + EXPERT)):
         ffn = arch.moe_intermediate_size if tmap.per_expert else arch.intermediate_size
         return [(h, ffn)]
     if name.endswith("router.weight"):
@@ -301,6 +310,7 @@ def tp_merge(tmap: TensorMap, shards: Sequence[torch.Tensor]) -> torch.Tensor:
 
 _LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+_GROUPED_EXPERT = re.compile(r"(\.experts\.linear_fc[12]\.weight)(\d+)$")
 
 
 def global_param_name(model: torch.nn.Module, local_name: str, expert_offset: int = 0) -> str:
@@ -312,12 +322,18 @@ def global_param_name(model: torch.nn.Module, local_name: str, expert_offset: in
         local_name = f"decoder.layers.{layer}." + local_name[match.end():]
     if expert_offset:
         local_name = _LOCAL_EXPERT.sub(lambda m: f".local_experts.{int(m.group(1)) + expert_offset}.", local_name)
+        local_name = _GROUPED_EXPERT.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + expert_offset}", local_name)
     return local_name
 
 
 def uses_te_layout(model: torch.nn.Module) -> bool:
     """True when the model was built with the Transformer-Engine spec (norms fused into linears)."""
     return any(name.endswith("layer_norm_weight") for name, _ in unwrap(model).named_parameters())
+
+
+def uses_grouped_experts(model: torch.nn.Module) -> bool:
+    """True when the MoE experts are TE ``GroupedLinear``s (``TEGroupedMLP``, grouped GEMM)."""
+    return any(_GROUPED_EXPERT.search(name) for name, _ in unwrap(model).named_parameters())
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -335,9 +351,10 @@ def named_parameters_global(model: torch.nn.Module, expert_offset: int = 0) -> I
 
 
 def hf_state_dict_from_full(full: dict[str, torch.Tensor], arch: ArchConfig, te_layout: bool = False,
-                            cast: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                            cast: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                            grouped_experts: bool = False) -> dict[str, torch.Tensor]:
     """HF state dict from a dict of full (TP-merged, global-named) Megatron tensors."""
-    names = NameMap(arch, te_layout)
+    names = NameMap(arch, te_layout, grouped_experts)
     out: dict[str, torch.Tensor] = {}
     for mcore_name, tensor in full.items():
         tmap, layer, expert = names.lookup(mcore_name)

@@ -65,6 +65,7 @@ from megatron_rpt.bridge.name_maps import (
     named_parameters_global,
     qkv_grouped_views,
     unwrap,
+    uses_grouped_experts,
     uses_te_layout,
 )
 from megatron_rpt.model.hf_config import ArchConfig
@@ -329,7 +330,7 @@ class WeightBridge:
         self.chunks = [unwrap(c) for c in model_chunks]
         if te_layout is None:
             te_layout = any(uses_te_layout(c) for c in self.chunks)
-        self.names = NameMap(arch, te_layout)
+        self.names = NameMap(arch, te_layout, grouped_experts=any(uses_grouped_experts(c) for c in self.chunks))
         self.padded_vocab = self._padded_vocab()
         self.topo = _Topology.current(bool(arch.num_experts))
         local = self._local_tensors()

@@ -1,21 +1,25 @@
 """Tokenizer loading and the exact bytes of every token.
 
-Owns: :func:`load_tokenizer` (a Hugging Face tokenizer directory, or the character tokenizer of
-``tiny_random_llama`` whose ``tokenizer_config.json`` lists ``char_ords``), :func:`token_byte_table`
-(the byte string of each token id -- the ground truth the reward compares against),
-:func:`tokenizer_hash` (sha256 of ``tokenizer.json``) and :func:`vocab_hash` (sha256 of the byte
-table, the compatibility check between prepared data and the tokenizer used to train).
+Owns: :func:`load_tokenizer` (a Hugging Face tokenizer directory -- ``tokenizer.json``, or only a
+SentencePiece ``tokenizer.model`` as Llama-2 and Mistral checkpoints ship -- or the character
+tokenizer of ``tiny_random_llama`` whose ``tokenizer_config.json`` lists ``char_ords``),
+:func:`has_tokenizer_files`, :func:`token_byte_table` (the byte string of each token id -- the
+ground truth the reward compares against), :func:`tokenizer_hash` (sha256 of the tokenizer file)
+and :func:`vocab_hash` (sha256 of the byte table, the compatibility check between prepared data
+and the tokenizer used to train).
 
 Byte-level BPE (GPT-2, Qwen, Llama-3) stores each token as a string over the 256 printable
 stand-ins of GPT-2's ``bytes_to_unicode`` table; mapping each character back gives the token's raw
 bytes, which may be a fragment of a multi-byte UTF-8 character. Added tokens (``<think>``, chat
-markers) are stored as plain text and are encoded as UTF-8.
+markers) are stored as plain text and are encoded as UTF-8. SentencePiece vocabularies write a
+space as ``\u2581`` and bytes outside the vocabulary as ``<0xNN>`` pieces (byte fallback).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -24,9 +28,10 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 __all__ = [
+    "has_tokenizer_files",
     "load_tokenizer",
     "token_byte_table",
     "token_bytes",
@@ -82,8 +87,18 @@ def _char_tokenizer(config: dict[str, Any]) -> PreTrainedTokenizerFast:
     return tok
 
 
+# Files that make a directory a tokenizer directory, in the order their hash is taken.
+TOKENIZER_DEFINITION_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def has_tokenizer_files(path: str | os.PathLike) -> bool:
+    """True when ``path`` holds a tokenizer this module can load."""
+    return any((Path(path) / name).is_file() for name in TOKENIZER_DEFINITION_FILES)
+
+
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """Load a tokenizer directory (``tokenizer.json`` + ``tokenizer_config.json``).
+    """Load a tokenizer directory (``tokenizer.json`` + ``tokenizer_config.json``, or a
+    SentencePiece ``tokenizer.model``, which transformers converts to a fast tokenizer).
 
     The chat template comes from ``chat_template.jinja`` or ``tokenizer_config.json``. A
     ``tokenizer_config.json`` with ``char_ords`` (verl's character tokenizer) is supported too.
@@ -107,19 +122,53 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
         tok = _char_tokenizer(config)
         tok.name_or_path = str(p)
         return tok
-    if not (p / "tokenizer.json").is_file() and not config_file.is_file():
-        raise FileNotFoundError(f"{p} has neither tokenizer.json nor tokenizer_config.json; "
+    if not has_tokenizer_files(p):
+        raise FileNotFoundError(f"{p} has none of {', '.join(TOKENIZER_DEFINITION_FILES)}; "
                                 "it is not a Hugging Face tokenizer directory")
+    sentencepiece_only = (p / "tokenizer.model").is_file() and not (p / "tokenizer.json").is_file()
+    if sentencepiece_only and importlib.util.find_spec("sentencepiece") is None:
+        raise ImportError(f"{p} has only a SentencePiece tokenizer.model and the sentencepiece package is not "
+                          "installed; pip install sentencepiece (a dependency of megatron-rpt)")
     try:
-        tok = AutoTokenizer.from_pretrained(str(p))
-        if not _matches_tokenizer_json(tok, p / "tokenizer.json"):
-            tok = PreTrainedTokenizerFast.from_pretrained(str(p))
+        if sentencepiece_only:
+            tok = _load_sentencepiece(p)
+        else:
+            tok = AutoTokenizer.from_pretrained(str(p))
+            if not _matches_tokenizer_json(tok, p / "tokenizer.json"):
+                tok = PreTrainedTokenizerFast.from_pretrained(str(p))
     except Exception as exc:  # transformers raises many types here; name the directory
         raise ValueError(f"could not load the tokenizer in {p}: {exc}") from exc
     jinja = p / "chat_template.jinja"
     if getattr(tok, "chat_template", None) is None and jinja.is_file():
         tok.chat_template = jinja.read_text(encoding="utf-8")
     return tok
+
+
+# Words, digits, non-ASCII letters, CJK, an emoji (byte fallback in Llama-2's vocabulary) and a newline.
+_SENTENCEPIECE_PROBE = "Reasoning about the next token: 12 345, über café 数学 🙂\nend."
+
+
+def _load_sentencepiece(directory: Path) -> PreTrainedTokenizerBase:
+    """A fast tokenizer converted from ``tokenizer.model`` that tokenises as sentencepiece does.
+
+    transformers converts a bare ``tokenizer.model`` with a generic SentencePiece converter when
+    no ``tokenizer_config.json`` names the class, and that one drops the dummy-prefix space of
+    Llama-2 / Mistral models ("the" becomes "t", "he" instead of "\u2581the"). The sentencepiece
+    library itself is the ground truth: the first conversion that encodes a probe text to its
+    ids is used (AutoTokenizer, then the Llama layout: Metaspace, prepend first, byte fallback).
+    """
+    import sentencepiece  # optional at import time: only SentencePiece-only directories need it
+
+    want = sentencepiece.SentencePieceProcessor(model_file=str(directory / "tokenizer.model")).encode(
+        _SENTENCEPIECE_PROBE)
+    tried = []
+    for make in (AutoTokenizer.from_pretrained, LlamaTokenizer.from_pretrained):
+        tok = make(str(directory))
+        if encode_document(tok, _SENTENCEPIECE_PROBE) == want:
+            return tok
+        tried.append(type(tok).__name__)
+    raise ValueError(f"no conversion of tokenizer.model ({', '.join(tried)}) encodes like sentencepiece "
+                     f"(probe {_SENTENCEPIECE_PROBE!r}); add the model's tokenizer.json to the directory")
 
 
 def _matches_tokenizer_json(tok: PreTrainedTokenizerBase, file: Path) -> bool:
@@ -238,7 +287,8 @@ def _sha256_file(path: Path) -> str:
 
 
 def tokenizer_hash(tokenizer_or_path: PreTrainedTokenizerBase | str | os.PathLike) -> str | None:
-    """sha256 of the directory's ``tokenizer.json`` (``tokenizer_config.json`` for char tokenizers).
+    """sha256 of the directory's ``tokenizer.json`` (``tokenizer.model`` for SentencePiece-only
+    directories, ``tokenizer_config.json`` for char tokenizers).
 
     ``None`` when the tokenizer was not loaded from a directory.
     """
@@ -248,7 +298,7 @@ def tokenizer_hash(tokenizer_or_path: PreTrainedTokenizerBase | str | os.PathLik
         p = Path(getattr(tokenizer_or_path, "name_or_path", "") or "")
     if p.is_file():
         p = p.parent
-    for name in ("tokenizer.json", "tokenizer_config.json"):
+    for name in TOKENIZER_DEFINITION_FILES:
         if (p / name).is_file():
             return _sha256_file(p / name)
     return None

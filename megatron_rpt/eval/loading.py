@@ -57,15 +57,15 @@ def eval_engine_config(cfg: Config) -> Config:
 
 
 def _tokenizer_for(cfg: Config, *dirs: Path | None) -> Any:
-    from megatron_rpt.data.tokenizer import load_tokenizer
+    from megatron_rpt.data.tokenizer import has_tokenizer_files, load_tokenizer
 
     if cfg.model.tokenizer:
         return load_tokenizer(cfg.model.tokenizer)
     for d in dirs:
-        if d is not None and ((d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()):
+        if d is not None and has_tokenizer_files(d):
             return load_tokenizer(d)
     raise ConfigError("no tokenizer: set model.tokenizer (--set model.tokenizer=DIR) or put tokenizer.json "
-                      "next to the model's config.json")
+                      "(or a SentencePiece tokenizer.model) next to the model's config.json")
 
 
 def _safetensors_stream(model_dir: Path, arch: ArchConfig) -> Iterator[tuple[str, torch.Tensor]]:

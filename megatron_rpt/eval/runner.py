@@ -41,6 +41,7 @@ from megatron_rpt.eval.next_token import (
 )
 from megatron_rpt.eval.reasoning import generate_and_score, reasoning_accuracy, reasoning_params
 from megatron_rpt.eval.report import BucketAccumulator, EvalReport, ReportRow, flat_metrics
+from megatron_rpt.rollout.handover import sleep_engine, wake_engine
 
 log = logging.getLogger(__name__)
 
@@ -316,16 +317,14 @@ def evaluate_during_training(trainer_or_parts: Any, step: int, modes: Sequence[s
     if contributes:
         val = validation_set or _cached_validation_set(cfg, tokenizer)
         shard = val.shard(dp_rank, dp_size)
-        if hasattr(engine, "wake_up"):
-            engine.wake_up()
+        wake_engine(engine)
         res = evaluate_positions(cfg, engine, shard, modes)
         if val.entropies is None or any(e is None for e in val.entropies[dp_rank::dp_size]):
             # Self-scored: keep this evaluation's buckets for the later ones (this rank's share).
             entropies = list(val.entropies or [None] * len(val))
             entropies[dp_rank::dp_size] = shard.entropies
             val.entropies = entropies
-        if cfg.rollout.sleep_between_phases and hasattr(engine, "sleep"):
-            engine.sleep()
+        sleep_engine(engine, cfg.rollout.sleep_between_phases)
         accs = accumulators(cfg, shard, res)
         flat: list[float] = []
         for key in keys:

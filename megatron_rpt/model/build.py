@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from megatron_rpt.config import ModelConfig, ParallelConfig
 from megatron_rpt.model.hf_config import ArchConfig
-from megatron_rpt.model.specs import fp8_settings, layer_spec, resolve_transformer_impl
+from megatron_rpt.model.specs import fp8_settings, fused_softmax_available, layer_spec, resolve_transformer_impl
 
 # The dtype names configs use (model.params_dtype, rollout.dtype, --dtype) -> torch dtypes.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,6 +25,26 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) 
     """Megatron-LM's rule: pad to a multiple of ``divisible_by * tensor_parallel``."""
     multiple = divisible_by * tensor_parallel
     return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def fusion_settings(on_gpu: bool, impl: str) -> dict[str, bool]:
+    """TransformerConfig fusion flags: only the fused kernels this machine can run.
+
+    On CPU every fusion is off. ``masked_softmax_fusion`` under the local spec calls Apex's
+    ``scaled_masked_softmax_cuda`` for fp16/bf16 scores with more than 16 keys, and that
+    extension is not in the megatron-core wheel (``ModuleNotFoundError`` at the first long
+    forward), so it is on only with Transformer Engine (whose attention does not use it) or
+    when the kernels import. ``bias_dropout_fusion`` stays off: these models have no linear
+    biases and no dropout, so the fused op is one residual add, and megatron-core wraps it in
+    ``torch.compile`` on torch >= 2.2 (a compile per new sequence length, tens of seconds each).
+    """
+    return dict(
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=on_gpu and (impl == "transformer_engine" or fused_softmax_available()),
+        apply_rope_fusion=on_gpu and impl == "transformer_engine",
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
 
 
 def transformer_config(
@@ -65,12 +85,7 @@ def transformer_config(
         expert_model_parallel_size=parallel_cfg.expert_parallel,
         sequence_parallel=parallel_cfg.sequence_parallel,
         use_cpu_initialization=not on_gpu,
-        # Fused kernels exist only on GPU; on CPU every fusion must be off.
-        bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
-        apply_rope_fusion=on_gpu and impl == "transformer_engine",
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
+        **fusion_settings(on_gpu, impl),
         # Keep softmax/attention numerics in fp32 so CPU parity with transformers is tight.
         attention_softmax_in_fp32=True,
         deallocate_pipeline_outputs=on_gpu,

@@ -29,6 +29,7 @@ from megatron_rpt.bridge.name_maps import (
     tp_slice_ranges,
     to_mcore_shard,
     unwrap,
+    uses_grouped_experts,
     uses_te_layout,
 )
 from megatron_rpt.checkpoint.hf_io import CheckpointError, HFCheckpointReader
@@ -107,7 +108,7 @@ def load_hf_into_model(
     params: list[tuple[torch.nn.Module, NameMap, str, torch.nn.Parameter]] = []
     for chunk in model_chunks:
         inner = unwrap(chunk)
-        names = NameMap(arch, te_layout=uses_te_layout(inner))
+        names = NameMap(arch, te_layout=uses_te_layout(inner), grouped_experts=uses_grouped_experts(inner))
         params += [(inner, names, n, p) for n, p in named_parameters_global(inner, _expert_offset(inner, arch))]
     with HFCheckpointReader(hf_dir) as reader:
         if validate:

@@ -20,6 +20,16 @@ def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
+# Apex's fused softmax extensions, which megatron-core's FusedScaleMaskSoftmax imports when
+# masked_softmax_fusion is on (they are not part of the megatron-core wheel).
+FUSED_SOFTMAX_EXTENSIONS = ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda",
+                            "scaled_softmax_cuda")
+
+
+def fused_softmax_available() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in FUSED_SOFTMAX_EXTENSIONS)
+
+
 def resolve_transformer_impl(model_cfg: ModelConfig) -> str:
     """'transformer_engine' or 'local' for this machine and config."""
     impl = model_cfg.transformer_impl
@@ -50,9 +60,18 @@ def layer_spec(arch: ArchConfig, impl: str) -> Any:
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
-        return get_gpt_layer_local_spec(
+        spec = get_gpt_layer_local_spec(
             num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_norm, normalization="RMSNorm"
         )
+    if num_experts:
+        # The local spec saves pre_mlp_layernorm.* as mlp.linear_fc1.layer_norm_* in dist checkpoints,
+        # where TE's dense spec fuses that norm into linear_fc1; TE's MoE spec keeps a separate
+        # pre_mlp_layernorm (gpt_layer_specs.py: pre_mlp_layernorm=backend.layer_norm() if num_experts).
+        # Keep the MoE name so a checkpoint written with the local spec loads under TE and back.
+        keys = dict(spec.submodules.sharded_state_dict_keys_map)
+        keys.pop("pre_mlp_layernorm.", None)
+        spec.submodules.sharded_state_dict_keys_map = keys
+    return spec
 
 
 def fp8_settings(model_cfg: ModelConfig, impl: str) -> dict[str, Any]:
@@ -64,12 +83,32 @@ def fp8_settings(model_cfg: ModelConfig, impl: str) -> dict[str, Any]:
             f"model.fp8={model_cfg.fp8!r} needs Transformer Engine on a GPU; install it with "
             "pip install -e '.[gpu]' or set model.fp8=null"
         )
-    major, minor = torch.cuda.get_device_capability()
-    if (major, minor) < (8, 9):
-        raise ConfigError(
-            f"model.fp8={model_cfg.fp8!r} needs an FP8-capable GPU (Hopper sm_90 or Ada sm_89); "
-            f"this one is sm_{major}{minor}. Set model.fp8=null"
-        )
-    if model_cfg.fp8_recipe == "mxfp8" and major < 10:
-        raise ConfigError("model.fp8_recipe=mxfp8 needs Blackwell (sm_100); use delayed or tensorwise on Hopper")
+    problem = fp8_hardware_problem(model_cfg, torch.cuda.get_device_capability(), torch.version.cuda)
+    if problem:
+        raise ConfigError(problem)
     return {"fp8": model_cfg.fp8, "fp8_recipe": model_cfg.fp8_recipe}
+
+
+def fp8_hardware_problem(model_cfg: ModelConfig, capability: tuple[int, int], cuda_version: str | None) -> str | None:
+    """Why this GPU cannot run ``model.fp8`` with ``model.fp8_recipe`` (None: it can).
+
+    Transformer Engine's own gates (``transformer_engine/pytorch/quantization.py``,
+    ``_compute_*_support``): FP8 needs sm_89+; block scaling sm_90+ and CUDA >= 12.9 (Ada's
+    sm_89 has no block-scaled GEMM); MXFP8 sm_100 up to, not including, sm_120. Checked here
+    so the run fails at start-up with the fix, not at the first forward inside TE.
+    """
+    major, minor = capability
+    fp8, recipe = model_cfg.fp8, model_cfg.fp8_recipe
+    if capability < (8, 9):
+        return (f"model.fp8={fp8!r} needs an FP8-capable GPU (Hopper sm_90 or Ada sm_89); "
+                f"this one is sm_{major}{minor}. Set model.fp8=null")
+    if recipe == "blockwise" and capability < (9, 0):
+        return (f"model.fp8_recipe=blockwise needs Hopper (sm_90) or newer; this GPU is sm_{major}{minor}. "
+                "Use model.fp8_recipe=delayed or tensorwise")
+    if recipe == "blockwise" and cuda_version and tuple(int(x) for x in cuda_version.split(".")[:2]) < (12, 9):
+        return (f"model.fp8_recipe=blockwise needs CUDA >= 12.9; this torch is built with CUDA {cuda_version}. "
+                "Use model.fp8_recipe=delayed or tensorwise")
+    if recipe == "mxfp8" and not (10, 0) <= capability < (12, 0):
+        return (f"model.fp8_recipe=mxfp8 needs Blackwell (sm_100 to sm_11x); this GPU is sm_{major}{minor}. "
+                "Use delayed or tensorwise on Hopper")
+    return None

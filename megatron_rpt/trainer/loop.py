@@ -21,6 +21,7 @@ from megatron_rpt.config import Config, ConfigError, dump_yaml, validate
 from megatron_rpt.trainer import checkpointing
 from megatron_rpt.trainer.metrics import MetricsLogger, PhaseTimer
 from megatron_rpt.distributed import all_reduce_numbers
+from megatron_rpt.rollout.handover import sleep_engine, wake_engine
 from megatron_rpt.trainer.rollout_phase import (
     collect_step_groups,
     hosts_engine,
@@ -102,7 +103,7 @@ class Trainer:
 
             check_context_parallel_config(cfg)
         init_distributed(p.tensor_parallel, p.pipeline_parallel, p.context_parallel, p.expert_parallel,
-                         p.virtual_pipeline, seed=cfg.train.seed)
+                         p.virtual_pipeline, seed=cfg.train.seed, timeout_minutes=p.distributed_timeout_minutes)
         self.rank = dist.get_rank()
         validate(cfg, world_size=dist.get_world_size())
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -222,11 +223,9 @@ class Trainer:
         dynamic = dynamic_sampling_active(self.step, cfg.rl.dynamic_sampling_from_step)
         seed = cfg.rollout.seed + 1_000_003 * self.step + 101 * self.dp_rank
         with self.timer("rollout"):
-            if self.engine is not None and hasattr(self.engine, "wake_up"):
-                self.engine.wake_up()
+            wake_engine(self.engine)  # empties PyTorch's CUDA cache first: the engine needs that memory
             groups, metrics = collect_step_groups(cfg, self.engine, self.stream, self.prompts_per_rank, seed, dynamic)
-            if self.engine is not None and cfg.rollout.sleep_between_phases and hasattr(self.engine, "sleep"):
-                self.engine.sleep()
+            sleep_engine(self.engine, cfg.rollout.sleep_between_phases)
         if cfg.logging.save_rollouts and self.engine is not None and self.rank == dist.get_global_rank(
                 self._mp_group(), 0):
             save_rollouts(cfg.logging.dir, self.step + 1, self.dp_rank, groups)  # 1-based, like metrics
