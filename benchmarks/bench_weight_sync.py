@@ -18,7 +18,7 @@ on every rank, on ``--device`` (cuda when there is one: one rank per GPU), three
 * ``engine alone``: ``update_weights`` with the same HF tensors made beforehand (the engine's
   own copies, casting ones for bf16): the floor of any bridge into this engine.
 
-``--vllm-layouts`` (default ``1x1,2x1`` on CPU, none on a GPU) pushes the same ``small`` model
+``--vllm-layouts 1x1,2x1`` (CPU; none by default) also pushes the same ``small`` model
 into one vLLM engine per rank (CPU build, in-process, ``external_launcher``; dummy weights at
 start) instead, two ways: ``bridge`` (``WeightBridge.sync``: the bridge plus vLLM's in-place
 reload, which re-runs vLLM's post-load processing, e.g. the CPU backend's weight repacking) and
@@ -365,8 +365,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layouts", default="1x1,1x1:bf16,2x1,1x2", help="TPxPP[:fp32|bf16], comma separated")
-    parser.add_argument("--vllm-layouts", default=None,
-                        help="the same into vLLM's CPU build (default 1x1,2x1 on CPU, none on a GPU; '' skips)")
+    parser.add_argument("--vllm-layouts", default="", help="the same into vLLM's CPU build, e.g. 1x1,2x1")
     parser.add_argument("--bucket-mb", type=float, default=128.0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ranks", type=int, default=None,
@@ -392,11 +391,12 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print(f"done TP={tp} PP={pp} {dtype}", flush=True)
     vllm_rows = []
-    vllm_layouts = args.vllm_layouts if args.vllm_layouts is not None else ("" if gpus else "1x1,2x1")
-    if vllm_layouts:
+    if args.vllm_layouts and gpus:
+        raise SystemExit("--vllm-layouts measures vLLM's CPU build: run it on a machine without a GPU")
+    if args.vllm_layouts:
         with tempfile.TemporaryDirectory() as model_dir:
             write_model_dir(Path(model_dir))
-            for tp, pp, dtype in parse_layouts(vllm_layouts, ranks):
+            for tp, pp, dtype in parse_layouts(args.vllm_layouts, ranks):
                 per_rank = spawn(run_vllm_layout, ranks, tp, pp, dtype, args.bucket_mb, args.repeats, model_dir,
                                  timeout=900)
                 row = min(per_rank, key=lambda r: r["bridge_gbps"])
