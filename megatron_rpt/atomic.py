@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from megatron_rpt.errors import UserError
+
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary sibling file and one rename."""
@@ -34,8 +36,8 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-class OutputExistsError(FileExistsError):
-    pass
+class OutputExistsError(UserError, FileExistsError):
+    """The output path exists (or appeared while this process was writing)."""
 
 
 def check_output_dir(out: str | Path, force: bool) -> Path:

@@ -22,7 +22,26 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megatron_rpt.config import ParallelConfig
 from megatron_rpt.model import cpu_compat
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent (``parent_pid``) exits (Linux).
+
+    Called first thing in a child. If the parent is already gone (it died before the call) the
+    child kills itself. Elsewhere than Linux this is a no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -54,14 +73,10 @@ def init_distributed(
         if on_gpu:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(backend="nccl" if on_gpu else "gloo")
-    world = dist.get_world_size()
-    model_parallel = tensor_parallel * pipeline_parallel * context_parallel
-    if world % model_parallel != 0:
-        raise ValueError(
-            f"world size {world} is not divisible by tensor_parallel*pipeline_parallel*context_parallel"
-            f" = {tensor_parallel}*{pipeline_parallel}*{context_parallel}; launch a multiple of"
-            f" {model_parallel} processes or change the parallel.* sizes"
-        )
+    layout = ParallelConfig(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
+                            context_parallel=context_parallel, expert_parallel=expert_parallel,
+                            virtual_pipeline=virtual_pipeline)
+    layout.data_parallel_size(dist.get_world_size())  # the layout's own check, before Megatron asserts
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_rpt.config import DataConfig
+from megatron_rpt.config import ConfigError, DataConfig
 from megatron_rpt.data import ProblemStream, load_tokenizer
 from megatron_rpt.data.entropy_filter import topk_entropy
 from megatron_rpt.data.tiny_proxy import make_tiny_proxy
@@ -144,7 +144,7 @@ def test_prepared_data_checks(env, tmp_path):
     unfinished = tmp_path / "unfinished"
     shutil.copytree(env["out"], unfinished)
     (unfinished / "manifest.json").unlink()
-    with pytest.raises(FileNotFoundError, match="did not finish"):
+    with pytest.raises(ConfigError, match="did not finish"):
         ProblemStream(DataConfig(prepared=str(unfinished)), env["tok"])
     # a prepared directory given in data.paths is recognised too
     s = ProblemStream(DataConfig(paths=[str(env["out"])], val_documents=0), env["tok"])

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from megatron_rpt.atomic import write_json_atomic
-
+from megatron_rpt.config import ConfigError
 from megatron_rpt.data.corpus import CorpusStream, open_sources
 from megatron_rpt.data.entropy_filter import ProxyScorer, split_names
 from megatron_rpt.data.tokenizer import encode_document, tokenizer_hash, vocab_hash
@@ -66,20 +66,20 @@ def is_prepared_dir(path: str | os.PathLike) -> bool:
 def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
     d = Path(path)
     if not d.is_dir():
-        raise FileNotFoundError(f"prepared data directory {str(path)!r} does not exist; run tools/prepare_data.py")
+        raise ConfigError(f"prepared data directory {str(path)!r} does not exist; run tools/prepare_data.py")
     m = d / MANIFEST
     if not m.is_file():
-        raise FileNotFoundError(f"{d} has no {MANIFEST}: tools/prepare_data.py did not finish there; re-run it")
+        raise ConfigError(f"{d} has no {MANIFEST}: tools/prepare_data.py did not finish there; re-run it")
     try:
         manifest = json.loads(m.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{m} is not valid JSON ({exc}); re-run tools/prepare_data.py") from None
+        raise ConfigError(f"{m} is not valid JSON ({exc}); re-run tools/prepare_data.py") from None
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise ValueError(f"{m} is not a {FORMAT} v{VERSION} manifest (got {manifest.get('format')} "
+        raise ConfigError(f"{m} is not a {FORMAT} v{VERSION} manifest (got {manifest.get('format')} "
                          f"v{manifest.get('version')}); re-run tools/prepare_data.py")
     for s in manifest["shards"]:
         if not (d / s["file"]).is_file():
-            raise FileNotFoundError(f"shard {s['file']} listed in {m} is missing; re-run tools/prepare_data.py")
+            raise ConfigError(f"shard {s['file']} listed in {m} is missing; re-run tools/prepare_data.py")
     return manifest
 
 

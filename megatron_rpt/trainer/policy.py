@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from megatron_rpt.config import Config
+from megatron_rpt.errors import TrainingDiverged
 from megatron_rpt.model.hf_config import ArchConfig
 from megatron_rpt.rl import (
-    GRPOLossConfig,
     check_context_parallel_config,
     gather_from_context_parallel,
     grpo_loss,
@@ -63,7 +63,6 @@ class MegatronPolicy:
         self.model = model_chunks
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.loss_cfg = GRPOLossConfig.from_rl_config(cfg.rl)
         self.temperature = cfg.rollout.temperature
         self.is_last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         check_context_parallel_config(cfg)
@@ -147,13 +146,13 @@ class MegatronPolicy:
         scale = grpo_loss_scale(len(micro_batches), self.dp_size)
 
         def loss_fn(mb, logits):
-            logprobs, entropy = self._logprobs(mb, logits.float(), entropy_grad=self.loss_cfg.entropy_coef > 0)
+            logprobs, entropy = self._logprobs(mb, logits.float(), entropy_grad=self.cfg.rl.entropy_coef > 0)
             loss, metrics = grpo_loss(
                 logprobs,
                 mb["old_logprobs"],
                 mb["advantages"],
                 mb["loss_mask"],
-                cfg=self.loss_cfg,
+                cfg=self.cfg.rl,
                 ref_logprobs=mb.get("ref_logprobs"),
                 entropy=entropy,
                 num_global_tokens=num_global_tokens,
