@@ -160,7 +160,15 @@ class MegatronPolicy:
             )
             return loss * scale, metrics
 
-        outputs = self._run(micro_batches, loss_fn, forward_only=False)
+        try:
+            outputs = self._run(micro_batches, loss_fn, forward_only=False)
+        except RuntimeError as exc:
+            if self._local_grads_finite():
+                raise
+            # Megatron's DDP (check_for_nan_in_grad) stops a backward whose gradients are NaN/Inf
+            # before they reach the optimizer: the update is not applied.
+            reason = (str(exc).strip().splitlines() or [""])[-1][:200]
+            raise TrainingDiverged(f"non-finite gradients in the backward pass ({reason})") from exc
         update_ok, grad_norm, _ = self.optimizer.step()
         if update_ok:
             self.scheduler.step(increment=1)
@@ -172,6 +180,14 @@ class MegatronPolicy:
         if self.is_last_stage and outputs:
             metrics.update(self._merge_cp_metrics(outputs, micro_batches))
         return metrics
+
+    def _local_grads_finite(self) -> bool:
+        for chunk in self.model:
+            for param in chunk.parameters():
+                grad = getattr(param, "main_grad", None)
+                if grad is not None and not torch.isfinite(grad).all():
+                    return False
+        return True
 
     def _merge_cp_metrics(self, outputs: list[dict[str, torch.Tensor]],
                           micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
