@@ -5,15 +5,20 @@ initialising ``megatron.core.parallel_state`` from a :class:`ParallelConfig`, se
 Megatron's RNG trackers, the small collectives of Python numbers every other module uses
 (:func:`all_reduce_numbers`: the tensor goes on the device the group's backend needs, so
 NCCL never sees a CPU tensor), and :func:`spawn` — a small ``torch.multiprocessing``
-launcher that runs a function on N local ranks (used by tests and ``tools/convert.py``).
+launcher that runs a function on N local ranks (used by tests and ``tools/convert.py``) — with
+:func:`die_with_parent`, which every helper process we start calls so that none outlives its
+parent: a SIGKILL of the parent cannot run cleanup code, so the kernel must end the children.
 """
 
 from __future__ import annotations
 
+import ctypes
 import io
 import os
 import queue as queue_module
+import signal
 import socket
+import sys
 import time
 import traceback
 from typing import Any, Callable, Sequence
@@ -124,7 +129,8 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
+def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue: Any, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
         WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -150,21 +156,42 @@ def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 900.0) -> 
     """Run ``fn(*args)`` on ``world_size`` local ranks; return each rank's result (rank order).
 
     ``fn`` must be importable (module-level). Raises RuntimeError with the failing rank's
-    traceback when any rank fails.
+    traceback when any rank fails. The ranks die with this process: killed when it is
+    interrupted (Ctrl-C, or SIGTERM turned into an exception) and, through
+    :func:`die_with_parent`, when it is killed outright.
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=False)
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, os.getpid()), daemon=False)
         for r in range(world_size)
     ]
-    for p in procs:
-        p.start()
     results: dict[int, Any] = {}
     errors: list[str] = []
+    finished = False
+    try:
+        for p in procs:
+            p.start()
+        _collect(procs, queue, results, errors, timeout)
+        finished = True
+    finally:
+        for p in procs:
+            if finished and p.pid is not None:
+                p.join(timeout=5 if errors else 60)
+            if p.is_alive():
+                p.kill()
+            if p.pid is not None:
+                p.join()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world_size)]
+
+
+def _collect(procs: list[Any], queue: Any, results: dict[int, Any], errors: list[str], timeout: float) -> None:
+    """Wait for every rank's result (or the first failure) from ``queue``."""
     deadline = time.monotonic() + timeout
-    while len(results) < world_size and not errors:
+    while len(results) < len(procs) and not errors:
         try:
             rank, status, payload = queue.get(timeout=1.0)
         except queue_module.Empty:
@@ -178,10 +205,3 @@ def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 900.0) -> 
             results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
         else:
             errors.append(f"rank {rank} failed:\n{payload}")
-    for p in procs:
-        p.join(timeout=5 if errors else 60)
-        if p.is_alive():
-            p.kill()
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    return [results[r] for r in range(world_size)]

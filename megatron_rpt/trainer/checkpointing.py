@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import multiprocessing.managers as managers
 import os
 import random
 import re
@@ -35,11 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megatron_rpt.atomic import write_text_atomic
 from megatron_rpt.bridge.name_maps import unwrap
 from megatron_rpt.checkpoint.hf_io import CheckpointError
+from megatron_rpt.checkpoint.model_ckpt import tie_checkpoint_writer_to_this_process
 from megatron_rpt.distributed import die_with_parent
 from megatron_rpt.trainer.ckpt_manifest import COMPLETE, collect_manifest
 
@@ -167,7 +166,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_chunks: list[Any], op
     final = root / iter_name(step)
     tmp = root / (iter_name(step) + ".tmp")
     start = time.perf_counter()
-    _tie_write_results_queue()
+    tie_checkpoint_writer_to_this_process()
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -218,21 +217,6 @@ def new_async_queue() -> Any:
     from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
     return AsyncCallsQueue()
-
-
-def _tie_write_results_queue() -> None:
-    """Start Megatron's checkpoint-writer result queue ourselves, in a process that dies with us.
-
-    Every ``torch_dist`` save (synchronous ones too) goes through Megatron's async file writer,
-    which reports through a ``multiprocessing`` manager process started on first use; started
-    by Megatron it survives a SIGKILL of the trainer (and keeps the resource tracker alive).
-    """
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if getattr(filesystem_async, "_results_queue", None) is None:
-        manager = managers.SyncManager(ctx=mp.get_context("spawn"))
-        manager.start(initializer=functools.partial(die_with_parent, os.getpid()))
-        filesystem_async._results_queue = manager.Queue()
 
 
 def prune(root: Path, keep_last: int, current: int) -> None:
