@@ -21,7 +21,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from megatron_rpt.config import ConfigError, load_config
+from megatron_rpt.config import Config, ConfigError, load_config
 
 log = logging.getLogger("megatron_rpt.evaluate")
 
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _modes(args: argparse.Namespace, cfg) -> tuple[str, ...]:
+def _modes(args: argparse.Namespace, cfg: Config) -> tuple[str, ...]:
     if args.mode == "both":
         return ("standard", "reasoning")
     if args.mode:

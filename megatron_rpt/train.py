@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 
-from megatron_rpt.config import load_config
+from megatron_rpt.config import Config, load_config
 from megatron_rpt.errors import UserError
 
 
@@ -43,7 +43,7 @@ def _quiet_third_party() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def summarize(result: dict, cfg) -> str:
+def summarize(result: dict, cfg: Config) -> str:
     history = result["history"]
     lines = [f"megatron-rpt: {result['steps']} steps done ({result['exit']})"]
     if result.get("resumed_from"):

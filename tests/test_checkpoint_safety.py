@@ -201,6 +201,20 @@ def test_lock_names_its_holder_and_stale_locks_are_taken_over(tmp_path, caplog):
     assert not (tmp_path / ".rpt-lock").exists()
 
 
+def test_a_run_locks_its_checkpoint_and_logging_dirs(base, tmp_path):
+    from megatron_rpt.trainer.run_lock import lock_run_dirs
+
+    b = Base(base.toy, tmp_path / "run", tmp_path / "ckpt")
+    locks = lock_run_dirs(_cfg(b))
+    try:
+        assert (b.run / ".rpt-lock").is_file() and (b.ckpt / ".rpt-lock").is_file()
+        with pytest.raises(ConfigError, match=r"logging\.dir='.*run' is already used by this process"):
+            DirLock(b.run, "logging.dir").acquire()
+    finally:
+        for lock in locks:
+            lock.release()
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 
