@@ -208,7 +208,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_chunks: list[Any], op
 
 
 def _dying_with(parent_pid: int, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    die_with_parent(parent_pid)
+    die_with_parent(parent_pid, group=True)  # with the per-bucket writers it forks
     return fn(*args, **kwargs)
 
 
