@@ -40,9 +40,11 @@ def _gather(obj: Any) -> list[Any]:
 
 def file_digest(path: Path) -> list[Any]:
     """``[size, sha256 hex]`` of one file."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    return [path.stat().st_size, digest]
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return [path.stat().st_size, digest.hexdigest()]
 
 
 def checkpoint_files(root: Path) -> list[str]:
