@@ -27,7 +27,7 @@ setup(
         "accelerate>=1.0",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "psutil>=5.9"],
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         "vllm": ["vllm>=0.10"],
         "wandb": ["wandb"],

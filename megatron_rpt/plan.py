@@ -56,16 +56,17 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
-from megatron_rpt.config import Config
+from megatron_rpt.config import Config, Recompute
 from megatron_rpt.model.hf_config import ArchConfig
 
 GiB = float(2**30)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LOGIT_BYTES = 6  # bf16 logits + fp32 softmax saved for the log-prob backward
-RECOMPUTE_CHOICES = (None, "selective", "full")
+RECOMPUTE_CHOICES = (None, *typing.get_args(Recompute))
 
 
 # ----------------------------------------------------------------------------- inputs

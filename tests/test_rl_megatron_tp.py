@@ -66,13 +66,14 @@ def _batch():
 
 
 def _policy_loss(model, batch, old, ref):
-    from megatron_rpt.rl import GRPOLossConfig, grpo_loss, vocab_parallel_logprobs_and_entropy
+    from megatron_rpt.config import RLConfig
+    from megatron_rpt.rl import grpo_loss, vocab_parallel_logprobs_and_entropy
 
     logits = model(batch.tokens, batch.position_ids, None)
     logprobs, entropy = vocab_parallel_logprobs_and_entropy(
         logits, batch.labels, temperature=TEMPERATURE, true_vocab_size=TRUE_VOCAB, entropy_grad=True
     )
-    cfg = GRPOLossConfig(clip_low=0.2, clip_high=0.28, dual_clip=1.5, kl_coef=0.05, kl_type="k3", entropy_coef=0.01)
+    cfg = RLConfig(clip_low=0.2, clip_high=0.28, dual_clip=1.5, kl_coef=0.05, kl_type="k3", entropy_coef=0.01)
     old = logprobs.detach() if old is None else old
     ref = logprobs.detach() if ref is None else ref
     loss, metrics = grpo_loss(logprobs, old, batch.advantages, batch.loss_mask, ref, entropy, cfg,

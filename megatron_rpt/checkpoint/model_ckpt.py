@@ -18,13 +18,18 @@ Megatron-LM checkpoints load too):
 
 from __future__ import annotations
 
+import functools
+import multiprocessing.managers as managers
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.multiprocessing as mp
 
 from megatron_rpt.bridge.name_maps import unwrap
 from megatron_rpt.checkpoint.hf_io import CheckpointError
+from megatron_rpt.distributed import die_with_parent
 
 # Sharding metadata used when *we* save; Megatron's defaults (stacked, homogeneous layers).
 SHARDED_METADATA: dict[str, Any] = {"singleton_local_shards": False}
@@ -60,10 +65,27 @@ def model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module], metadata: 
     }
 
 
+def tie_checkpoint_writer_to_this_process() -> None:
+    """Start Megatron's checkpoint-writer result queue ourselves, in a process that dies with this one.
+
+    Every ``torch_dist`` save (synchronous ones too) goes through Megatron's async file writer,
+    which reports through a ``multiprocessing`` manager process started on first use. Started by
+    Megatron, that process (and the resource tracker it keeps alive) survives a SIGKILL of the
+    trainer or of a conversion rank. Call before the first save; later calls do nothing.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        manager = managers.SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=functools.partial(die_with_parent, os.getpid()))
+        filesystem_async._results_queue = manager.Queue()
+
+
 def save_model_checkpoint(model_chunks: Sequence[torch.nn.Module], ckpt_dir: str | Path) -> None:
     """Collective: write this rank's shards of the model weights into ``ckpt_dir`` (must exist)."""
     from megatron.core import dist_checkpointing
 
+    tie_checkpoint_writer_to_this_process()
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     state = model_sharded_state_dict(model_chunks)
