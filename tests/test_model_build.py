@@ -5,6 +5,7 @@ import pytest
 from megatron_rpt.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_rpt.model.build import padded_vocab_size
 from megatron_rpt.model.hf_config import arch_from_dict
+from megatron_rpt.model.mcore_compat import mcore_version
 from megatron_rpt.model.specs import fp8_settings, resolve_transformer_impl, transformer_engine_available
 
 QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 96, "num_hidden_layers": 2, "num_attention_heads": 6,
@@ -34,18 +35,28 @@ def _shapes(tp: int):
 
     init_distributed(tensor_parallel=tp)
     model = build_model(arch_from_dict(QWEN2), ModelConfig(), ParallelConfig(tensor_parallel=tp))
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}, type(model.decoder.layers[0].mlp).__name__
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}, type(model).__name__
 
 
 def test_parameter_shapes_at_tp2():
     from megatron_rpt.distributed import spawn
 
-    shapes, _ = spawn(_shapes, 2, 2)[0]
+    shapes, model_class = spawn(_shapes, 2, 2)[0]
+    # megatron-core 0.19 deprecates GPTModel for HybridModel, where decoder layer i is an attention layer (2i)
+    # and an MLP layer (2i+1), and the final norm is decoder.final_norm.
+    hybrid = mcore_version() >= (0, 19)
+    assert model_class == ("HybridModel" if hybrid else "GPTModel")
+    attn, mlp = ("decoder.layers.0.", "decoder.layers.1.") if hybrid else ("decoder.layers.0.", "decoder.layers.0.")
+    final_norm = "decoder.final_norm.weight" if hybrid else "decoder.final_layernorm.weight"
     # 6 query heads + 2 KV groups x (k, v), head_dim 16, split over 2 ranks: (6 + 4) * 16 / 2 = 80 rows.
-    assert shapes["decoder.layers.0.self_attention.linear_qkv.weight"] == (80, 96)
-    assert shapes["decoder.layers.0.self_attention.linear_qkv.bias"] == (80,)
-    assert shapes["decoder.layers.0.self_attention.linear_proj.weight"] == (96, 48)
-    assert shapes["decoder.layers.0.mlp.linear_fc1.weight"] == (160, 96)  # [gate_r; up_r], 80 rows each
-    assert shapes["decoder.layers.0.mlp.linear_fc2.weight"] == (96, 80)
+    assert shapes[attn + "self_attention.linear_qkv.weight"] == (80, 96)
+    assert shapes[attn + "self_attention.linear_qkv.bias"] == (80,)
+    assert shapes[attn + "self_attention.linear_proj.weight"] == (96, 48)
+    assert shapes[attn + "input_layernorm.weight"] == (96,)
+    assert shapes[mlp + "pre_mlp_layernorm.weight"] == (96,)
+    assert shapes[mlp + "mlp.linear_fc1.weight"] == (160, 96)  # [gate_r; up_r], 80 rows each
+    assert shapes[mlp + "mlp.linear_fc2.weight"] == (96, 80)
+    assert shapes[final_norm] == (96,)
     assert shapes["embedding.word_embeddings.weight"] == (512, 96)  # 1024 padded / 2
     assert shapes["output_layer.weight"] == (512, 96)  # untied
+    assert len(shapes) == 3 + 2 * 7  # embedding, final norm, output layer + 7 tensors per decoder layer
