@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    from megatron_rpt.checkpoint.hf_io import CheckpointError
     from megatron_rpt.trainer.loop import Trainer
 
     resume = None if args.resume == "none" else args.resume
@@ -77,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, resume=resume)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except CheckpointError as exc:
+        print(f"checkpoint error: {exc}", file=sys.stderr)
         return 2
     result = trainer.run()
     if trainer.rank == 0:

@@ -28,11 +28,22 @@ from typing import Any
 import torch
 
 from megatron_rpt.checkpoint.hf_io import CheckpointError
-from megatron_rpt.model.mcore_compat import ModelClass, model_class_of, version_string
+from megatron_rpt.model.mcore_compat import (
+    ModelClass,
+    model_class_of,
+    read_common_state_in_torch_dist,
+    version_string,
+)
 
 MODEL_CLASS_KEY = "model_class"
 MCORE_VERSION_KEY = "megatron_core"
 FINAL_NORM_KEYS = {ModelClass.GPT: "decoder.final_layernorm.weight", ModelClass.HYBRID: "decoder.final_norm.weight"}
+
+
+
+class ModelClassMismatch(CheckpointError):
+    """A training checkpoint of the other model class (it cannot resume here; its weights can load)."""
+
 
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 _ATTENTION_PARTS = ("input_layernorm.", "self_attention.")
@@ -64,6 +75,26 @@ def stored_model_class(path: str | Path, metadata: dict[str, Any] | None, keys: 
         if key in keys:
             return cls
     return ModelClass.GPT  # no final norm (a model without its last stage is not loadable anyway)
+
+
+def require_model_class(path: str | Path, own: ModelClass) -> None:
+    """Refuse, in one line, to resume a training checkpoint (``path``: its ``dist/``) of another class.
+
+    Its optimizer state is laid out per parameter buffer of the class that wrote it, which
+    megatron-core does not retarget; its model weights do load into the other class
+    (``model.load``), so that is the fix offered.
+    """
+    from megatron.core import dist_checkpointing
+
+    read_common_state_in_torch_dist()
+    content = dist_checkpointing.load_content_metadata(str(path)) or {}
+    stored = stored_model_class(path, content, stored_keys(path))
+    if stored is not own:
+        writer = content.get(MCORE_VERSION_KEY, "an older megatron-core")
+        raise ModelClassMismatch(
+            f"{path} holds a {stored.value} training state (written by {writer}) but this {version_string()} "
+            f"trains a {own.value}; resume it with the megatron-core that wrote it, or start a new run from its "
+            f"weights with --resume none --set model.load={path}")
 
 
 def sharded_state_dict_for(chunk: torch.nn.Module, metadata: dict[str, Any], stored: ModelClass,

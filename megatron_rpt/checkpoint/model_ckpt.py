@@ -36,7 +36,7 @@ from megatron_rpt.checkpoint.interop import (
     stored_keys,
     stored_model_class,
 )
-from megatron_rpt.model.mcore_compat import read_common_state_in_torch_dist
+from megatron_rpt.model.mcore_compat import checkpoint_save_kwargs, read_common_state_in_torch_dist
 
 # Sharding metadata used when *we* save; Megatron's defaults (stacked, homogeneous layers).
 SHARDED_METADATA: dict[str, Any] = {"singleton_local_shards": False}
@@ -100,7 +100,8 @@ def save_model_checkpoint(model_chunks: Sequence[torch.nn.Module], ckpt_dir: str
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     state = model_sharded_state_dict(model_chunks)
-    dist_checkpointing.save(state, str(ckpt_dir), content_metadata=content_metadata(model_chunks, SHARDED_METADATA))
+    dist_checkpointing.save(state, str(ckpt_dir), content_metadata=content_metadata(model_chunks, SHARDED_METADATA),
+                            **checkpoint_save_kwargs())
 
 
 def load_model_checkpoint(model_chunks: Sequence[torch.nn.Module], ckpt_dir: str | Path, strict: bool = True) -> None:

@@ -14,6 +14,11 @@ call site:
 * ``COMMON_STATE_IN_TORCH_DIST_SINCE``: 0.19 writes a checkpoint's common state (content
   metadata, non-tensor objects) into the torch_dist files as a ``common_state`` object instead
   of ``common.pt``; :func:`read_common_state_in_torch_dist` teaches older versions to read it.
+* ``ASYNC_STRATEGY_SINCE``: 0.19's ``dist_checkpointing.save`` takes ``async_strategy`` and
+  defaults it to "nvrx" (nvidia-resiliency-ext, not a dependency here); megatron-rpt keeps
+  megatron-core's own writer ("mcore", the one 0.16 uses). 0.19 logs "MCore's async save is
+  deprecated" for it, and for every *synchronous* save too (its sync save runs the same writer);
+  :func:`checkpoint_save_kwargs` silences that one record, nothing else.
 * The CUDA streams and events of 0.19's gradient sync live in :mod:`cpu_compat` (covered for
   every version: the shim is a superset).
 """
@@ -24,6 +29,7 @@ import enum
 import functools
 import importlib.metadata
 import io
+import logging
 import os
 import re
 from typing import Any
@@ -33,6 +39,7 @@ import torch
 HYBRID_MODEL_SINCE = (0, 19)
 CP_SPLIT_TAKES_HYBRID_CP_SINCE = (0, 19)
 COMMON_STATE_IN_TORCH_DIST_SINCE = (0, 19)
+ASYNC_STRATEGY_SINCE = (0, 19)
 
 
 class ModelClass(str, enum.Enum):
@@ -129,3 +136,21 @@ def _common_state_from_torch_dist(checkpoint_dir: str) -> Any:
         loaded.seek(0)
         loaded = torch.load(loaded, weights_only=True)
     return loaded[0]
+
+
+def checkpoint_save_kwargs() -> dict[str, Any]:
+    """Extra ``dist_checkpointing.save`` arguments for this version (megatron-core's own async writer)."""
+    if mcore_version() < ASYNC_STRATEGY_SINCE:
+        return {}
+    _silence_writer_deprecation()
+    return {"async_strategy": "mcore"}
+
+
+class _WriterDeprecationFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("MCore's async save is deprecated")
+
+
+@functools.cache
+def _silence_writer_deprecation() -> None:
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").addFilter(_WriterDeprecationFilter())

@@ -9,6 +9,10 @@ Owns the on-disk layout::
         trainer/rank_00000.pt # per rank: step, data-stream position, RNG states, scheduler
         complete.json         # written last; a checkpoint without it is partial and never loaded
 
+``dist/`` records the model class (GPTModel / HybridModel) and megatron-core version in its
+content metadata; resuming into the other class stops with one line (its weights still load
+with ``model.load``, see :mod:`megatron_rpt.checkpoint.interop`).
+
 A checkpoint is written into ``iter_X.tmp`` and renamed when every rank has finished, so a
 crash mid-save leaves the previous one intact. Loading walks back from ``latest`` to the
 newest checkpoint that is complete and loads cleanly, logging why any newer one was skipped.
@@ -31,6 +35,8 @@ import torch.distributed as dist
 
 from megatron_rpt.atomic import write_text_atomic
 from megatron_rpt.bridge.name_maps import unwrap
+from megatron_rpt.checkpoint.interop import ModelClassMismatch, content_metadata, require_model_class
+from megatron_rpt.model.mcore_compat import checkpoint_save_kwargs, model_class_of
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +152,8 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_chunks: list[Any], op
         (tmp / "trainer").mkdir()
     _barrier()
     request = dist_checkpointing.save(sharded_state_dict(model_chunks, optimizer), str(tmp / "dist"),
-                                      sharded_strategy=_save_strategy(), async_sharded_save=async_queue is not None)
+                                      sharded_strategy=_save_strategy(), async_sharded_save=async_queue is not None,
+                                      content_metadata=content_metadata(model_chunks, {}), **checkpoint_save_kwargs())
     per_rank = dict(trainer_state, rng=rng_state(), scheduler=scheduler.state_dict(), step=step,
                     adam_step=adam_step(optimizer))
     torch.save(per_rank, tmp / "trainer" / f"rank_{_rank():05d}.pt")
@@ -212,6 +219,7 @@ def load_checkpoint(ckpt: str | Path, model_chunks: list[Any], optimizer: Any | 
     path = Path(ckpt)
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE}); it was interrupted mid-save")
+    require_model_class(path / "dist", model_class_of(model_chunks[0]))
     opt = optimizer if load_optimizer else None
     if opt is not None:
         _materialize_optimizer_state(opt)
@@ -280,6 +288,8 @@ def resume(ckpt_dir: str | Path, model_chunks: list[Any], optimizer: Any, schedu
     for path in candidates(ckpt_dir):
         try:
             state = load_checkpoint(path, model_chunks, optimizer, scheduler)
+        except ModelClassMismatch:
+            raise  # older checkpoints of the run hold the same class: falling back would restart silently
         except Exception as exc:  # noqa: BLE001 - any failure means: try the previous checkpoint
             if _rank() == 0:
                 log.warning("checkpoint %s is unusable (%s: %s); falling back to the previous one",
