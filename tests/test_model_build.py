@@ -29,19 +29,39 @@ def test_without_transformer_engine():
     assert fp8_settings(ModelConfig(), "local") == {}
 
 
-def _shapes(tp: int):
+def _build_checks(tp: int):
+    import torch
+
     from megatron_rpt.distributed import init_distributed
     from megatron_rpt.model.build import build_model
 
     init_distributed(tensor_parallel=tp)
     model = build_model(arch_from_dict(QWEN2), ModelConfig(), ParallelConfig(tensor_parallel=tp))
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}, type(model).__name__
+    # What megatron-core 0.19's gradient sync and overlapped DDP call, on the CPU shim.
+    side = torch.cuda.Stream(device=torch.cuda.current_device())
+    side.wait_stream(torch.cuda.current_stream())
+    event = torch.cuda.Event(enable_timing=False)
+    event.record()
+    torch.cuda.current_stream().wait_event(event)
+    with torch.cuda.stream(side):
+        streamed = torch.ones(3).sum().item()
+    torch.cuda.current_stream().synchronize()
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}, type(model).__name__, streamed
 
 
-def test_parameter_shapes_at_tp2():
+@pytest.fixture(scope="module")
+def tp2_build():
     from megatron_rpt.distributed import spawn
 
-    shapes, model_class = spawn(_shapes, 2, 2)[0]
+    return spawn(_build_checks, 2, 2)[0]
+
+
+def test_cuda_streams_and_events_run_on_the_cpu(tp2_build):
+    assert tp2_build[2] == 3.0
+
+
+def test_parameter_shapes_at_tp2(tp2_build):
+    shapes, model_class, _ = tp2_build
     # megatron-core 0.19 deprecates GPTModel for HybridModel, where decoder layer i is an attention layer (2i)
     # and an MLP layer (2i+1), and the final norm is decoder.final_norm.
     hybrid = mcore_version() >= (0, 19)

@@ -1,1 +1,1 @@
-"""The policy model: HF architecture parsing, Megatron-Core GPTModel build, layer specs, CPU shim."""
+"""The policy model: HF architecture parsing, Megatron-Core HybridModel / GPTModel build, layer specs, version switches, CPU shim."""
