@@ -7,6 +7,7 @@ from megatron_rpt.model.build import padded_vocab_size
 from megatron_rpt.model.hf_config import arch_from_dict
 from megatron_rpt.model.mcore_compat import mcore_version
 from megatron_rpt.model.specs import fp8_settings, resolve_transformer_impl, transformer_engine_available
+from megatron_rpt.plan import Layout, stage_params
 
 QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 96, "num_hidden_layers": 2, "num_attention_heads": 6,
          "num_key_value_heads": 2, "intermediate_size": 160, "vocab_size": 1000, "rope_theta": 1e6}
@@ -46,7 +47,12 @@ def _build_checks(tp: int):
     with torch.cuda.stream(side):
         streamed = torch.ones(3).sum().item()
     torch.cuda.current_stream().synchronize()
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}, type(model).__name__, streamed
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    per_rank = {"tp2": sum(p.numel() for p in model.parameters())}
+    init_distributed(pipeline_parallel=2)  # the same world re-initialised: one stage per rank
+    stage = build_model(arch_from_dict(QWEN2), ModelConfig(), ParallelConfig(pipeline_parallel=2))
+    per_rank["pp2"] = sum(p.numel() for p in stage.parameters())
+    return shapes, type(model).__name__, streamed, per_rank
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +66,17 @@ def test_cuda_streams_and_events_run_on_the_cpu(tp2_build):
     assert tp2_build[2] == 3.0
 
 
+def test_planner_counts_the_parameters_megatron_builds(tp2_build):
+    """The planner's per-GPU parameter formula against the model this megatron-core builds (GPTModel or
+    HybridModel: the planner does not depend on the class), on rank 0 of TP=2 and of PP=2."""
+    arch = arch_from_dict(QWEN2)
+    per_rank = tp2_build[3]
+    assert per_rank["tp2"] == stage_params(arch, Layout(tp=2), padded_vocab_size(1000, 128, 2), 0).total
+    assert per_rank["pp2"] == stage_params(arch, Layout(pp=2), padded_vocab_size(1000, 128, 1), 0).total
+
+
 def test_parameter_shapes_at_tp2(tp2_build):
-    shapes, model_class, _ = tp2_build
+    shapes, model_class, _, _ = tp2_build
     # megatron-core 0.19 deprecates GPTModel for HybridModel, where decoder layer i is an attention layer (2i)
     # and an MLP layer (2i+1), and the final norm is decoder.final_norm.
     hybrid = mcore_version() >= (0, 19)
