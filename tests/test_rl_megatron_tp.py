@@ -167,7 +167,8 @@ def _worker() -> dict:
         worst = max(worst, (p.grad - want).abs().max().item())
         scale = max(scale, want.abs().max().item())
     out["grad_err"], out["grad_scale"] = worst, scale
-    final_norm = "decoder.final_norm.weight" if model_class_of(model2) is ModelClass.HYBRID else "decoder.final_layernorm.weight"
+    hybrid = model_class_of(model2) is ModelClass.HYBRID  # megatron-core 0.19 renames the final norm
+    final_norm = "decoder.final_norm.weight" if hybrid else "decoder.final_layernorm.weight"
     out["layernorm_grad_norm"] = params2[final_norm].grad.norm().item()
     return out
 

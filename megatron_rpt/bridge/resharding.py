@@ -378,7 +378,8 @@ class WeightBridge:
     def _padded_vocab(self) -> int:
         vocab = getattr(self.chunks[0], "vocab_size", None)
         if vocab is None:
-            raise TypeError(f"{type(self.chunks[0]).__name__} has no vocab_size; WeightBridge expects GPTModel or HybridModel chunks")
+            raise TypeError(f"{type(self.chunks[0]).__name__} has no vocab_size; WeightBridge expects GPTModel or "
+                            "HybridModel chunks")
         return int(vocab)
 
     def _check_engine_tp(self, size: int, rank: int) -> tuple[int, int]:

@@ -43,8 +43,8 @@ def hybrid_layer_pattern(arch: ArchConfig, pipeline_parallel: int = 1, virtual_p
 
 
 def transformer_config(
-    arch: ArchConfig, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, config_overrides: dict[str, Any] | None = None,
-    model_class: ModelClass | None = None,
+    arch: ArchConfig, model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
+    config_overrides: dict[str, Any] | None = None, model_class: ModelClass | None = None,
 ) -> Any:
     """``config_overrides`` replace TransformerConfig fields, e.g. ``perform_initialization=False``
     when the weights are loaded from a checkpoint right after building."""
@@ -178,8 +178,8 @@ def _hybrid_model(arch: ArchConfig, impl: str, parallel_cfg: ParallelConfig, com
 
 
 def build_model_chunks(
-    arch: ArchConfig, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, config_overrides: dict[str, Any] | None = None,
-    model_class: ModelClass | None = None,
+    arch: ArchConfig, model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
+    config_overrides: dict[str, Any] | None = None, model_class: ModelClass | None = None,
 ) -> list[Any]:
     """All model chunks of this rank: one, or ``virtual_pipeline`` of them with interleaving."""
     vp = parallel_cfg.virtual_pipeline

@@ -83,9 +83,10 @@ def hybrid_stack_spec(arch: ArchConfig, impl: str) -> Any:
         input_layernorm=gpt.input_layernorm, self_attention=gpt.self_attention, self_attn_bda=gpt.self_attn_bda,
         sharded_state_dict_keys_map={k: v for k, v in keys_map.items() if k.startswith("input_layernorm")}))
     mlp_keys_map = {k: v for k, v in keys_map.items() if k.startswith(("pre_mlp_layernorm", "mlp."))}
-    mlp = ModuleSpec(module=MoETransformerLayer if arch.num_experts else MLPLayer, submodules=TransformerLayerSubmodules(
-        pre_mlp_layernorm=gpt.pre_mlp_layernorm, mlp=gpt.mlp, mlp_bda=gpt.mlp_bda,
-        sharded_state_dict_keys_map=mlp_keys_map))
+    mlp = ModuleSpec(module=MoETransformerLayer if arch.num_experts else MLPLayer,
+                     submodules=TransformerLayerSubmodules(pre_mlp_layernorm=gpt.pre_mlp_layernorm, mlp=gpt.mlp,
+                                                           mlp_bda=gpt.mlp_bda,
+                                                           sharded_state_dict_keys_map=mlp_keys_map))
     layers = HybridStackSubmodules(attention_layer=attention, **{"moe_layer" if arch.num_experts else "mlp_layer": mlp})
     if impl == "transformer_engine":
         return ModuleSpec(module=HybridStack, submodules=layers)
