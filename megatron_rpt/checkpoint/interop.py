@@ -40,7 +40,6 @@ MCORE_VERSION_KEY = "megatron_core"
 FINAL_NORM_KEYS = {ModelClass.GPT: "decoder.final_layernorm.weight", ModelClass.HYBRID: "decoder.final_norm.weight"}
 
 
-
 class ModelClassMismatch(CheckpointError):
     """A training checkpoint of the other model class (it cannot resume here; its weights can load)."""
 
