@@ -9,7 +9,7 @@ setup(
     install_requires=[
         "torch==2.13.0; python_version=='3.11'",
         "torch>=2.6",
-        "megatron-core>=0.16",
+        "megatron-core>=0.16,<0.20",  # tested: 0.16.x (Python 3.11), 0.19.x (Python 3.12)
         "transformers>=4.51",
         "safetensors>=0.4",
         "tokenizers>=0.20",

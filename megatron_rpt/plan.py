@@ -5,6 +5,10 @@ engine, weight-sync bucket), a simple step-time model, enumerating TP/PP/CP/EP/D
 layouts for a GPU count, ranking those that fit, and the refusal when none does.
 ``tools/plan.py`` is the command line.
 
+The model is counted per decoder layer, which fits both Megatron classes the policy is built as:
+a HybridModel (megatron-core 0.19) attention + MLP layer pair holds exactly one GPTModel layer's
+parameters and activations, and the builder cuts pipeline stages at the same decoder layers.
+
 Memory model (bytes per GPU, worst pipeline stage):
 
 * weights ``P_gpu * b_param`` where ``P_gpu`` are this rank's parameters: attention and

@@ -71,9 +71,9 @@ def _cp_rank_checks():
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer import MegatronModule, TransformerConfig
-    from megatron.core.utils import get_batch_on_this_cp_rank
 
     from megatron_rpt.distributed import init_distributed
+    from megatron_rpt.model.mcore_compat import get_batch_on_this_cp_rank
     from megatron_rpt.rl import gather_from_context_parallel
 
     init_distributed(context_parallel=2)

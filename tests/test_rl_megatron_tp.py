@@ -89,6 +89,7 @@ def _worker() -> dict:
     from megatron_rpt.distributed import init_distributed
     from megatron_rpt.model.build import build_model
     from megatron_rpt.model.hf_config import arch_from_dict
+    from megatron_rpt.model.mcore_compat import ModelClass, model_class_of
     from megatron_rpt.rl import vocab_parallel_logprobs_and_entropy
 
     out: dict = {}
@@ -167,7 +168,9 @@ def _worker() -> dict:
         worst = max(worst, (p.grad - want).abs().max().item())
         scale = max(scale, want.abs().max().item())
     out["grad_err"], out["grad_scale"] = worst, scale
-    out["layernorm_grad_norm"] = params2["decoder.final_layernorm.weight"].grad.norm().item()
+    hybrid = model_class_of(model2) is ModelClass.HYBRID  # megatron-core 0.19 renames the final norm
+    final_norm = "decoder.final_norm.weight" if hybrid else "decoder.final_layernorm.weight"
+    out["layernorm_grad_norm"] = params2[final_norm].grad.norm().item()
     return out
 
 

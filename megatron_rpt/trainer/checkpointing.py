@@ -12,6 +12,10 @@ Owns the on-disk layout::
                               # sha256 of every file above; without it a checkpoint is never loaded
       iter_0000008.rejected   # set aside by a resume: failed verification (kept for inspection)
 
+``dist/`` records the model class (GPTModel / HybridModel) and megatron-core version in its
+content metadata; resuming into the other class stops with one line (its weights still load
+with ``model.load``, see :mod:`megatron_rpt.checkpoint.interop`).
+
 A checkpoint is written into ``iter_X.tmp``, checksummed (:mod:`.ckpt_manifest`) and renamed
 when every rank has finished, so a crash mid-save leaves the previous one intact. Which
 checkpoint a starting trainer loads is decided by :mod:`megatron_rpt.trainer.resume`, which
@@ -41,6 +45,8 @@ from megatron_rpt.checkpoint.hf_io import CheckpointError
 from megatron_rpt.checkpoint.model_ckpt import tie_checkpoint_writer_to_this_process
 from megatron_rpt.distributed import die_with_parent
 from megatron_rpt.trainer.ckpt_manifest import COMPLETE, collect_manifest
+from megatron_rpt.checkpoint.interop import content_metadata, require_model_class
+from megatron_rpt.model.mcore_compat import checkpoint_save_kwargs, model_class_of
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +181,8 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_chunks: list[Any], op
         (tmp / "trainer").mkdir()
     _barrier()
     request = dist_checkpointing.save(sharded_state_dict(model_chunks, optimizer), str(tmp / "dist"),
-                                      sharded_strategy=_save_strategy(), async_sharded_save=async_queue is not None)
+                                      sharded_strategy=_save_strategy(), async_sharded_save=async_queue is not None,
+                                      content_metadata=content_metadata(model_chunks, {}), **checkpoint_save_kwargs())
     per_rank = dict(trainer_state, rng=rng_state(), scheduler=scheduler.state_dict(), step=step,
                     adam_step=adam_step(optimizer))
     torch.save(per_rank, tmp / "trainer" / f"rank_{_rank():05d}.pt")
@@ -262,6 +269,8 @@ def load_checkpoint(ckpt: str | Path, model_chunks: list[Any], optimizer: Any | 
     from torch.distributed.checkpoint.api import CheckpointException
 
     path = Path(ckpt)
+    # Another model class (GPTModel <-> HybridModel) is a user decision, stated before anything loads.
+    require_model_class(path / "dist", model_class_of(model_chunks[0]))
     try:
         return _load(path, model_chunks, optimizer if load_optimizer else None, scheduler)
     except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
