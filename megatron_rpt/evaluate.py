@@ -18,10 +18,11 @@ import argparse
 import json
 import logging
 import sys
+import typing
 import warnings
 from pathlib import Path
 
-from megatron_rpt.config import ConfigError, load_config
+from megatron_rpt.config import Config, ConfigError, EvalMode, load_config
 
 log = logging.getLogger("megatron_rpt.evaluate")
 
@@ -44,9 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _modes(args: argparse.Namespace, cfg) -> tuple[str, ...]:
+def _modes(args: argparse.Namespace, cfg: Config) -> tuple[str, ...]:
     if args.mode == "both":
-        return ("standard", "reasoning")
+        return tuple(typing.get_args(EvalMode))
     if args.mode:
         return (args.mode,)
     return tuple(cfg.eval.modes)

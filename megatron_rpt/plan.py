@@ -5,6 +5,10 @@ engine, weight-sync bucket), a simple step-time model, enumerating TP/PP/CP/EP/D
 layouts for a GPU count, ranking those that fit, and the refusal when none does.
 ``tools/plan.py`` is the command line.
 
+The model is counted per decoder layer, which fits both Megatron classes the policy is built as:
+a HybridModel (megatron-core 0.19) attention + MLP layer pair holds exactly one GPTModel layer's
+parameters and activations, and the builder cuts pipeline stages at the same decoder layers.
+
 Memory model (bytes per GPU, worst pipeline stage):
 
 * weights ``P_gpu * b_param`` where ``P_gpu`` are this rank's parameters: attention and
@@ -56,16 +60,17 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
-from megatron_rpt.config import Config
+from megatron_rpt.config import Config, Recompute
 from megatron_rpt.model.hf_config import ArchConfig
 
 GiB = float(2**30)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LOGIT_BYTES = 6  # bf16 logits + fp32 softmax saved for the log-prob backward
-RECOMPUTE_CHOICES = (None, "selective", "full")
+RECOMPUTE_CHOICES = (None, *typing.get_args(Recompute))
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -17,7 +17,10 @@ byte-level token (e.g. half of a CJK character split over two tokens) can never 
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Sequence
+
+from megatron_rpt.config import RewardKind
 
 __all__ = [
     "extract_prediction",
@@ -28,7 +31,7 @@ __all__ = [
     "REWARD_KINDS",
 ]
 
-REWARD_KINDS = ("prefix", "first_token", "dense")
+REWARD_KINDS = typing.get_args(RewardKind)
 
 _BOX = "\\boxed{"
 _THINK_END = "</think>"
@@ -172,7 +175,7 @@ def dense_reward(prediction: str | None, target_token_bytes: Sequence[bytes],
     return min(max(p, 0.0), 1.0)
 
 
-def compute_reward(kind: str, response: str, target_token_bytes: Sequence[bytes],
+def compute_reward(kind: RewardKind, response: str, target_token_bytes: Sequence[bytes],
                    require_think: bool = True, first_token_prob: float | None = None) -> float:
     """Reward of one response. ``kind`` is ``rl.reward``: ``prefix`` | ``first_token`` | ``dense``."""
     if kind not in REWARD_KINDS:

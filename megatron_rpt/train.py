@@ -13,16 +13,22 @@ import os
 import sys
 import warnings
 
-from megatron_rpt.config import ConfigError, load_config
+from megatron_rpt.config import Config, load_config
+from megatron_rpt.errors import UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m megatron_rpt.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_rpt.train", description=__doc__.splitlines()[0],
+        epilog="Every config key with its type, default and meaning: python -m megatron_rpt.config explain [KEY]")
     parser.add_argument("--config", required=True, help="YAML config (configs/tiny_cpu.yaml, configs/rpt_14b.yaml, ...)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set rollout.temperature=0.8 (repeatable)")
     parser.add_argument("--resume", default="auto",
-                        help="auto (newest good checkpoint in checkpoint.dir, if any), none, or a checkpoint path")
+                        help="auto (newest verified checkpoint in checkpoint.dir, if any), none (a new run; refused "
+                             "when checkpoint.dir holds checkpoints), or a checkpoint (iter_X) or checkpoint directory")
+    parser.add_argument("--force-resume", action="store_true",
+                        help="resume checkpoint.dir although its run had another model, data source or seed")
     return parser.parse_args(argv)
 
 
@@ -37,7 +43,7 @@ def _quiet_third_party() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def summarize(result: dict, cfg) -> str:
+def summarize(result: dict, cfg: Config) -> str:
     history = result["history"]
     lines = [f"megatron-rpt: {result['steps']} steps done ({result['exit']})"]
     if result.get("resumed_from"):
@@ -65,25 +71,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
     _quiet_third_party()
+    started = False
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    from megatron_rpt.trainer.loop import Trainer
+        from megatron_rpt.trainer.loop import Trainer  # heavy (megatron-core): after the config is known good
 
-    resume = None if args.resume == "none" else args.resume
-    try:
-        trainer = Trainer(cfg, resume=resume)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        started = True
+        trainer = Trainer(cfg, resume=args.resume, force_resume=args.force_resume)
+        result = trainer.run()
+    except UserError as exc:  # the message is the whole report: no traceback for a user's mistake
+        print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    result = trainer.run()
+    finally:
+        if started:
+            from megatron_rpt.distributed import destroy_distributed
+
+            destroy_distributed()
     if trainer.rank == 0:
         print(summarize(result, cfg), flush=True)
-    from megatron_rpt.distributed import destroy_distributed
-
-    destroy_distributed()
     return 0
 
 

@@ -1,11 +1,20 @@
 """Config tree: YAML loading, --set overrides, and validation errors that name the key."""
 
 import json
+import os
+import subprocess
+import sys
+import typing
+from pathlib import Path
 
 import pytest
 
-from megatron_rpt.config import Config, ConfigError, load_config, parse_override
+from megatron_rpt.config import Config, ConfigError, RewardKind, Template, load_config, parse_override
+from megatron_rpt.config_schema import explain, iter_fields
 from megatron_rpt.model.hf_config import arch_from_dict, load_hf_config
+
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _hf_config(tmp_path, **overrides):
@@ -136,3 +145,109 @@ def test_real_r1_distill_config(shared):
     assert (arch.num_key_value_heads, arch.qkv_bias, arch.tie_word_embeddings) == (2, True, False)
     # 1.78B parameters incl. embeddings, as published for R1-Distill-Qwen-1.5B
     assert 1.7e9 < arch.num_parameters() < 1.8e9
+
+
+# ----------------------------------------------------------------------------- numbers, files, overrides
+
+
+def test_numbers_are_read_as_python_reads_them(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-3 and 1_000.5 as strings; a numeric field takes them as numbers.
+    path = _write(tmp_path, "optim:\n  lr: 1e-3\n  min_lr: 5E-6\ntrain:\n  steps: 1e3\nrollout:\n  top_p: .5\n"
+                            "data:\n  difficulty_thresholds: [5e-1, 1, 1.5e0]\n")
+    cfg = load_config(path, ["rl.clip_high=2.8e-1", "checkpoint.keep_last=1_0"], validate_paths=False)
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.train.steps, cfg.rollout.top_p) == (1e-3, 5e-6, 1000, 0.5)
+    assert type(cfg.train.steps) is int and type(cfg.optim.lr) is float
+    assert cfg.data.difficulty_thresholds == [0.5, 1.0, 1.5]
+    assert (cfg.rl.clip_high, cfg.checkpoint.keep_last) == (0.28, 10)
+    assert load_config(None, ["optim.lr=1e-3"], validate_paths=False).optim.lr == 1e-3
+    # a string field keeps the text as written
+    assert load_config(None, ["logging.wandb_run_name=1e-3"], validate_paths=False).logging.wandb_run_name == "1e-3"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=.nan", r"optim\.lr=nan must be a finite number"),
+    ("optim.lr=.inf", r"optim\.lr=inf must be a finite number"),
+    ("optim.lr=nan", r"optim\.lr=nan must be a finite number"),
+    ("rollout.temperature=-.inf", r"rollout\.temperature=-inf must be a finite number"),
+    ("checkpoint.keep_last=-1", r"checkpoint\.keep_last=-1 must be >= 0"),
+    ("checkpoint.save_interval=-5", r"checkpoint\.save_interval=-5 must be >= 0"),
+    ("optim.lr=0", r"optim\.lr=0\.0 must be > 0"),
+    ("rollout.top_p=1.5", r"rollout\.top_p=1\.5 must be > 0 and <= 1"),
+    ("model.fp8=e5m2", r"model\.fp8='e5m2' is not one of \['hybrid', 'e4m3'\] \(or null\)"),
+    ("eval.modes=[standard, greedy]", r"eval\.modes\[1\]='greedy' is not one of \['standard', 'reasoning'\]"),
+    ("data.template=v9", r"data\.template='v9' is not one of"),
+    ("rl.prompts_per_step=6", r"rl\.prompts_per_step=6 is not divisible by the data-parallel size 4"),
+])
+def test_out_of_range_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override, "parallel.world_size=4"], validate_paths=False)
+
+
+def test_set_merges_a_mapping_into_its_section(tmp_path):
+    path = _write(tmp_path, "optim:\n  lr: 3.0e-3\n  weight_decay: 0.0\n  warmup_steps: 5\n")
+    cfg = load_config(path, ["optim={lr: 0.1}"], validate_paths=False)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps) == (0.1, 0.0, 5)
+
+
+def test_empty_variable_takes_the_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("RPT_EMPTY_VAR", "")
+    path = _write(tmp_path, "logging:\n  dir: ${RPT_EMPTY_VAR:-runs/fallback}\n")
+    assert load_config(path, validate_paths=False).logging.dir == "runs/fallback"
+
+
+def test_base_chains_fail_with_the_file_that_names_them(tmp_path):
+    own = tmp_path / "self.yaml"
+    own.write_text("base: self.yaml\n")
+    with pytest.raises(ConfigError, match=r"self\.yaml: base: 'self\.yaml' makes a cycle"):
+        load_config(own, validate_paths=False)
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("base: b.yaml\n")
+    b.write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"b\.yaml: base: 'a\.yaml' makes a cycle \(.*a\.yaml -> .*b\.yaml -> "):
+        load_config(a, validate_paths=False)
+    child = tmp_path / "child.yaml"
+    child.write_text("base: missing/parent.yaml\n")
+    with pytest.raises(ConfigError, match=r"child\.yaml: base: 'missing/parent\.yaml' \(.*\) does not exist"):
+        load_config(child, validate_paths=False)
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("logging:\n  dir: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"config file .*latin1\.yaml is not UTF-8 text \(byte 0xe9 at offset 19\)"):
+        load_config(latin, validate_paths=False)
+
+
+# ----------------------------------------------------------------------------- one owner per rule
+
+
+def test_every_field_has_a_description_that_explain_prints():
+    fields = list(iter_fields(Config))
+    assert len(fields) > 90
+    assert [f.key for f in fields if not f.doc] == []
+    out = subprocess.run([sys.executable, "-m", "megatron_rpt.config", "explain", "optim.lr"], capture_output=True,
+                         text=True, check=True, env=dict(os.environ, PYTHONPATH=str(REPO))).stdout
+    assert out.splitlines() == ["optim.lr = 1e-06  (float > 0)", "    Peak learning rate (reached after warm-up)."]
+    section = explain(Config, "rl")
+    assert section.count("\n    ") == len([f for f in fields if f.key.startswith("rl.")])
+    bad = subprocess.run([sys.executable, "-m", "megatron_rpt.config", "explain", "optim.learning_rate"],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert bad.returncode == 2 and bad.stderr.startswith("error: no config key 'optim.learning_rate'")
+
+
+def test_choices_have_one_owner():
+    from megatron_rpt.data.templates import TEMPLATES
+    from megatron_rpt.reward import REWARD_KINDS
+    from megatron_rpt.rl.grpo_loss import LOSS_AGGREGATIONS
+
+    assert set(typing.get_args(Template)) == set(TEMPLATES)
+    assert REWARD_KINDS == typing.get_args(RewardKind) == ("prefix", "first_token", "dense")
+    assert LOSS_AGGREGATIONS == ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+def test_world_size_rule_is_the_parallel_sections():
+    from megatron_rpt.config import ParallelConfig
+
+    layout = ParallelConfig(tensor_parallel=2, pipeline_parallel=2, expert_parallel=4)
+    with pytest.raises(ConfigError, match=r"parallel\.expert_parallel=4 must divide data_parallel\*context_parallel=2"):
+        layout.data_parallel_size(8)
+    with pytest.raises(ConfigError, match=r"world size 6 is not divisible"):
+        layout.data_parallel_size(6)
+    assert ParallelConfig(tensor_parallel=2).data_parallel_size(8) == 4

@@ -29,9 +29,11 @@ from megatron_rpt.bridge.name_maps import (
 )
 from megatron_rpt.atomic import OutputExistsError, atomic_output_dir
 from megatron_rpt.checkpoint.hf_io import CheckpointError, HFCheckpointReader, HFShardWriter, parse_size
-from megatron_rpt.model.build import padded_vocab_size
+from megatron_rpt.config import ConfigError
+from megatron_rpt.model.build import hybrid_layer_pattern, padded_vocab_size
 from megatron_rpt.model.hf_config import arch_from_dict
 from megatron_rpt.model.loading import validate_hf_checkpoint
+from megatron_rpt.model.mcore_compat import ModelClass
 
 BASE = dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, head_dim=16,
             intermediate_size=160, vocab_size=1000)
@@ -98,6 +100,51 @@ def test_tied_output_layer_maps_to_embedding():
     tmap, _, _ = names.lookup("output_layer.weight")
     assert tmap.hf == ("model.embed_tokens.weight",)
     assert "lm_head.weight" not in names.hf_names()
+
+
+# Hand-written: HF layer 1 of a Qwen3-MoE in both Megatron model classes (HybridModel: attention half
+# on layer 2i, MLP half on layer 2i+1, final norm renamed).
+MOE_LAYER1 = {
+    "model.layers.1.input_layernorm.weight": ("decoder.layers.1.input_layernorm.weight",
+                                              "decoder.layers.2.input_layernorm.weight"),
+    "model.layers.1.self_attn.o_proj.weight": ("decoder.layers.1.self_attention.linear_proj.weight",
+                                               "decoder.layers.2.self_attention.linear_proj.weight"),
+    "model.layers.1.self_attn.k_norm.weight": ("decoder.layers.1.self_attention.k_layernorm.weight",
+                                               "decoder.layers.2.self_attention.k_layernorm.weight"),
+    "model.layers.1.post_attention_layernorm.weight": ("decoder.layers.1.pre_mlp_layernorm.weight",
+                                                       "decoder.layers.3.pre_mlp_layernorm.weight"),
+    "model.layers.1.mlp.gate.weight": ("decoder.layers.1.mlp.router.weight", "decoder.layers.3.mlp.router.weight"),
+    "model.layers.1.mlp.experts.3.down_proj.weight": (
+        "decoder.layers.1.mlp.experts.local_experts.3.linear_fc2.weight",
+        "decoder.layers.3.mlp.experts.local_experts.3.linear_fc2.weight"),
+    "model.norm.weight": ("decoder.final_layernorm.weight", "decoder.final_norm.weight"),
+}
+
+
+@pytest.mark.parametrize("model_class", list(ModelClass))
+def test_names_of_both_model_classes(model_class):
+    names = NameMap(ARCHS["qwen3_moe"], model_class=model_class)
+    column = 1 if model_class is ModelClass.HYBRID else 0
+    for hf_name, mcore_names in MOE_LAYER1.items():
+        tmap, layer, expert = names.lookup(mcore_names[column])
+        assert hf_name in tmap.format(layer, expert)[1]
+        assert tmap.format(layer, expert)[0] == mcore_names[column]
+    formatted = {tmap.format(layer, expert)[0] for tmap, layer, expert in names.iter_all()}
+    assert {m[column] for m in MOE_LAYER1.values()} <= formatted
+    assert len(formatted) == len(list(names.iter_all()))  # one Megatron name per map entry
+    if model_class is ModelClass.HYBRID:  # an attention name on an MLP layer index is no parameter
+        with pytest.raises(KeyError, match="as a HybridModel"):
+            names.lookup("decoder.layers.3.self_attention.linear_proj.weight")
+
+
+def test_hybrid_layer_pattern_follows_the_pipeline_split():
+    four = arch_from_dict({**BASE, "architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 4})
+    assert hybrid_layer_pattern(four) == "*-*-*-*-"
+    assert hybrid_layer_pattern(four, 2) == "*-*-|*-*-"
+    assert hybrid_layer_pattern(four, 2, 2) == "*-|*-|*-|*-"
+    assert hybrid_layer_pattern(ARCHS["qwen3_moe"], 2) == "*E|*E"
+    with pytest.raises(ConfigError, match=r"= 3 does not divide the 4 layers"):
+        hybrid_layer_pattern(four, 3)
 
 
 # --------------------------------------------------------------------------- safetensors I/O

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from megatron_rpt.config import ConfigError
 from megatron_rpt.data.corpus import CorpusStream, heldout_doc_ids, open_sources
 
 FIELDS = ["problem", "solution"]
@@ -146,7 +147,7 @@ def test_heldout_is_the_smallest_seeded_hashes(tmp_path):
 
 
 def test_source_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"data.paths\[0\]"):
+    with pytest.raises(ConfigError, match=r"data.paths\[0\]"):
         open_sources([tmp_path / "nope.jsonl"])
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match="unsupported file type"):

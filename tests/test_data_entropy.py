@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_rpt.config import ConfigError
 from megatron_rpt.data.entropy_filter import (ProxyScorer, difficulty_label, difficulty_splits, pack_first_fit,
                                               topk_entropy)
 from megatron_rpt.data.tiny_proxy import make_tiny_proxy
@@ -102,5 +103,5 @@ def test_proxy_errors(small_proxy, tmp_path):
     scorer = ProxyScorer(small_proxy, device="cpu")
     with pytest.raises(ValueError, match="vocab_size"):
         scorer.score([[1, 2, 300]])
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(ConfigError, match="config.json"):
         ProxyScorer(tmp_path)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_rpt.config import DataConfig
+from megatron_rpt.config import ConfigError, DataConfig
 from megatron_rpt.data import ProblemStream, load_tokenizer
 from megatron_rpt.data.entropy_filter import topk_entropy
 from megatron_rpt.data.tiny_proxy import make_tiny_proxy
@@ -144,7 +144,7 @@ def test_prepared_data_checks(env, tmp_path):
     unfinished = tmp_path / "unfinished"
     shutil.copytree(env["out"], unfinished)
     (unfinished / "manifest.json").unlink()
-    with pytest.raises(FileNotFoundError, match="did not finish"):
+    with pytest.raises(ConfigError, match="did not finish"):
         ProblemStream(DataConfig(prepared=str(unfinished)), env["tok"])
     # a prepared directory given in data.paths is recognised too
     s = ProblemStream(DataConfig(paths=[str(env["out"])], val_documents=0), env["tok"])
@@ -169,4 +169,20 @@ def test_cli_rejects_bad_arguments(env, tmp_path):
     with pytest.raises(ValueError, match="no usable documents"):
         prepare_data.main(["--input", str(env["omni"]), *base, "--out", str(bad_fields), "--max-docs", "2",
                            "--text-fields", "nonexistent", "--no-progress"])
-    assert not bad_fields.exists() and not list(tmp_path.glob(".*partial*"))  # nothing half-written
+    assert not list(tmp_path.glob("o2*"))  # nothing half-written, no temporary directory left
+
+
+def test_two_runs_into_one_output_leave_one_result(env, tmp_path):
+    """prepare_data twice into the same --out at once: one result, one clear error, no leftovers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = tmp_path / "shared_out"
+    args = ["--input", str(env["omni"]), "--tokenizer", str(env["tok_dir"]), "--proxy", str(env["proxy"]),
+            "--out", str(out), "--max-docs", "2", "--text-fields", *FIELDS, "--device", "cpu", "--no-progress"]
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(prepare_data.main, list(args)) for _ in range(2)]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    assert len(errors) == 1 and isinstance(errors[0], FileExistsError), errors
+    assert str(out) in str(errors[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared_out"]
+    assert json.loads((out / "manifest.json").read_text())["num_docs"] == 2

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from megatron_rpt.config import DataConfig
+from megatron_rpt.config import ConfigError, DataConfig
 from megatron_rpt.data import Problem, ProblemStream, load_tokenizer
 from megatron_rpt.data.corpus import heldout_doc_ids, open_sources
 from megatron_rpt.data.templates import render_prompt
@@ -135,15 +135,31 @@ def test_resume_with_a_different_dp_layout_is_refused(tok, tmp_path):
 
 def test_bad_settings_have_clear_errors(tok, tmp_path):
     path = small_corpus(tmp_path)
-    with pytest.raises(ValueError, match="data.max_prompt_tokens"):
+    with pytest.raises(ConfigError, match="data.max_prompt_tokens"):
         ProblemStream(DataConfig(paths=[str(path)], val_documents=0, max_prompt_tokens=100), tok)
     too_short = DataConfig(paths=[str(path)], val_documents=0, min_context_tokens=100000)
-    with pytest.raises(RuntimeError, match="no problems"):
+    with pytest.raises(ConfigError, match=r"no problems from 3 documents.*data\.min_context_tokens=100000"):
         next(ProblemStream(too_short, tok))
     with pytest.raises(ValueError, match="split"):
         ProblemStream(DataConfig(paths=[str(path)], val_documents=0), tok, split="test")
-    with pytest.raises(ValueError, match="data.val_documents=200"):
+    with pytest.raises(ConfigError, match=r"data\.val_documents=200 holds out every document of the corpus \(3 rows"):
         ProblemStream(DataConfig(paths=[str(path)]), tok)  # 3 documents, 200 held out
+
+
+def test_empty_and_all_bad_corpora_say_so(tok, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match=r"the corpus is empty: data\.paths=\[.*empty\.jsonl'\] hold no rows"):
+        ProblemStream(DataConfig(paths=[str(empty)]), tok)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": 1}\n' * 5)
+    with pytest.raises(ConfigError, match=r"every row .* is bad \(5 rows: \{'missing_field:problem': 5\}\); check "
+                                          r"data\.text_fields=\['problem', 'solution'\]"):
+        next(ProblemStream(DataConfig(paths=[str(bad)], val_documents=0), tok))
+    fake = tmp_path / "fake.parquet"
+    fake.write_text("not parquet")
+    with pytest.raises(ConfigError, match=r"fake\.parquet is not a readable Parquet file .*data\.paths"):
+        ProblemStream(DataConfig(paths=[str(fake)]), tok)
 
 
 def test_problem_dict_round_trip(tok, tmp_path):

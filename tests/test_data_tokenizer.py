@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from megatron_rpt.config import ConfigError
 from megatron_rpt.data.templates import TEMPLATES, render_instruction, render_prompt
 from megatron_rpt.data.tokenizer import (encode_document, load_tokenizer, token_byte_table, token_bytes,
                                          tokenizer_hash, vocab_hash)
@@ -116,9 +117,9 @@ def test_char_tokenizer_of_tiny_llama():
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist"):
         load_tokenizer(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    with pytest.raises(ConfigError, match="tokenizer.json"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):

@@ -17,6 +17,8 @@ from megatron_rpt.model.specs import (
     resolve_transformer_impl,
     transformer_engine_available,
 )
+from megatron_rpt.model.mcore_compat import mcore_version
+from megatron_rpt.plan import Layout, stage_params
 
 QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 96, "num_hidden_layers": 2, "num_attention_heads": 6,
          "num_key_value_heads": 2, "intermediate_size": 160, "vocab_size": 1000, "rope_theta": 1e6}
@@ -39,27 +41,71 @@ def test_without_transformer_engine():
     assert fp8_settings(ModelConfig(), "local") == {}
 
 
-def _shapes(tp: int):
+def _build_checks(tp: int):
+    import torch
+
     from megatron_rpt.distributed import init_distributed
     from megatron_rpt.model.build import build_model
 
     init_distributed(tensor_parallel=tp)
     model = build_model(arch_from_dict(QWEN2), ModelConfig(), ParallelConfig(tensor_parallel=tp))
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}, type(model.decoder.layers[0].mlp).__name__
+    # What megatron-core 0.19's gradient sync and overlapped DDP call, on the CPU shim.
+    side = torch.cuda.Stream(device=torch.cuda.current_device())
+    side.wait_stream(torch.cuda.current_stream())
+    event = torch.cuda.Event(enable_timing=False)
+    event.record()
+    torch.cuda.current_stream().wait_event(event)
+    with torch.cuda.stream(side):
+        streamed = torch.ones(3).sum().item()
+    torch.cuda.current_stream().synchronize()
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    per_rank = {"tp2": sum(p.numel() for p in model.parameters())}
+    init_distributed(pipeline_parallel=2)  # the same world re-initialised: one stage per rank
+    stage = build_model(arch_from_dict(QWEN2), ModelConfig(), ParallelConfig(pipeline_parallel=2))
+    per_rank["pp2"] = sum(p.numel() for p in stage.parameters())
+    return shapes, type(model).__name__, streamed, per_rank
 
 
-def test_parameter_shapes_at_tp2():
+@pytest.fixture(scope="module")
+def tp2_build():
     from megatron_rpt.distributed import spawn
 
-    shapes, _ = spawn(_shapes, 2, 2)[0]
+    return spawn(_build_checks, 2, 2)[0]
+
+
+def test_cuda_streams_and_events_run_on_the_cpu(tp2_build):
+    assert tp2_build[2] == 3.0
+
+
+def test_planner_counts_the_parameters_megatron_builds(tp2_build):
+    """The planner's per-GPU parameter formula against the model this megatron-core builds (GPTModel or
+    HybridModel: the planner does not depend on the class), on rank 0 of TP=2 and of PP=2."""
+    arch = arch_from_dict(QWEN2)
+    per_rank = tp2_build[3]
+    assert per_rank["tp2"] == stage_params(arch, Layout(tp=2), padded_vocab_size(1000, 128, 2), 0).total
+    assert per_rank["pp2"] == stage_params(arch, Layout(pp=2), padded_vocab_size(1000, 128, 1), 0).total
+
+
+def test_parameter_shapes_at_tp2(tp2_build):
+    shapes, model_class, _, _ = tp2_build
+    # megatron-core 0.19 deprecates GPTModel for HybridModel, where decoder layer i is an attention layer (2i)
+    # and an MLP layer (2i+1), and the final norm is decoder.final_norm.
+    hybrid = mcore_version() >= (0, 19)
+    assert model_class == ("HybridModel" if hybrid else "GPTModel")
+    attn, mlp = ("decoder.layers.0.", "decoder.layers.1.") if hybrid else ("decoder.layers.0.", "decoder.layers.0.")
+    final_norm = "decoder.final_norm.weight" if hybrid else "decoder.final_layernorm.weight"
     # 6 query heads + 2 KV groups x (k, v), head_dim 16, split over 2 ranks: (6 + 4) * 16 / 2 = 80 rows.
-    assert shapes["decoder.layers.0.self_attention.linear_qkv.weight"] == (80, 96)
-    assert shapes["decoder.layers.0.self_attention.linear_qkv.bias"] == (80,)
-    assert shapes["decoder.layers.0.self_attention.linear_proj.weight"] == (96, 48)
-    assert shapes["decoder.layers.0.mlp.linear_fc1.weight"] == (160, 96)  # [gate_r; up_r], 80 rows each
-    assert shapes["decoder.layers.0.mlp.linear_fc2.weight"] == (96, 80)
+    assert shapes[attn + "self_attention.linear_qkv.weight"] == (80, 96)
+    assert shapes[attn + "self_attention.linear_qkv.bias"] == (80,)
+    assert shapes[attn + "self_attention.linear_proj.weight"] == (96, 48)
+    assert shapes[attn + "input_layernorm.weight"] == (96,)
+    assert shapes[mlp + "pre_mlp_layernorm.weight"] == (96,)
+    assert shapes[mlp + "mlp.linear_fc1.weight"] == (160, 96)  # [gate_r; up_r], 80 rows each
+    assert shapes[mlp + "mlp.linear_fc2.weight"] == (96, 80)
+    assert shapes[final_norm] == (96,)
     assert shapes["embedding.word_embeddings.weight"] == (512, 96)  # 1024 padded / 2
     assert shapes["output_layer.weight"] == (512, 96)  # untied
+    assert len(shapes) == 3 + 2 * 7  # embedding, final norm, output layer + 7 tensors per decoder layer
 
 
 @pytest.mark.skipif(fused_softmax_available(), reason="checks a machine without Apex's fused softmax kernels")

@@ -1,5 +1,7 @@
 """Logits parity: Megatron-Core (real, over gloo) vs transformers, at (TP, PP) in {(1,1), (2,1), (1,2)},
-for Qwen2, Llama (tied, llama3 rope scaling), Qwen3 (qk-norm) and Qwen3-MoE (routed experts).
+for Qwen2, Llama (tied, llama3 rope scaling), Qwen3 (qk-norm) and Qwen3-MoE (routed experts), as the
+model class this megatron-core builds (GPTModel on 0.16, HybridModel on 0.19); and the committed
+checkpoints written by megatron-core 0.16 (GPTModel) and 0.19 (HybridModel) loaded into it.
 
 Reference: transformers' own forward in float32 with eager attention on the same random
 tokens. Odd sizes on purpose (hidden 96, 6 heads in 2 KV groups, vocab 1000 -> padded 1024).
@@ -27,6 +29,9 @@ pytestmark = pytest.mark.slow
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]
 ATOL = 1e-4
+INTEROP = REPO / "tests" / "data" / "mcore_interop"  # see make_fixtures.py there
+INTEROP_CASES = [(cls, family, tp, pp) for cls in ("GPTModel", "HybridModel") for family in ("qwen2", "qwen3_moe")
+                 for tp, pp in ((2, 1), (1, 2))]
 
 
 def run_cases(cases: list[tuple]) -> list[torch.Tensor | None]:
@@ -68,10 +73,16 @@ def results(models, qwen2_tp2_checkpoint):
     for tp in (1, 2):  # the TP=2 conversion loaded at TP=1 (re-sharded) and at TP=2
         cases.append((str(qwen2_tp2_checkpoint), str(models["qwen2"]), tokens["qwen2"], tp, 1))
         keys.append(("qwen2_ckpt", tp, 1))
+    interop_tokens = random_tokens(128, 2, 16, seed=7)
+    for cls, family, tp, pp in INTEROP_CASES:
+        cases.append((str(INTEROP / cls / family), str(INTEROP / "hf" / family), interop_tokens, tp, pp))
+        keys.append((cls, family, tp, pp))
     per_rank = spawn(run_cases, 2, cases)
     megatron = [next(r[i] for r in per_rank if r[i] is not None) for i in range(len(cases))]
     reference = {name: hf_logits(path, tokens[name]) for name, path in models.items()}
-    return {key: (logits, reference[key[0].removesuffix("_ckpt")]) for key, logits in zip(keys, megatron)}
+    reference.update({("interop", f): hf_logits(INTEROP / "hf" / f, interop_tokens) for f in ("qwen2", "qwen3_moe")})
+    return {key: (logits, reference[("interop", key[1]) if len(key) == 4 else key[0].removesuffix("_ckpt")])
+            for key, logits in zip(keys, megatron)}
 
 
 @pytest.mark.parametrize("tp,pp", LAYOUTS)
@@ -80,6 +91,16 @@ def test_logits_match_transformers(results, name, tp, pp):
     logits, reference = results[(name, tp, pp)]
     assert logits.shape == reference.shape == (2, 24, 1000)
     assert reference.abs().max() > 1.0  # weights scaled so that a layout error cannot hide in tiny logits
+    assert (logits - reference).abs().max().item() < ATOL
+
+
+@pytest.mark.parametrize("case", INTEROP_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_checkpoints_of_both_model_classes_load_at_any_layout(results, case):
+    """A checkpoint converted by megatron-core 0.16 (GPTModel) or 0.19 (HybridModel) loads into the
+    model this megatron-core builds, whichever class that is, re-sharded to TP=2 or PP=2."""
+    logits, reference = results[case]
+    assert logits.shape == reference.shape == (2, 16, 128)
+    assert reference.abs().max() > 1.0
     assert (logits - reference).abs().max().item() < ATOL
 
 

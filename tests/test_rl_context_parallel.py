@@ -16,9 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_rpt.config import ConfigError, load_config
+from megatron_rpt.config import ConfigError, RLConfig, load_config
 from megatron_rpt.rl import (
-    GRPOLossConfig,
     check_context_parallel_config,
     grpo_loss,
     grpo_loss_scale,
@@ -72,9 +71,9 @@ def _cp_rank_checks():
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer import MegatronModule, TransformerConfig
-    from megatron.core.utils import get_batch_on_this_cp_rank
 
     from megatron_rpt.distributed import init_distributed
+    from megatron_rpt.model.mcore_compat import get_batch_on_this_cp_rank
     from megatron_rpt.rl import gather_from_context_parallel
 
     init_distributed(context_parallel=2)
@@ -144,7 +143,7 @@ def test_scaled_cp_losses_sum_to_global_loss_and_gradient(aggregation):
         "old_logprobs": torch.randn(n, s, generator=g, dtype=torch.float64) * 0.3 - 2.0,
         "ref_logprobs": torch.randn(n, s, generator=g, dtype=torch.float64) * 0.3 - 2.0,
     }
-    cfg = GRPOLossConfig(clip_low=0.2, clip_high=0.28, kl_coef=0.05, entropy_coef=0.01, loss_aggregation=aggregation)
+    cfg = RLConfig(clip_low=0.2, clip_high=0.28, kl_coef=0.05, entropy_coef=0.01, loss_aggregation=aggregation)
     num_tokens, num_seqs = int(mask.sum()), int((mask.sum(-1) > 0).sum())
 
     def loss_of(batch, logits_part, **kw):

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from megatron_rpt.config import RLConfig
-from megatron_rpt.rl import GRPOLossConfig, aggregate_loss, grpo_loss, merge_metrics
+from megatron_rpt.config import Config, ConfigError, RLConfig, load_config, validate
+from megatron_rpt.rl import aggregate_loss, grpo_loss, merge_metrics
 
 B, S = 5, 7
 
@@ -27,7 +27,7 @@ def _inputs(seed: int = 0):
     return logprobs, old, ref, entropy, adv, mask
 
 
-def _reference(logprobs, old, ref, entropy, adv, mask, cfg: GRPOLossConfig):
+def _reference(logprobs, old, ref, entropy, adv, mask, cfg: RLConfig):
     """Token-by-token float64 GRPO loss written without tensors."""
     seq_sums, seq_counts, token_losses = [], [], []
     clipped = 0
@@ -65,7 +65,7 @@ def _reference(logprobs, old, ref, entropy, adv, mask, cfg: GRPOLossConfig):
 
 
 CONFIGS = [
-    GRPOLossConfig(clip_low=0.2, clip_high=clip_high, dual_clip=dual, kl_coef=kl_coef, kl_type=kl_type,
+    RLConfig(clip_low=0.2, clip_high=clip_high, dual_clip=dual, kl_coef=kl_coef, kl_type=kl_type,
                    entropy_coef=ent, loss_aggregation=agg)
     for clip_high, dual, (kl_coef, kl_type), ent, agg in itertools.product(
         (0.2, 0.28), (None, 1.5), ((0.0, "k3"), (0.1, "k1"), (0.1, "k3")), (0.0, 0.01),
@@ -83,13 +83,13 @@ def test_matches_token_loop_reference_for_every_option(seed):
         assert loss.item() == pytest.approx(want, rel=1e-12, abs=1e-12), cfg
         assert metrics["clip_fraction"].item() == pytest.approx(clip_fraction, abs=1e-6), cfg
     # the inputs exercise both clip sides and the dual clip
-    _, m = grpo_loss(logprobs, old, adv, mask, cfg=GRPOLossConfig(dual_clip=1.5))
+    _, m = grpo_loss(logprobs, old, adv, mask, cfg=RLConfig(dual_clip=1.5))
     assert m["clip_fraction_low"] > 0 and m["clip_fraction_high"] > 0 and m["dual_clip_fraction"] > 0
 
 
 def test_metrics_against_plain_math():
     logprobs, old, ref, entropy, adv, mask = _inputs(3)
-    cfg = GRPOLossConfig(kl_coef=0.1, kl_type="k3")
+    cfg = RLConfig(kl_coef=0.1, kl_type="k3")
     _, metrics = grpo_loss(logprobs, old, adv.unsqueeze(-1).expand(B, S), mask, ref, entropy, cfg)
     sel = mask.bool()
     ratio = (logprobs - old).exp()[sel]
@@ -105,7 +105,7 @@ def test_metrics_against_plain_math():
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_micro_batches_and_dp_ranks_sum_to_full_batch(agg):
     logprobs, old, ref, entropy, adv, mask = _inputs(4)
-    cfg = GRPOLossConfig(clip_high=0.28, kl_coef=0.05, entropy_coef=0.01, loss_aggregation=agg)
+    cfg = RLConfig(clip_high=0.28, kl_coef=0.05, entropy_coef=0.01, loss_aggregation=agg)
     entropy.requires_grad_()  # the entropy bonus needs a differentiable entropy
     full_lp = logprobs.clone().requires_grad_()
     full_loss, _ = grpo_loss(full_lp, old, adv, mask, ref, entropy, cfg)
@@ -137,7 +137,7 @@ def test_gradients_by_hand():
     ratios = torch.tensor([[1.1, 1.5, 0.5, 4.0, 2.0]], dtype=torch.float64)
     adv = torch.tensor([[1.0, 1.0, -1.0, -1.0, -1.0]], dtype=torch.float64)
     logprobs = ratios.log().requires_grad_()
-    cfg = GRPOLossConfig(clip_low=0.2, clip_high=0.2, dual_clip=3.0)
+    cfg = RLConfig(clip_low=0.2, clip_high=0.2, dual_clip=3.0)
     loss, m = grpo_loss(logprobs, old, adv, torch.ones(1, 5), cfg=cfg)
     # token losses: -1.1 (unclipped) | -1.2 (clipped at 1.2) | 0.8 (clipped at 0.8) | 3 (dual clip) | 2 (unclipped)
     assert loss.item() == pytest.approx((-1.1 - 1.2 + 0.8 + 3.0 + 2.0) / 5, rel=1e-12)
@@ -153,7 +153,7 @@ def test_gradients_by_hand():
     zero_adv = torch.zeros(1, 2, dtype=torch.float64)
     for kl_type, want in (("k3", 1 - torch.exp(ref - logp.detach())), ("k1", torch.ones(1, 2, dtype=torch.float64))):
         logp.grad, ent.grad = None, None
-        cfg = GRPOLossConfig(kl_coef=0.3, kl_type=kl_type, entropy_coef=0.05, loss_aggregation="seq-mean-token-sum")
+        cfg = RLConfig(kl_coef=0.3, kl_type=kl_type, entropy_coef=0.05, loss_aggregation="seq-mean-token-sum")
         loss, _ = grpo_loss(logp, logp.detach(), zero_adv, torch.ones(1, 2), ref, ent, cfg)
         loss.backward()
         torch.testing.assert_close(logp.grad, 0.3 * want)
@@ -163,7 +163,7 @@ def test_gradients_by_hand():
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_gradcheck_finite_differences(agg):
     logprobs, old, ref, entropy, adv, mask = _inputs(5)
-    cfg = GRPOLossConfig(clip_high=0.28, dual_clip=1.5, kl_coef=0.1, kl_type="k3", entropy_coef=0.02,
+    cfg = RLConfig(clip_high=0.28, dual_clip=1.5, kl_coef=0.1, kl_type="k3", entropy_coef=0.02,
                          loss_aggregation=agg)
 
     def f(lp, ent):
@@ -176,33 +176,32 @@ def test_k3_is_capped_and_ratio_clamped():
     logp = torch.tensor([[-40.0, -1.0]], dtype=torch.float64, requires_grad=True)
     ref = torch.tensor([[-1.0, -1.0]], dtype=torch.float64)
     old = torch.tensor([[-1.0, -1.0]], dtype=torch.float64)
-    cfg = GRPOLossConfig(kl_coef=1.0, kl_type="k3")
+    cfg = RLConfig(kl_coef=1.0, kl_type="k3")
     loss, m = grpo_loss(logp, old, torch.ones(1), torch.ones(1, 2), ref, cfg=cfg)
     assert torch.isfinite(loss) and m["kl_to_ref"].item() == pytest.approx(5.0)  # (10 + 0) / 2
     loss.backward()
     assert torch.isfinite(logp.grad).all()
 
 
-def test_config_from_rl_config_and_errors():
-    rl = RLConfig(clip_low=0.1, clip_high=0.3, dual_clip=3.0, kl_coef=0.01, kl_type="k1", entropy_coef=0.001,
-                  loss_aggregation="seq-mean-token-sum")
-    cfg = GRPOLossConfig.from_rl_config(rl)
-    assert (cfg.clip_low, cfg.clip_high, cfg.dual_clip, cfg.kl_coef, cfg.kl_type, cfg.entropy_coef,
-            cfg.loss_aggregation) == (0.1, 0.3, 3.0, 0.01, "k1", 0.001, "seq-mean-token-sum")
-    with pytest.raises(ValueError, match="rl.dual_clip"):
-        GRPOLossConfig(dual_clip=0.5)
-    with pytest.raises(ValueError, match="rl.loss_aggregation"):
-        GRPOLossConfig(loss_aggregation="mean")
-    with pytest.raises(ValueError, match="rl.clip_low"):
-        GRPOLossConfig(clip_low=1.0)
+def test_rl_section_rules_and_loss_errors():
+    # The loss reads the rl section itself; its rules are the config loader's (files, --set and code).
+    for override, message in [("rl.dual_clip=0.5", r"rl\.dual_clip=0\.5 must be > 1"),
+                              ("rl.loss_aggregation=mean", r"rl\.loss_aggregation='mean' is not one of"),
+                              ("rl.clip_low=1.0", r"rl\.clip_low=1\.0 must be >= 0 and < 1"),
+                              ("rl.kl_type=k2", r"rl\.kl_type='k2' is not one of \['k1', 'k3'\]"),
+                              ("rl.kl_coef=-0.1", r"rl\.kl_coef=-0\.1 must be >= 0")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override], validate_paths=False)
+    with pytest.raises(ConfigError, match=r"rl\.dual_clip=0\.5 must be > 1"):
+        validate(Config(rl=RLConfig(dual_clip=0.5)))
     x = torch.zeros(1, 2)
     with pytest.raises(ValueError, match="ref_logprobs"):
-        grpo_loss(x, x, torch.ones(1), x + 1, cfg=GRPOLossConfig(kl_coef=0.1))
+        grpo_loss(x, x, torch.ones(1), x + 1, cfg=RLConfig(kl_coef=0.1))
     with pytest.raises(ValueError, match="entropy"):
-        grpo_loss(x, x, torch.ones(1), x + 1, cfg=GRPOLossConfig(entropy_coef=0.1))
+        grpo_loss(x, x, torch.ones(1), x + 1, cfg=RLConfig(entropy_coef=0.1))
     with pytest.raises(ValueError, match="no gradient"):
         grpo_loss(x.clone().requires_grad_(), x, torch.ones(1), x + 1, entropy=x,
-                  cfg=GRPOLossConfig(entropy_coef=0.1))
+                  cfg=RLConfig(entropy_coef=0.1))
     with pytest.raises(ValueError, match="old_logprobs shape"):
         grpo_loss(x, torch.zeros(1, 3), torch.ones(1), x + 1)
     with pytest.raises(ValueError, match="num_global_tokens"):
@@ -211,7 +210,7 @@ def test_config_from_rl_config_and_errors():
 
 def test_merge_metrics_weights_by_tokens():
     logprobs, old, ref, entropy, adv, mask = _inputs(6)
-    cfg = GRPOLossConfig(kl_coef=0.1)
+    cfg = RLConfig(kl_coef=0.1)
     n = int(mask.sum())
     parts = [grpo_loss(logprobs[r], old[r], adv[r], mask[r], ref[r], entropy[r], cfg, num_global_tokens=n)[1]
              for r in (slice(0, 2), slice(2, 5))]

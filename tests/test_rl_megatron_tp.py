@@ -66,13 +66,14 @@ def _batch():
 
 
 def _policy_loss(model, batch, old, ref):
-    from megatron_rpt.rl import GRPOLossConfig, grpo_loss, vocab_parallel_logprobs_and_entropy
+    from megatron_rpt.config import RLConfig
+    from megatron_rpt.rl import grpo_loss, vocab_parallel_logprobs_and_entropy
 
     logits = model(batch.tokens, batch.position_ids, None)
     logprobs, entropy = vocab_parallel_logprobs_and_entropy(
         logits, batch.labels, temperature=TEMPERATURE, true_vocab_size=TRUE_VOCAB, entropy_grad=True
     )
-    cfg = GRPOLossConfig(clip_low=0.2, clip_high=0.28, dual_clip=1.5, kl_coef=0.05, kl_type="k3", entropy_coef=0.01)
+    cfg = RLConfig(clip_low=0.2, clip_high=0.28, dual_clip=1.5, kl_coef=0.05, kl_type="k3", entropy_coef=0.01)
     old = logprobs.detach() if old is None else old
     ref = logprobs.detach() if ref is None else ref
     loss, metrics = grpo_loss(logprobs, old, batch.advantages, batch.loss_mask, ref, entropy, cfg,
@@ -88,6 +89,7 @@ def _worker() -> dict:
     from megatron_rpt.distributed import init_distributed
     from megatron_rpt.model.build import build_model
     from megatron_rpt.model.hf_config import arch_from_dict
+    from megatron_rpt.model.mcore_compat import ModelClass, model_class_of
     from megatron_rpt.rl import vocab_parallel_logprobs_and_entropy
 
     out: dict = {}
@@ -166,7 +168,9 @@ def _worker() -> dict:
         worst = max(worst, (p.grad - want).abs().max().item())
         scale = max(scale, want.abs().max().item())
     out["grad_err"], out["grad_scale"] = worst, scale
-    out["layernorm_grad_norm"] = params2["decoder.final_layernorm.weight"].grad.norm().item()
+    hybrid = model_class_of(model2) is ModelClass.HYBRID  # megatron-core 0.19 renames the final norm
+    final_norm = "decoder.final_norm.weight" if hybrid else "decoder.final_layernorm.weight"
+    out["layernorm_grad_norm"] = params2[final_norm].grad.norm().item()
     return out
 
 

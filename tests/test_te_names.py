@@ -30,6 +30,8 @@ under the key the TE MoE spec reads (``pre_mlp_layernorm.weight``).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -42,6 +44,7 @@ from megatron_rpt.bridge.name_maps import (
 )
 from megatron_rpt.config import ModelConfig, ParallelConfig
 from megatron_rpt.model.hf_config import arch_from_dict
+from megatron_rpt.model.mcore_compat import ModelClass
 
 EXPERTS = 4
 MOE = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 32,
@@ -72,11 +75,23 @@ def _mcore_names(names: NameMap) -> set[str]:
     return {tmap.format(layer, expert)[0] for tmap, layer, expert in names.iter_all()}
 
 
+def _expected(arch, layer: set[str], model_class: ModelClass) -> set[str]:
+    """GPTModel: decoder layer i holds every name. HybridModel (megatron-core >= 0.19, built from
+    the same layer spec split in two): the norm + attention names on layer 2i, the rest on 2i+1,
+    and the final norm is ``decoder.final_norm``."""
+    if model_class is ModelClass.GPT:
+        return GLOBALS | {f"decoder.layers.{i}.{name}" for i in range(arch.num_layers) for name in layer}
+    globals_ = {g.replace("final_layernorm", "final_norm") for g in GLOBALS}
+    return globals_ | {f"decoder.layers.{2 * i + (0 if name.startswith('self_attention.') else 1)}.{name}"
+                       for i in range(arch.num_layers) for name in layer}
+
+
+@pytest.mark.parametrize("model_class", list(ModelClass))
 @pytest.mark.parametrize("config,layer", [(MOE, TE_MOE_GROUPED_LAYER), (DENSE, TE_DENSE_LAYER)], ids=["moe", "dense"])
-def test_name_map_covers_exactly_the_te_spec_parameters(config, layer):
+def test_name_map_covers_exactly_the_te_spec_parameters(config, layer, model_class):
     arch = arch_from_dict(config)
-    names = NameMap(arch, te_layout=True, grouped_experts=bool(arch.num_experts))
-    expected = GLOBALS | {f"decoder.layers.{i}.{name}" for i in range(arch.num_layers) for name in layer}
+    names = NameMap(arch, te_layout=True, grouped_experts=bool(arch.num_experts), model_class=model_class)
+    expected = _expected(arch, layer, model_class)
     assert _mcore_names(names) == expected
     for name in expected:
         names.lookup(name)  # every TE parameter resolves
@@ -84,7 +99,7 @@ def test_name_map_covers_exactly_the_te_spec_parameters(config, layer):
 
 def test_grouped_expert_index_is_the_gemm_index_plus_the_expert_parallel_offset():
     arch = arch_from_dict(MOE)
-    names = NameMap(arch, te_layout=True, grouped_experts=True)
+    names = NameMap(arch, te_layout=True, grouped_experts=True, model_class=ModelClass.GPT)
     tmap, layer, expert = names.lookup("decoder.layers.1.mlp.experts.linear_fc1.weight3")
     assert (layer, expert) == (1, 3)
     assert tmap.format(layer, expert)[1] == ("model.layers.1.mlp.experts.3.gate_proj.weight",
@@ -108,7 +123,7 @@ def test_grouped_names_convert_a_transformers_qwen3_moe_both_ways(tmp_path):
     out = make_tiny_hf_checkpoint("qwen3_moe", tmp_path / "moe", tokenizer=False)
     hf = load_file(out / "model.safetensors")  # per-expert names, as released checkpoints store them
     arch = load_hf_config(out)
-    names = NameMap(arch, te_layout=True, grouped_experts=True)
+    names = NameMap(arch, te_layout=True, grouped_experts=True, model_class=ModelClass.GPT)
     full = {}
     for tmap, layer, expert in names.iter_all():
         mcore, hf_names = tmap.format(layer, expert)
@@ -117,7 +132,7 @@ def test_grouped_names_convert_a_transformers_qwen3_moe_both_ways(tmp_path):
     gate_up = full["decoder.layers.1.mlp.experts.linear_fc1.weight3"]
     assert torch.equal(gate_up, torch.cat([hf["model.layers.1.mlp.experts.3.gate_proj.weight"],
                                            hf["model.layers.1.mlp.experts.3.up_proj.weight"]]))
-    back = hf_state_dict_from_full(full, arch, te_layout=True, grouped_experts=True)
+    back = hf_state_dict_from_full(full, arch, te_layout=True, grouped_experts=True, model_class=ModelClass.GPT)
     assert back.keys() == hf.keys()
     assert all(torch.equal(back[k], hf[k]) for k in hf)
     tmap, _, _ = names.lookup("decoder.layers.0.mlp.experts.linear_fc2.weight0")
@@ -131,9 +146,11 @@ def _checkpoint_keys(config: dict) -> set[str]:
 
     init_distributed()
     model = build_model(arch_from_dict(config), ModelConfig(), ParallelConfig())
-    # The keys written to the dist checkpoint (each sharded entry's .key, after the spec's key map;
-    # layers are stacked along a sharded axis, so keys carry no layer index).
-    return {entry.key for entry in model.sharded_state_dict().values() if not entry.key.endswith("_extra_state")}
+    # The keys written to the dist checkpoint (each sharded entry's .key, after the spec's key map).
+    # GPTModel stacks its layers along a sharded axis (keys carry no layer index); HybridModel's
+    # layers differ in kind and keep their index: drop it, only the suffixes matter here.
+    return {re.sub(r"^decoder\.layers\.\d+\.", "decoder.layers.", entry.key)
+            for entry in model.sharded_state_dict().values() if not entry.key.endswith("_extra_state")}
 
 
 def test_local_moe_checkpoint_names_the_pre_mlp_norm_as_the_te_moe_spec_does():

@@ -34,13 +34,16 @@ shard size (see ``megatron_rpt/checkpoint/convert.py``).
 Every bad input (missing shard or tensor, shape mismatch, unsupported architecture, TP not
 dividing heads / KV heads / MLP width, PP not dividing layers, existing output without
 ``--force``) exits non-zero with a message and leaves no output directory behind: results are
-written to ``<out>.tmp-XXXX`` and renamed into place only when complete.
+written to ``<out>.tmp-XXXX`` and renamed into place only when complete. Ctrl-C or SIGTERM stops
+the ranks and removes the temporary output (exit 130); the ranks also die when this process is
+killed outright (they ask the kernel for it), though then nothing can remove the temporary files.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -50,6 +53,7 @@ if str(REPO) not in sys.path:
 
 EXIT_BAD_INPUT = 2
 EXIT_MISMATCH = 1
+EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,14 +133,23 @@ def run(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else EXIT_MISMATCH
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C: the ranks are killed and the temporary output is removed."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_rpt.atomic import OutputExistsError
     from megatron_rpt.checkpoint.hf_io import CheckpointError
     from megatron_rpt.config import ConfigError
 
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return run(args)
+    except KeyboardInterrupt:
+        print("error: interrupted; the conversion ranks were stopped and nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (CheckpointError, ConfigError, OutputExistsError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

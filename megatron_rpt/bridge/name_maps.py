@@ -19,6 +19,10 @@ MoE experts come in two layouts: ``SequentialMLP`` (local spec) keeps one module
 ``moe_grouped_gemm``, the fast path) keeps one TE ``GroupedLinear`` per projection whose
 parameters are ``weight0..weight{n-1}``, ``mlp.experts.linear_fc1.weight{e}``
 (``grouped_experts=True``). Both hold the same per-expert tensors in the same layout.
+Both Megatron model classes are mapped (``model_class``, default: the one this megatron-core
+builds): ``GPTModel`` keeps HF layer ``i`` in ``decoder.layers.{i}``; ``HybridModel`` splits it
+into ``decoder.layers.{2i}`` (input norm + attention) and ``decoder.layers.{2i+1}`` (pre-MLP norm
++ MLP / MoE) and names the final norm ``decoder.final_norm``. Suffixes and layouts are the same.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from megatron_rpt.model.hf_config import ArchConfig
+from megatron_rpt.model.mcore_compat import ModelClass, model_class_of, policy_model_class
 
 LAYER = "{layer}"
 EXPERT = "{expert}"
@@ -41,6 +46,10 @@ class TensorMap:
     hf: tuple[str, ...]  # HF names, same placeholders
     layout: str  # copy | qkv | gate_up | vocab
     tp_dim: int | None  # dimension split across tensor-parallel ranks (None: replicated)
+    # Megatron layer index = HF layer * layer_stride + layer_slot (GPTModel: 1, 0; HybridModel: 2, 0 for
+    # the attention half, 2, 1 for the MLP half of a decoder layer).
+    layer_stride: int = 1
+    layer_slot: int = 0
 
     @property
     def per_layer(self) -> bool:
@@ -51,18 +60,26 @@ class TensorMap:
         return EXPERT in self.mcore
 
     def format(self, layer: int | None = None, expert: int | None = None) -> tuple[str, tuple[str, ...]]:
-        def fill(s: str) -> str:
-            if layer is not None:
-                s = s.replace(LAYER, str(layer))
+        def fill(s: str, layer_index: int | None) -> str:
+            if layer_index is not None:
+                s = s.replace(LAYER, str(layer_index))
             if expert is not None:
                 s = s.replace(EXPERT, str(expert))
             return s
 
-        return fill(self.mcore), tuple(fill(h) for h in self.hf)
+        mcore_layer = None if layer is None else layer * self.layer_stride + self.layer_slot
+        return fill(self.mcore, mcore_layer), tuple(fill(h, layer) for h in self.hf)
+
+    def hf_layer(self, mcore_layer: int) -> int | None:
+        """The HF layer of Megatron layer ``mcore_layer``, or None when this map is not on it."""
+        if mcore_layer % self.layer_stride != self.layer_slot:
+            return None
+        return mcore_layer // self.layer_stride
 
 
-def param_maps(arch: ArchConfig, te_layout: bool = False, grouped_experts: bool = False) -> list[TensorMap]:
-    """All tensor maps of ``arch`` (global ones first, then per layer)."""
+def param_maps(arch: ArchConfig, te_layout: bool = False, *, grouped_experts: bool = False,
+               model_class: ModelClass | None = None) -> list[TensorMap]:
+    """All tensor maps of ``arch`` (global ones first, then per layer) for ``model_class``."""
     L = "decoder.layers.{layer}."
     H = "model.layers.{layer}."
     maps = [TensorMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab", 0)]
@@ -97,7 +114,24 @@ def param_maps(arch: ArchConfig, te_layout: bool = False, grouped_experts: bool 
     maps.append(TensorMap("decoder.final_layernorm.weight", ("model.norm.weight",), "copy", None))
     if not arch.tie_word_embeddings:
         maps.append(TensorMap("output_layer.weight", ("lm_head.weight",), "vocab", 0))
+    if (model_class or policy_model_class()) is ModelClass.HYBRID:
+        return [_hybrid_map(m) for m in maps]
     return maps
+
+
+_GPT_LAYER = "decoder.layers.{layer}."
+_HYBRID_ATTENTION_PARTS = ("input_layernorm.", "self_attention.")
+
+
+def _hybrid_map(tmap: TensorMap) -> TensorMap:
+    """The HybridModel name of a GPTModel map: the decoder layer's attention half on hybrid layer
+    2i, its MLP half on 2i+1; ``decoder.final_layernorm`` is ``decoder.final_norm`` there."""
+    if tmap.mcore == "decoder.final_layernorm.weight":
+        return replace(tmap, mcore="decoder.final_norm.weight")
+    if not tmap.per_layer:
+        return tmap
+    part = tmap.mcore[len(_GPT_LAYER):]
+    return replace(tmap, layer_stride=2, layer_slot=0 if part.startswith(_HYBRID_ATTENTION_PARTS) else 1)
 
 
 def _pattern(template: str) -> re.Pattern[str]:
@@ -108,10 +142,18 @@ def _pattern(template: str) -> re.Pattern[str]:
 class NameMap:
     """Index over :func:`param_maps` for name lookups in both directions."""
 
-    def __init__(self, arch: ArchConfig, te_layout: bool = False, grouped_experts: bool = False):
+    def __init__(self, arch: ArchConfig, te_layout: bool = False, *, grouped_experts: bool = False,
+                 model_class: ModelClass | None = None):
         self.arch = arch
-        self.maps = param_maps(arch, te_layout, grouped_experts)
+        self.model_class = model_class or policy_model_class()
+        self.maps = param_maps(arch, te_layout, grouped_experts=grouped_experts, model_class=self.model_class)
         self._mcore = [(_pattern(m.mcore), m) for m in self.maps]
+
+    @classmethod
+    def for_model(cls, arch: ArchConfig, model: torch.nn.Module) -> NameMap:
+        """The map of a live (or meta-built) model chunk: its class and layer spec."""
+        return cls(arch, uses_te_layout(model), grouped_experts=uses_grouped_experts(model),
+                   model_class=model_class_of(model))
 
     def lookup(self, mcore_name: str) -> tuple[TensorMap, int | None, int | None]:
         """(map, layer, expert) for a *global* Megatron parameter name."""
@@ -123,12 +165,15 @@ class NameMap:
             match = pattern.match(mcore_name)
             if match:
                 groups = match.groupdict()
-                layer = int(groups["layer"]) if "layer" in groups else None
+                layer = tmap.hf_layer(int(groups["layer"])) if "layer" in groups else None
+                if "layer" in groups and layer is None:
+                    continue
                 expert = int(groups["expert"]) if "expert" in groups else None
                 return tmap, layer, expert
         raise KeyError(
-            f"Megatron parameter {mcore_name!r} has no Hugging Face mapping for {self.arch.hf_architecture}; "
-            "the model was built with a different architecture or layer spec than the name map"
+            f"Megatron parameter {mcore_name!r} has no Hugging Face mapping for {self.arch.hf_architecture} "
+            f"as a {self.model_class.value}; the model was built with a different architecture, layer spec "
+            "or model class than the name map"
         )
 
     def iter_all(self) -> Iterator[tuple[TensorMap, int | None, int | None]]:
@@ -352,9 +397,10 @@ def named_parameters_global(model: torch.nn.Module, expert_offset: int = 0) -> I
 
 def hf_state_dict_from_full(full: dict[str, torch.Tensor], arch: ArchConfig, te_layout: bool = False,
                             cast: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                            grouped_experts: bool = False) -> dict[str, torch.Tensor]:
+                            grouped_experts: bool = False, model_class: ModelClass | None = None
+                            ) -> dict[str, torch.Tensor]:
     """HF state dict from a dict of full (TP-merged, global-named) Megatron tensors."""
-    names = NameMap(arch, te_layout, grouped_experts)
+    names = NameMap(arch, te_layout, grouped_experts=grouped_experts, model_class=model_class)
     out: dict[str, torch.Tensor] = {}
     for mcore_name, tensor in full.items():
         tmap, layer, expert = names.lookup(mcore_name)

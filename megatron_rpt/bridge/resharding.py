@@ -69,6 +69,7 @@ from megatron_rpt.bridge.name_maps import (
     uses_te_layout,
 )
 from megatron_rpt.model.hf_config import ArchConfig
+from megatron_rpt.model.mcore_compat import model_class_of
 
 WHOLE, TP_GATHER, EXPERT_GATHER = "whole", "tp", "expert"
 
@@ -330,7 +331,8 @@ class WeightBridge:
         self.chunks = [unwrap(c) for c in model_chunks]
         if te_layout is None:
             te_layout = any(uses_te_layout(c) for c in self.chunks)
-        self.names = NameMap(arch, te_layout, grouped_experts=any(uses_grouped_experts(c) for c in self.chunks))
+        self.names = NameMap(arch, te_layout, grouped_experts=any(uses_grouped_experts(c) for c in self.chunks),
+                             model_class=model_class_of(self.chunks[0]))
         self.padded_vocab = self._padded_vocab()
         self.topo = _Topology.current(bool(arch.num_experts))
         local = self._local_tensors()
@@ -384,7 +386,8 @@ class WeightBridge:
     def _padded_vocab(self) -> int:
         vocab = getattr(self.chunks[0], "vocab_size", None)
         if vocab is None:
-            raise TypeError(f"{type(self.chunks[0]).__name__} has no vocab_size; WeightBridge expects GPTModel chunks")
+            raise TypeError(f"{type(self.chunks[0]).__name__} has no vocab_size; WeightBridge expects GPTModel or "
+                            "HybridModel chunks")
         return int(vocab)
 
     def _local_tensors(self) -> dict[tuple[str, int | None, int | None], torch.Tensor]:

@@ -24,7 +24,8 @@ Output layout of ``hf-to-mcore``::
 
     <out>/metadata.json, .metadata, common.pt, __*_*.distcp   the dist checkpoint
     <out>/hf/config.json, generation_config.json, tokenizer*  copied from the HF directory
-    <out>/rpt_meta.json                                       family, tp/pp used, dtype, vocab, source
+    <out>/rpt_meta.json                                       family, model class, megatron-core version,
+                                                              tp/pp used, dtype, vocab, source
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from megatron_rpt.checkpoint.hf_io import (
 from megatron_rpt.config import Config, ConfigError, ModelConfig, ParallelConfig, validate
 from megatron_rpt.model.build import DTYPES
 from megatron_rpt.model.hf_config import ArchConfig, load_hf_config, read_hf_config_dict
+from megatron_rpt.model.mcore_compat import policy_model_class, version_string
 
 META_NAME = "rpt_meta.json"
 HF_SUBDIR = "hf"
@@ -165,6 +167,8 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, settings: ConvertSettings, 
             "format": "megatron-rpt/mcore-torch_dist/v1",
             "family": arch.family,
             "hf_architecture": arch.hf_architecture,
+            "model_class": policy_model_class().value,
+            "megatron_core": version_string(),
             "tensor_parallel": settings.tensor_parallel,
             "pipeline_parallel": settings.pipeline_parallel,
             "virtual_pipeline": settings.virtual_pipeline,
@@ -190,7 +194,7 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
 
 
 def _layer_group(name: str, num_layers: int) -> int:
-    """Stream order: embedding, layer 0 .. L-1, then final norm / output layer."""
+    """Stream order: embedding, layer 0 .. L-1 (Megatron layers), then final norm / output layer."""
     if name.startswith("embedding."):
         return 0
     if name.startswith("decoder.layers."):
@@ -248,18 +252,15 @@ def iter_mcore_tensors(ckpt_dir: str | Path, arch: ArchConfig, divisible_by: int
     straight from the ``.distcp`` files, at the dtype it was saved in, and vocabulary rows as
     stored (padding included). Must run with Megatron's parallel state initialised at TP=PP=1.
     """
-    from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint import load as dcp_load
 
     from megatron_rpt.bridge.name_maps import global_param_name
-    from megatron_rpt.checkpoint.model_ckpt import SHARDED_METADATA, resolve_checkpoint_dir
+    from megatron_rpt.checkpoint.model_ckpt import checkpoint_sharded_state_dict, resolve_checkpoint_dir
     from megatron_rpt.model.build import build_model
 
     path = resolve_checkpoint_dir(ckpt_dir)
-    content = dist_checkpointing.load_content_metadata(str(path)) or SHARDED_METADATA
-    sharded_metadata = {k: v for k, v in content.items() if k in ("singleton_local_shards", "non_homogeneous_layers")}
     stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     # Local spec + CPU-style allocation (no explicit device) so that every parameter lands on the meta
     # device: the model only describes the checkpoint, nothing is allocated. Keys are spec-independent.
@@ -267,7 +268,7 @@ def iter_mcore_tensors(ckpt_dir: str | Path, arch: ArchConfig, divisible_by: int
     overrides = {"perform_initialization": False, "use_cpu_initialization": True}
     with torch.device("meta"):
         model = build_model(arch, model_cfg, ParallelConfig(), config_overrides=overrides)
-    sharded = model.sharded_state_dict(metadata=sharded_metadata)
+    sharded = checkpoint_sharded_state_dict([model], path)["model"]  # a checkpoint of either model class
     groups: dict[int, list[tuple[str, str, tuple[int, ...], tuple[int, ...], int]]] = {}
     for name, _ in model.named_parameters():
         tensor = _first_sharded_tensor(sharded[name])
@@ -283,7 +284,8 @@ def iter_mcore_tensors(ckpt_dir: str | Path, arch: ArchConfig, divisible_by: int
                                   f"which does not fit parameter {name} {list(tensor.data.shape)}")
         offsets = tuple(tensor.global_offset[:lead]) + (0,) * (len(md.size) - lead)
         sizes = (1,) * lead + tuple(md.size[lead:])
-        groups.setdefault(_layer_group(name, arch.num_layers), []).append((name, tensor.key, offsets, sizes, lead))
+        groups.setdefault(_layer_group(name, len(model.decoder.layers)), []).append(
+            (name, tensor.key, offsets, sizes, lead))
     reader = FileSystemReader(str(path))
     for group in sorted(groups):
         # Experts of a layer share one stored key (an expert axis is prepended too): one read per round.

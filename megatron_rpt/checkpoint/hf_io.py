@@ -24,6 +24,8 @@ from typing import Iterable
 import torch
 from safetensors import safe_open
 
+from megatron_rpt.errors import UserError
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # Files of a model directory that are not weights and travel with a converted checkpoint.
@@ -34,7 +36,7 @@ TOKENIZER_FILES = (
 CONFIG_FILES = ("config.json", "generation_config.json")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint on disk is missing, incomplete or does not match the architecture."""
 
 

@@ -13,18 +13,35 @@ Megatron-LM checkpoints load too):
   * the sharding metadata passed to ``sharded_state_dict`` is stored as the checkpoint's
     ``content_metadata`` and re-used on load, so a checkpoint written with other settings
     (e.g. ``singleton_local_shards``) still loads;
-  * a directory with ``latest_checkpointed_iteration.txt`` resolves to its ``iter_XXXXXXX``.
+  * a directory with ``latest_checkpointed_iteration.txt`` resolves to its ``iter_XXXXXXX``;
+  * the content metadata also records the model class (``GPTModel`` / ``HybridModel``); a
+    checkpoint of the other class loads through :mod:`megatron_rpt.checkpoint.interop`.
+HybridModel keys carry the hybrid layer index instead of a stacked layer axis
+(``decoder.layers.0.self_attention...``, ``decoder.layers.1.mlp...``) and the final norm is
+``decoder.final_norm.weight``.
 """
 
 from __future__ import annotations
 
+import functools
+import multiprocessing.managers as managers
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.multiprocessing as mp
 
 from megatron_rpt.bridge.name_maps import unwrap
 from megatron_rpt.checkpoint.hf_io import CheckpointError
+from megatron_rpt.distributed import die_with_parent
+from megatron_rpt.checkpoint.interop import (
+    content_metadata,
+    sharded_state_dict_for,
+    stored_keys,
+    stored_model_class,
+)
+from megatron_rpt.model.mcore_compat import checkpoint_save_kwargs, read_common_state_in_torch_dist
 
 # Sharding metadata used when *we* save; Megatron's defaults (stacked, homogeneous layers).
 SHARDED_METADATA: dict[str, Any] = {"singleton_local_shards": False}
@@ -60,14 +77,53 @@ def model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module], metadata: 
     }
 
 
+def tie_checkpoint_writer_to_this_process() -> None:
+    """Start Megatron's checkpoint-writer result queue ourselves, in a process that dies with this one.
+
+    Every ``torch_dist`` save (synchronous ones too) goes through Megatron's async file writer,
+    which reports through a ``multiprocessing`` manager process started on first use. Started by
+    Megatron, that process (and the resource tracker it keeps alive) survives a SIGKILL of the
+    trainer or of a conversion rank. Call before the first save; later calls do nothing.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        manager = managers.SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=functools.partial(die_with_parent, os.getpid()))
+        filesystem_async._results_queue = manager.Queue()
+
+
+def sharding_metadata(content: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``sharded_state_dict`` settings a checkpoint was saved with (from its content metadata)."""
+    return {k: v for k, v in (content or SHARDED_METADATA).items() if k in ("singleton_local_shards",
+                                                                          "non_homogeneous_layers")}
+
+
+def checkpoint_sharded_state_dict(model_chunks: Sequence[torch.nn.Module], path: Path) -> dict:
+    """The chunks' sharded state dict aimed at the checkpoint at ``path`` (its sharding settings
+    and model class, which may differ from the chunks' own class)."""
+    from megatron.core import dist_checkpointing
+
+    read_common_state_in_torch_dist()  # a checkpoint written by megatron-core >= 0.19 on an older one
+    content = dist_checkpointing.load_content_metadata(str(path))
+    keys = stored_keys(path)
+    stored = stored_model_class(path, content, keys)
+    return {
+        key: sharded_state_dict_for(unwrap(chunk), sharding_metadata(content), stored, keys, path)
+        for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks)
+    }
+
+
 def save_model_checkpoint(model_chunks: Sequence[torch.nn.Module], ckpt_dir: str | Path) -> None:
     """Collective: write this rank's shards of the model weights into ``ckpt_dir`` (must exist)."""
     from megatron.core import dist_checkpointing
 
+    tie_checkpoint_writer_to_this_process()
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     state = model_sharded_state_dict(model_chunks)
-    dist_checkpointing.save(state, str(ckpt_dir), content_metadata=dict(SHARDED_METADATA))
+    dist_checkpointing.save(state, str(ckpt_dir), content_metadata=content_metadata(model_chunks, SHARDED_METADATA),
+                            **checkpoint_save_kwargs())
 
 
 def load_model_checkpoint(model_chunks: Sequence[torch.nn.Module], ckpt_dir: str | Path, strict: bool = True) -> None:
@@ -81,10 +137,7 @@ def load_model_checkpoint(model_chunks: Sequence[torch.nn.Module], ckpt_dir: str
     from torch.distributed.checkpoint.api import CheckpointException
 
     path = resolve_checkpoint_dir(ckpt_dir)
-    metadata = dist_checkpointing.load_content_metadata(str(path))
-    sharded_metadata = {k: v for k, v in (metadata or SHARDED_METADATA).items() if k in ("singleton_local_shards",
-                                                                                      "non_homogeneous_layers")}
-    state = model_sharded_state_dict(model_chunks, sharded_metadata)
+    state = checkpoint_sharded_state_dict(model_chunks, path)
     _drop_absent_extra_state(state, path)
     # Megatron's "unexpected" = asked for by the model but absent from the checkpoint; tensors
     # present only in the checkpoint (optimizer state, ...) are never an error.
@@ -108,10 +161,8 @@ def _drop_absent_extra_state(state: dict, path: Path) -> None:
     does not, so a checkpoint converted on a CPU has none of it; TE re-creates it on the fly.
     """
     from megatron.core.dist_checkpointing.mapping import ShardedObject
-    from torch.distributed.checkpoint import FileSystemReader
 
-    stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    prefixes = {key.split("/shard_")[0] for key in stored}
+    prefixes = stored_keys(path)
     for chunk_state in state.values():
         for name in [n for n, v in chunk_state.items() if isinstance(v, ShardedObject) and v.key not in prefixes]:
             del chunk_state[name]

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_rpt.config import ConfigError
+
 __all__ = [
     "Document",
     "CorpusStream",
@@ -176,7 +178,7 @@ class _ParquetSource(_Source):
         try:
             self._file = pq.ParquetFile(path)
         except Exception as exc:
-            raise ValueError(f"{path} is not a readable Parquet file ({exc})") from None
+            raise ConfigError(f"{path} is not a readable Parquet file ({exc}); fix or remove it from data.paths") from None
         self.columns: list[str] | None = None  # None = all; CorpusStream narrows it to the text fields
 
     def use_columns(self, columns: Sequence[str]) -> None:
@@ -275,7 +277,7 @@ def _load_saved_dataset(path: Path, split: str) -> Any:
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise ValueError(f"dataset {path} has splits {list(ds)}, not data.hf_split={split!r}")
+            raise ConfigError(f"dataset {path} has splits {list(ds)}, not data.hf_split={split!r}")
         ds = ds[split]
     return ds
 
@@ -287,15 +289,15 @@ def open_sources(paths: Sequence[str | os.PathLike] = (), hf_dataset: str | None
     for i, raw in enumerate(paths):
         p = Path(raw)
         if not p.exists():
-            raise FileNotFoundError(f"data.paths[{i}]={str(raw)!r} does not exist; fix the path")
+            raise ConfigError(f"data.paths[{i}]={str(raw)!r} does not exist; fix the path")
         if _is_saved_dataset(p):
             sources.append(_HFSource(_load_saved_dataset(p, hf_split), f"{p.name}/{hf_split}"))
         elif p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES)
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))  # skip hidden
             if not files:
-                raise ValueError(f"data.paths[{i}]={str(raw)!r} is a directory without .jsonl/.json/.parquet "
-                                 "files (nor a datasets.save_to_disk directory)")
+                raise ConfigError(f"data.paths[{i}]={str(raw)!r} is a directory without .jsonl/.json/.parquet "
+                                  "files (nor a datasets.save_to_disk directory)")
             for f in files:
                 sources.append(_file_source(f, f"{p.name}/{f.relative_to(p).as_posix()}"))
         else:
@@ -310,16 +312,16 @@ def open_sources(paths: Sequence[str | os.PathLike] = (), hf_dataset: str | None
             try:
                 ds = datasets.load_dataset(hf_dataset, split=hf_split, streaming=hf_streaming)
             except Exception as exc:
-                raise ValueError(f"could not load data.hf_dataset={hf_dataset!r} split {hf_split!r}: {exc}") from exc
+                raise ConfigError(f"could not load data.hf_dataset={hf_dataset!r} split {hf_split!r}: {exc}") from exc
             sources.append(_HFSource(ds, f"{p.name or hf_dataset}/{hf_split}"))
     if not sources:
-        raise ValueError("no data: set data.paths (JSONL/Parquet files or directories), data.hf_dataset "
-                         "or data.prepared")
+        raise ConfigError("no data: set data.paths (JSONL/Parquet files or directories), data.hf_dataset "
+                          "or data.prepared")
     names = Counter(s.name for s in sources)
     dup = [n for n, c in names.items() if c > 1]
     if dup:
-        raise ValueError(f"two inputs share the name {dup[0]!r}, so their document ids would collide; "
-                         "put them in differently named directories")
+        raise ConfigError(f"two inputs share the name {dup[0]!r}, so their document ids would collide; "
+                          "put them in differently named directories")
     return sources
 
 
@@ -328,7 +330,7 @@ def _file_source(path: Path, name: str) -> _Source:
         return _ParquetSource(path, name)
     if path.name.endswith(JSONL_SUFFIXES):
         return _JsonlSource(path, name)
-    raise ValueError(f"{path}: unsupported file type; use .jsonl/.json (one JSON object per line) or .parquet")
+    raise ConfigError(f"{path}: unsupported file type; use .jsonl/.json (one JSON object per line) or .parquet")
 
 
 # ----------------------------------------------------------------------------- held-out split
@@ -377,7 +379,7 @@ class CorpusStream:
         if not 0 <= shard < num_shards:
             raise ValueError(f"shard {shard} is not in [0, {num_shards})")
         if not text_fields:
-            raise ValueError("data.text_fields is empty; name the row field(s) holding the text, e.g. [text]")
+            raise ConfigError("data.text_fields is empty; name the row field(s) holding the text, e.g. [text]")
         self.sources = list(sources)
         self.text_fields = list(text_fields)
         for src in self.sources:

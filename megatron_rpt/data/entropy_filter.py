@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_rpt.config import ConfigError
+
 __all__ = [
     "topk_entropy",
     "ProxyScorer",
@@ -113,8 +115,8 @@ class ProxyScorer:
 
         path = Path(model_dir)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"proxy model {str(model_dir)!r} is not a Hugging Face model directory "
-                                    "(no config.json); set data.proxy_model / --proxy to one")
+            raise ConfigError(f"proxy model {str(model_dir)!r} is not a Hugging Face model directory "
+                              "(no config.json); set data.proxy_model / --proxy to one")
         if top_k < 1:
             raise ValueError(f"data.entropy_top_k={top_k} must be >= 1")
         if batch_tokens < 2 or max_seq_len < 2:
@@ -130,7 +132,7 @@ class ProxyScorer:
             self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.dtype,
                                                               attn_implementation=attn_implementation)
         except Exception as exc:
-            raise ValueError(f"could not load the proxy model in {path}: {exc}") from exc
+            raise ConfigError(f"could not load the proxy model in {path}: {exc}") from exc
         self.model.to(self.device).eval()
         cfg = self.model.config
         self.vocab_size = int(cfg.vocab_size)

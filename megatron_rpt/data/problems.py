@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_rpt.config import ConfigError, DataConfig
 from megatron_rpt.data.corpus import CorpusStream, heldout_doc_ids, open_sources
 from megatron_rpt.data.entropy_filter import ProxyScorer, difficulty_label, difficulty_splits
 from megatron_rpt.data.shards import PreparedCorpus, ScoredDoc, is_prepared_dir, load_manifest
@@ -145,7 +146,7 @@ def build_problem(tokenizer: Any, doc_id: str, ids: list[int], token_bytes: list
                    context_ids=list(ids[start:t]))
 
 
-def _fingerprint(cfg: Any) -> str:
+def _fingerprint(cfg: DataConfig) -> str:
     keys = ("text_fields", "text_separator", "entropy_threshold", "max_positions_per_doc", "min_context_tokens",
             "max_prompt_tokens", "target_tokens", "template", "use_chat_template", "val_documents", "seed")
     blob = json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True)
@@ -165,7 +166,7 @@ class ProblemStream(torch.utils.data.IterableDataset):
     the stream shards itself over the workers, but the DataLoader then owns the progress.
     """
 
-    def __init__(self, cfg: Any, tokenizer: Any, dp_rank: int = 0, dp_size: int = 1, split: str = "train",
+    def __init__(self, cfg: DataConfig, tokenizer: Any, dp_rank: int = 0, dp_size: int = 1, split: str = "train",
                  proxy: ProxyScorer | str | os.PathLike | None = None, *, worker_id: int = 0, num_workers: int = 1):
         super().__init__()
         if split not in SPLITS:
@@ -174,8 +175,6 @@ class ProblemStream(torch.utils.data.IterableDataset):
             raise ValueError(f"dp_rank={dp_rank} is not in [0, dp_size={dp_size})")
         if not 0 <= worker_id < num_workers:
             raise ValueError(f"worker_id={worker_id} is not in [0, num_workers={num_workers})")
-        if cfg.max_positions_per_doc < 1:
-            raise ValueError(f"data.max_positions_per_doc={cfg.max_positions_per_doc} must be >= 1")
         self.cfg, self.tokenizer, self.split = cfg, tokenizer, split
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self._set_worker(worker_id, num_workers)
@@ -202,42 +201,51 @@ class ProblemStream(torch.utils.data.IterableDataset):
         self.heldout = heldout_doc_ids(all_ids, cfg.val_documents, cfg.seed)
         sizes = [len(all_ids)] if self.prepared_dir is not None else [s.num_rows() for s in all_ids]
         total = None if None in sizes else sum(sizes)
+        if total == 0:
+            raise ConfigError(f"the corpus is empty: {self._describe_sources()} hold no rows; point data.paths "
+                              "(or data.prepared / data.hf_dataset) at the documents")
         if split == "train" and total is not None and cfg.val_documents >= total:
-            raise ValueError(f"data.val_documents={cfg.val_documents} holds out every document of the corpus "
-                             f"({total} rows), leaving nothing to train on; lower it (the paper holds out 200)")
+            raise ConfigError(f"data.val_documents={cfg.val_documents} holds out every document of the corpus "
+                              f"({total} rows), leaving nothing to train on; lower it below {total} (the paper "
+                              "holds out 200)")
         self.scored = self.proxy is not None or self.prepared_dir is not None
         self._context_budget = self._compute_context_budget()
         self._fingerprint = _fingerprint(cfg)
         self._reset(epoch=0)
 
     # -- setup helpers
+    def _describe_sources(self) -> str:
+        if self.prepared_dir is not None:
+            return f"data.prepared={str(self.prepared_dir)!r}"
+        return f"data.paths={self.cfg.paths}" if self.cfg.paths else f"data.hf_dataset={self.cfg.hf_dataset!r}"
+
     @staticmethod
-    def _prepared_dir(cfg: Any) -> Path | None:
+    def _prepared_dir(cfg: DataConfig) -> Path | None:
         if cfg.prepared:
             return Path(cfg.prepared)
         prepared = [p for p in cfg.paths if is_prepared_dir(p)]
         if prepared and len(prepared) != len(cfg.paths):
-            raise ValueError("data.paths mixes a prepared directory (manifest.json) with raw files; "
-                             "use data.prepared for the prepared one and drop the rest")
+            raise ConfigError("data.paths mixes a prepared directory (manifest.json) with raw files; "
+                              "use data.prepared for the prepared one and drop the rest")
         if len(prepared) > 1:
-            raise ValueError("data.paths lists several prepared directories; merge them with one prepare_data run")
+            raise ConfigError("data.paths lists several prepared directories; merge them with one prepare_data run")
         return Path(prepared[0]) if prepared else None
 
     def _check_tokenizer(self) -> None:
         prepared_with = self.manifest["tokenizer"]  # type: ignore[index]
         if vocab_hash(self.tokenizer) != prepared_with["vocab_hash"]:
-            raise ValueError(f"the tokenizer does not match the one {self.prepared_dir} was prepared with "
-                             f"({prepared_with['path']}); point model.tokenizer at it or re-run "
-                             "tools/prepare_data.py with --tokenizer <model.tokenizer>")
+            raise ConfigError(f"the tokenizer does not match the one {self.prepared_dir} was prepared with "
+                              f"({prepared_with['path']}); point model.tokenizer at it or re-run "
+                              "tools/prepare_data.py with --tokenizer <model.tokenizer>")
 
     def _compute_context_budget(self) -> int:
         empty = render_prompt("", self.tokenizer, self.cfg.template, self.cfg.use_chat_template)
         overhead = len(self.tokenizer(empty, add_special_tokens=False)["input_ids"])
         budget = self.cfg.max_prompt_tokens - overhead - 4  # margin: merges across the template boundary
         if budget < 16:
-            raise ValueError(f"data.max_prompt_tokens={self.cfg.max_prompt_tokens} leaves {budget} tokens of "
-                             f"context after the {overhead}-token template {self.cfg.template} (16 needed); "
-                             "raise it (e.g. 4096)")
+            raise ConfigError(f"data.max_prompt_tokens={self.cfg.max_prompt_tokens} leaves {budget} tokens of "
+                              f"context after the {overhead}-token template {self.cfg.template} (16 needed); "
+                              "raise it (e.g. 4096)")
         return budget
 
     def _set_worker(self, worker_id: int, num_workers: int) -> None:
@@ -262,6 +270,7 @@ class ProblemStream(torch.utils.data.IterableDataset):
         self._pending: deque[Problem] = deque()
         self._consumed = 0  # problems of the current document already handed out
         self._epoch_problems = 0
+        self._docs_read = 0  # documents of this epoch (for the message when none gives a problem)
         self._skip = 0
 
     # -- documents -> problems
@@ -274,6 +283,7 @@ class ProblemStream(torch.utils.data.IterableDataset):
         except StopIteration:
             return None
         self._doc_state = state
+        self._docs_read += 1
         if isinstance(item, ScoredDoc):
             return item
         ids = encode_document(self.tokenizer, item.text)
@@ -314,11 +324,7 @@ class ProblemStream(torch.utils.data.IterableDataset):
                 if self.split == "val":
                     raise StopIteration
                 if self._epoch_problems == 0:
-                    raise RuntimeError(
-                        f"epoch {self.epoch} gave rank {self.dp_rank} (worker {self.worker_id}) no problems: the "
-                        f"corpus has too few usable documents for {self.num_shards} readers, or no position passes "
-                        f"data.entropy_threshold={self.cfg.entropy_threshold} / data.min_context_tokens="
-                        f"{self.cfg.min_context_tokens}")
+                    raise ConfigError(self._no_problems_message())
                 self._reset(self.epoch + 1)
                 continue
             problems = self.problems_for(doc)
@@ -328,6 +334,16 @@ class ProblemStream(torch.utils.data.IterableDataset):
         self._consumed += 1
         self._epoch_problems += 1
         return self._pending.popleft()
+
+    def _no_problems_message(self) -> str:
+        bad = self.bad_rows
+        if bad and self._docs_read == 0:
+            return (f"every row this reader saw in {self._describe_sources()} is bad ({sum(bad.values())} rows: "
+                    f"{bad}); check data.text_fields={self.cfg.text_fields} against the rows' fields")
+        return (f"epoch {self.epoch} gave rank {self.dp_rank} (worker {self.worker_id}) no problems from "
+                f"{self._docs_read} documents: the corpus has too few usable documents for {self.num_shards} "
+                f"readers, or no position passes data.entropy_threshold={self.cfg.entropy_threshold} / "
+                f"data.min_context_tokens={self.cfg.min_context_tokens} (documents too short?)")
 
     # -- resume
     def state_dict(self) -> dict[str, Any]:

@@ -16,7 +16,6 @@ import datetime as _dt
 import json
 import os
 import random
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from megatron_rpt.atomic import write_json_atomic
-
+from megatron_rpt.atomic import atomic_output_dir, write_json_atomic
+from megatron_rpt.config import ConfigError
 from megatron_rpt.data.corpus import CorpusStream, open_sources
 from megatron_rpt.data.entropy_filter import ProxyScorer, split_names
 from megatron_rpt.data.tokenizer import encode_document, tokenizer_hash, vocab_hash
@@ -66,20 +65,20 @@ def is_prepared_dir(path: str | os.PathLike) -> bool:
 def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
     d = Path(path)
     if not d.is_dir():
-        raise FileNotFoundError(f"prepared data directory {str(path)!r} does not exist; run tools/prepare_data.py")
+        raise ConfigError(f"prepared data directory {str(path)!r} does not exist; run tools/prepare_data.py")
     m = d / MANIFEST
     if not m.is_file():
-        raise FileNotFoundError(f"{d} has no {MANIFEST}: tools/prepare_data.py did not finish there; re-run it")
+        raise ConfigError(f"{d} has no {MANIFEST}: tools/prepare_data.py did not finish there; re-run it")
     try:
         manifest = json.loads(m.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{m} is not valid JSON ({exc}); re-run tools/prepare_data.py") from None
+        raise ConfigError(f"{m} is not valid JSON ({exc}); re-run tools/prepare_data.py") from None
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise ValueError(f"{m} is not a {FORMAT} v{VERSION} manifest (got {manifest.get('format')} "
+        raise ConfigError(f"{m} is not a {FORMAT} v{VERSION} manifest (got {manifest.get('format')} "
                          f"v{manifest.get('version')}); re-run tools/prepare_data.py")
     for s in manifest["shards"]:
         if not (d / s["file"]).is_file():
-            raise FileNotFoundError(f"shard {s['file']} listed in {m} is missing; re-run tools/prepare_data.py")
+            raise ConfigError(f"shard {s['file']} listed in {m} is missing; re-run tools/prepare_data.py")
     return manifest
 
 
@@ -108,19 +107,10 @@ def prepare(inputs: Sequence[str | os.PathLike], tokenizer: Any, tokenizer_dir: 
     if max_docs is not None and max_docs < 1:
         raise ValueError(f"--max-docs={max_docs} must be >= 1")
     sources = open_sources(list(inputs))
-    # Build everything in a sibling work directory and rename it into place at the very end.
-    out = final.parent / f".{final.name}.partial-{os.getpid()}"
-    out.mkdir(parents=True)
-    try:
-        manifest = _prepare_into(out, sources, tokenizer, tokenizer_dir, proxy, text_fields, text_separator,
-                                 max_docs, shard_size, threshold, difficulty_thresholds, docs_per_batch, progress)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
-    if final.exists():
-        final.rmdir()  # checked empty above
-    os.replace(out, final)
-    return manifest
+    # Built in a sibling directory renamed into place at the very end (atomic_output_dir).
+    with atomic_output_dir(final) as out:
+        return _prepare_into(out, sources, tokenizer, tokenizer_dir, proxy, text_fields, text_separator,
+                             max_docs, shard_size, threshold, difficulty_thresholds, docs_per_batch, progress)
 
 
 def _prepare_into(out: Path, sources: list[Any], tokenizer: Any, tokenizer_dir: str | os.PathLike,

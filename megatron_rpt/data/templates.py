@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
+from megatron_rpt.config import ConfigError
+
 __all__ = ["TEMPLATES", "render_instruction", "render_prompt"]
 
 _NOTE = ("(note: the token may begin with a space, e.g., \\boxed{ para} or \\boxed{ =}; "
@@ -96,8 +98,8 @@ def render_prompt(context: str, tokenizer: PreTrainedTokenizerBase | None, templ
     if not use_chat_template:
         return instruction
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError("data.use_chat_template=true but the tokenizer has no chat template "
-                         "(no chat_template.jinja / tokenizer_config.json chat_template); "
-                         "set data.use_chat_template=false or use a tokenizer with a template")
+        raise ConfigError("data.use_chat_template=true but the tokenizer has no chat template "
+                          "(no chat_template.jinja / tokenizer_config.json chat_template); "
+                          "set data.use_chat_template=false or use a tokenizer with a template")
     return tokenizer.apply_chat_template([{"role": "user", "content": instruction}],
                                          add_generation_prompt=True, tokenize=False)

@@ -30,6 +30,8 @@ from typing import Any
 
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from megatron_rpt.config import ConfigError
+
 __all__ = [
     "has_tokenizer_files",
     "load_tokenizer",
@@ -105,29 +107,29 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """
     p = Path(path)
     if not str(path):
-        raise ValueError("no tokenizer given: set model.tokenizer (or --tokenizer) to a tokenizer directory")
+        raise ConfigError("no tokenizer given: set model.tokenizer (or --tokenizer) to a tokenizer directory")
     if p.is_file():
         p = p.parent
     if not p.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist; point model.tokenizer "
-                                "(or --tokenizer) at a directory with tokenizer.json")
+        raise ConfigError(f"tokenizer directory {str(path)!r} does not exist; point model.tokenizer "
+                          "(or --tokenizer) at a directory with tokenizer.json")
     config_file = p / "tokenizer_config.json"
     config: dict[str, Any] = {}
     if config_file.is_file():
         try:
             config = json.loads(config_file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{config_file} is not valid JSON ({exc}); re-download the tokenizer") from None
+            raise ConfigError(f"{config_file} is not valid JSON ({exc}); re-download the tokenizer") from None
     if "char_ords" in config and not (p / "tokenizer.json").is_file():
         tok = _char_tokenizer(config)
         tok.name_or_path = str(p)
         return tok
     if not has_tokenizer_files(p):
-        raise FileNotFoundError(f"{p} has none of {', '.join(TOKENIZER_DEFINITION_FILES)}; "
-                                "it is not a Hugging Face tokenizer directory")
+        raise ConfigError(f"{p} has none of {', '.join(TOKENIZER_DEFINITION_FILES)}; "
+                          "it is not a Hugging Face tokenizer directory")
     sentencepiece_only = (p / "tokenizer.model").is_file() and not (p / "tokenizer.json").is_file()
     if sentencepiece_only and importlib.util.find_spec("sentencepiece") is None:
-        raise ImportError(f"{p} has only a SentencePiece tokenizer.model and the sentencepiece package is not "
+        raise ConfigError(f"{p} has only a SentencePiece tokenizer.model and the sentencepiece package is not "
                           "installed; pip install sentencepiece (a dependency of megatron-rpt)")
     try:
         if sentencepiece_only:
@@ -137,7 +139,7 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
             if not _matches_tokenizer_json(tok, p / "tokenizer.json"):
                 tok = PreTrainedTokenizerFast.from_pretrained(str(p))
     except Exception as exc:  # transformers raises many types here; name the directory
-        raise ValueError(f"could not load the tokenizer in {p}: {exc}") from exc
+        raise ConfigError(f"could not load the tokenizer in {p}: {exc}") from exc
     jinja = p / "chat_template.jinja"
     if getattr(tok, "chat_template", None) is None and jinja.is_file():
         tok.chat_template = jinja.read_text(encoding="utf-8")

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from megatron_rpt.config import Config, ConfigError, ParallelConfig
+from megatron_rpt.errors import UserError
 from megatron_rpt.model.hf_config import ArchConfig, load_hf_config
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ __all__ = ["LoadedModel", "load_hf_model", "load_megatron_model", "resolve_megat
            "eval_engine_config"]
 
 
-class ModelLoadError(FileNotFoundError):
+class ModelLoadError(UserError, FileNotFoundError):
     """The model to evaluate cannot be found or read; the message names the path and the fix."""
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import typing
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 
-from megatron_rpt.config import Config
+from megatron_rpt.config import Config, EvalMode
 from megatron_rpt.distributed import all_reduce_numbers
 from megatron_rpt.eval.next_token import (
     DecoderLogits,
@@ -45,7 +46,7 @@ from megatron_rpt.rollout.handover import sleep_engine, wake_engine
 
 log = logging.getLogger(__name__)
 
-MODES = ("standard", "reasoning")
+MODES = typing.get_args(EvalMode)
 
 __all__ = [
     "MODES",

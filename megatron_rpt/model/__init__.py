@@ -1,1 +1,2 @@
-"""The policy model: HF architecture parsing, Megatron-Core GPTModel build, layer specs, CPU shim."""
+"""The policy model: HF architecture parsing, Megatron-Core HybridModel / GPTModel build, layer specs,
+megatron-core version switches, CPU shim."""

@@ -1,8 +1,11 @@
-"""Build the Megatron-Core policy (``GPTModel``) from a Hugging Face architecture.
+"""Build the Megatron-Core policy from a Hugging Face architecture.
 
 Owns: the ArchConfig -> ``TransformerConfig`` mapping (RMSNorm, SwiGLU, RoPE theta and
 Llama 3 scaling, QKV bias, QK-norm, MoE routing), vocabulary padding, and building the
-model chunks of this rank (pipeline stage, virtual-pipeline chunks).
+model chunks of this rank (pipeline stage, virtual-pipeline chunks) as the class this
+megatron-core maintains (:func:`~megatron_rpt.model.mcore_compat.policy_model_class`):
+``HybridModel`` from 0.19, where decoder layer ``i`` is hybrid layers ``2i`` (attention, "*")
+and ``2i+1`` (MLP "-" / MoE "E"), ``GPTModel`` before.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from megatron_rpt.config import ModelConfig, ParallelConfig
+from megatron_rpt.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_rpt.model.hf_config import ArchConfig
-from megatron_rpt.model.specs import fp8_settings, fused_softmax_available, layer_spec, resolve_transformer_impl
+from megatron_rpt.model.mcore_compat import ModelClass, policy_model_class
+from megatron_rpt.model.specs import fp8_settings, fused_softmax_available, hybrid_stack_spec, layer_spec, resolve_transformer_impl
 
 # The dtype names configs use (model.params_dtype, rollout.dtype, --dtype) -> torch dtypes.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,8 +51,20 @@ def fusion_settings(on_gpu: bool, impl: str) -> dict[str, bool]:
     )
 
 
+def hybrid_layer_pattern(arch: ArchConfig, pipeline_parallel: int = 1, virtual_pipeline: int | None = None) -> str:
+    """HybridModel's layer pattern: "*-" ("*E" for MoE) per decoder layer, with a "|" between the
+    ``pipeline_parallel * virtual_pipeline`` segments (the even split GPTModel makes)."""
+    segments = pipeline_parallel * (virtual_pipeline or 1)
+    if arch.num_layers % segments:
+        raise ConfigError(f"parallel.pipeline_parallel x virtual_pipeline = {segments} does not divide the "
+                          f"{arch.num_layers} layers of {arch.hf_architecture}; choose a divisor of it")
+    unit = "*E" if arch.num_experts else "*-"
+    return "|".join([unit * (arch.num_layers // segments)] * segments)
+
+
 def transformer_config(
-    arch: ArchConfig, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, config_overrides: dict[str, Any] | None = None
+    arch: ArchConfig, model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
+    config_overrides: dict[str, Any] | None = None, model_class: ModelClass | None = None,
 ) -> Any:
     """``config_overrides`` replace TransformerConfig fields, e.g. ``perform_initialization=False``
     when the weights are loaded from a checkpoint right after building."""
@@ -57,8 +73,10 @@ def transformer_config(
     impl = resolve_transformer_impl(model_cfg)
     dtype = DTYPES[model_cfg.params_dtype]
     on_gpu = torch.cuda.is_available()
+    # HybridModel counts its attention and MLP layers separately: two per decoder layer.
+    per_decoder_layer = 2 if (model_class or policy_model_class()) is ModelClass.HYBRID else 1
     kwargs: dict[str, Any] = dict(
-        num_layers=arch.num_layers,
+        num_layers=arch.num_layers * per_decoder_layer,
         hidden_size=arch.hidden_size,
         num_attention_heads=arch.num_attention_heads,
         num_query_groups=arch.num_key_value_heads,
@@ -123,20 +141,21 @@ def build_model(
     post_process: bool | None = None,
     vp_stage: int | None = None,
     config_overrides: dict[str, Any] | None = None,
+    model_class: ModelClass | None = None,
 ) -> Any:
-    """One GPTModel chunk for this rank (stage flags default to this rank's pipeline position)."""
+    """One model chunk for this rank (stage flags default to this rank's pipeline position), of
+    ``model_class`` (default: the class this megatron-core maintains)."""
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
 
-    config = transformer_config(arch, model_cfg, parallel_cfg, config_overrides)
+    model_class = model_class or policy_model_class()
+    config = transformer_config(arch, model_cfg, parallel_cfg, config_overrides, model_class)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     vocab = padded_vocab_size(arch.vocab_size, model_cfg.make_vocab_size_divisible_by, parallel_cfg.tensor_parallel)
-    model = GPTModel(
+    common: dict[str, Any] = dict(
         config=config,
-        transformer_layer_spec=layer_spec(arch, resolve_transformer_impl(model_cfg)),
         vocab_size=vocab,
         max_sequence_length=model_cfg.max_position_embeddings or arch.max_position_embeddings,
         pre_process=pre_process,
@@ -145,20 +164,44 @@ def build_model(
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=int(arch.rope_theta),
-        rope_scaling=arch.rope_scaling_factor is not None,
-        rope_scaling_factor=arch.rope_scaling_factor or 8.0,
         vp_stage=vp_stage,
     )
+    impl = resolve_transformer_impl(model_cfg)
+    if model_class is ModelClass.HYBRID:
+        return _hybrid_model(arch, impl, parallel_cfg, common)
+    from megatron.core.models.gpt import GPTModel
+
+    return GPTModel(transformer_layer_spec=layer_spec(arch, impl), rope_scaling=arch.rope_scaling_factor is not None,
+                    rope_scaling_factor=arch.rope_scaling_factor or 8.0, **common)
+
+
+def _hybrid_model(arch: ArchConfig, impl: str, parallel_cfg: ParallelConfig, common: dict[str, Any]) -> Any:
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    pattern = hybrid_layer_pattern(arch, parallel_cfg.pipeline_parallel, parallel_cfg.virtual_pipeline)
+    model = HybridModel(hybrid_stack_spec=hybrid_stack_spec(arch, impl), hybrid_layer_pattern=pattern, **common)
+    if arch.rope_scaling_factor is not None:
+        # HybridModel has no rope_scaling argument; Llama 3 scaling is GPTModel's RotaryEmbedding
+        # with rope_scaling=True (the same class, no parameters or buffers: nothing else changes).
+        config = common["config"]
+        model.rotary_pos_emb = RotaryEmbedding(
+            kv_channels=config.kv_channels, rotary_percent=1.0, rotary_base=common["rotary_base"],
+            rope_scaling=True, rope_scaling_factor=arch.rope_scaling_factor,
+            use_cpu_initialization=config.use_cpu_initialization, cp_group=model.pg_collection.cp)
     return model
 
 
 def build_model_chunks(
-    arch: ArchConfig, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, config_overrides: dict[str, Any] | None = None
+    arch: ArchConfig, model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
+    config_overrides: dict[str, Any] | None = None, model_class: ModelClass | None = None,
 ) -> list[Any]:
     """All model chunks of this rank: one, or ``virtual_pipeline`` of them with interleaving."""
     vp = parallel_cfg.virtual_pipeline
     if not vp:
-        return [build_model(arch, model_cfg, parallel_cfg, config_overrides=config_overrides)]
+        return [build_model(arch, model_cfg, parallel_cfg, config_overrides=config_overrides, model_class=model_class)]
     return [
-        build_model(arch, model_cfg, parallel_cfg, vp_stage=i, config_overrides=config_overrides) for i in range(vp)
+        build_model(arch, model_cfg, parallel_cfg, vp_stage=i, config_overrides=config_overrides,
+                    model_class=model_class)
+        for i in range(vp)
     ]

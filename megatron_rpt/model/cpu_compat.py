@@ -1,7 +1,8 @@
 """Run Megatron-Core on machines without CUDA.
 
 Megatron-Core assumes a GPU: it allocates with ``device=torch.cuda.current_device()``,
-forks CUDA RNG states for tensor-parallel initialisation and synchronises streams.
+forks CUDA RNG states for tensor-parallel initialisation and synchronises streams and events
+(0.19's gradient sync waits on ``torch.cuda.current_stream()`` even without overlap).
 This module owns the small shim that makes those calls land on the CPU, so that
 the *real* megatron-core code (TP/PP over gloo) runs in CI. It is enabled only when
 ``torch.cuda.is_available()`` is False; on a GPU machine :func:`enable` is a no-op.
@@ -67,6 +68,33 @@ def _cuda_named_type(self: torch.Tensor, dtype=None, non_blocking: bool = False,
     return _ORIGINAL_TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
 
 
+class _CpuStream(torch.cpu.Stream):
+    """torch's device-agnostic CPU stream (every op is synchronous on the CPU), constructible
+    the way Megatron constructs CUDA streams (``torch.cuda.Stream(device=...)``)."""
+
+    def __init__(self, device: object = None, priority: int = 0, **_kwargs: object) -> None:
+        super().__init__(priority)
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _CpuEvent(torch.cpu.Event):
+    """torch's CPU event (always complete), constructible like ``torch.cuda.Event(enable_timing=...)``."""
+
+    def __init__(self, *_args: object, **_kwargs: object) -> None:
+        super().__init__()
+
+    def elapsed_time(self, _end: object) -> float:
+        return 0.0
+
+
+_CURRENT_STREAM = _CpuStream()
+
+
 def _seed_cpu_generator(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
 
@@ -94,6 +122,11 @@ def enable() -> bool:
     torch.cuda.memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
     torch.cuda.max_memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
     torch.cuda.reset_peak_memory_stats = lambda *a, **k: None  # type: ignore[assignment]
+    torch.cuda.Stream = _CpuStream  # type: ignore[assignment,misc]
+    torch.cuda.Event = _CpuEvent  # type: ignore[assignment,misc]
+    torch.cuda.current_stream = lambda *a, **k: _CURRENT_STREAM  # type: ignore[assignment]
+    torch.cuda.default_stream = lambda *a, **k: _CURRENT_STREAM  # type: ignore[assignment]
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
     torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
     torch.Tensor.type = _cuda_named_type  # type: ignore[assignment]
 

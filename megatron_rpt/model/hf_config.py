@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_rpt.config import ConfigError, ParallelConfig
+from megatron_rpt.errors import UserError
+
 SUPPORTED = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
@@ -22,8 +25,8 @@ SUPPORTED = {
 }
 
 
-class UnsupportedArchitecture(ValueError):
-    pass
+class UnsupportedArchitecture(UserError, ValueError):
+    """The model's config.json describes an architecture megatron-rpt cannot build."""
 
 
 @dataclass(frozen=True)
@@ -172,3 +175,36 @@ def load_hf_config(path: str | Path) -> ArchConfig:
     """Parse ``path`` (a config.json or a model directory holding one)."""
     p = Path(path)
     return arch_from_dict(read_hf_config_dict(p), source=str(p))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_parallel_layout(arch: ArchConfig, p: ParallelConfig) -> None:
+    """:class:`ConfigError` unless ``parallel.*`` can split this architecture (heads, groups, layers, experts)."""
+    if arch.num_attention_heads % p.tensor_parallel:
+        raise ConfigError(
+            f"parallel.tensor_parallel={p.tensor_parallel} does not divide the model's num_attention_heads="
+            f"{arch.num_attention_heads}; use one of {_divisors(arch.num_attention_heads)}"
+        )
+    if arch.num_key_value_heads % p.tensor_parallel:
+        raise ConfigError(
+            f"parallel.tensor_parallel={p.tensor_parallel} does not divide the model's num_key_value_heads="
+            f"{arch.num_key_value_heads} (Megatron shards whole query groups); use one of "
+            f"{_divisors(arch.num_key_value_heads)}"
+        )
+    stages = p.pipeline_parallel * (p.virtual_pipeline or 1)
+    if arch.num_layers % stages:
+        raise ConfigError(
+            f"parallel.pipeline_parallel={p.pipeline_parallel}"
+            f"{f' x virtual_pipeline={p.virtual_pipeline}' if p.virtual_pipeline else ''} does not divide "
+            f"num_hidden_layers={arch.num_layers}; use pipeline sizes from {_divisors(arch.num_layers)}"
+        )
+    if arch.num_experts and arch.num_experts % p.expert_parallel:
+        raise ConfigError(
+            f"parallel.expert_parallel={p.expert_parallel} does not divide num_experts={arch.num_experts}; "
+            f"use one of {_divisors(arch.num_experts)}"
+        )
+    if not arch.num_experts and p.expert_parallel > 1:
+        raise ConfigError(f"parallel.expert_parallel={p.expert_parallel} needs a MoE model; set it to 1")

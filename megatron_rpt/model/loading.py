@@ -29,8 +29,6 @@ from megatron_rpt.bridge.name_maps import (
     tp_slice_ranges,
     to_mcore_shard,
     unwrap,
-    uses_grouped_experts,
-    uses_te_layout,
 )
 from megatron_rpt.checkpoint.hf_io import CheckpointError, HFCheckpointReader
 from megatron_rpt.model.hf_config import ArchConfig, load_hf_config
@@ -108,7 +106,7 @@ def load_hf_into_model(
     params: list[tuple[torch.nn.Module, NameMap, str, torch.nn.Parameter]] = []
     for chunk in model_chunks:
         inner = unwrap(chunk)
-        names = NameMap(arch, te_layout=uses_te_layout(inner), grouped_experts=uses_grouped_experts(inner))
+        names = NameMap.for_model(arch, inner)
         params += [(inner, names, n, p) for n, p in named_parameters_global(inner, _expert_offset(inner, arch))]
     with HFCheckpointReader(hf_dir) as reader:
         if validate:

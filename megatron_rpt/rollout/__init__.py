@@ -6,12 +6,13 @@ protocol and result types live in :mod:`megatron_rpt.rollout.base`.
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from megatron_rpt.config import Config, ConfigError
+from megatron_rpt.config import Config, ConfigError, EngineKind
 from megatron_rpt.model.hf_config import ArchConfig
 from megatron_rpt.rollout.base import Generation, RolloutEngine, SamplingParams, hf_parameter_shapes
 from megatron_rpt.rollout.builtin import BuiltinEngine
@@ -66,4 +67,4 @@ def make_engine(cfg: Config, arch: ArchConfig, tokenizer: Any = None) -> Rollout
             load_format="auto" if cfg.model.hf_checkpoint else "dummy",
             enable_sleep_mode=r.sleep_between_phases,
         )
-    raise ConfigError(f"rollout.engine={r.engine!r} is not one of ['builtin', 'vllm']")
+    raise ConfigError(f"rollout.engine={r.engine!r} is not one of {list(typing.get_args(EngineKind))}")

@@ -1,25 +1,35 @@
-"""Training checkpoints: save, find the latest good one, and resume exactly.
+"""Training checkpoints: save, verify, load, prune.
 
 Owns the on-disk layout::
 
     <checkpoint.dir>/
+      .rpt-lock               # held by the live trainer (megatron_rpt.trainer.run_lock)
       latest                  # text: name of the newest complete checkpoint (atomically replaced)
       iter_0000010/
         dist/                 # megatron.core.dist_checkpointing: model (+ optimizer) sharded tensors
         trainer/rank_00000.pt # per rank: step, data-stream position, RNG states, scheduler
-        complete.json         # written last; a checkpoint without it is partial and never loaded
+        complete.json         # written last: step, parallel layout, run id, config, and the size and
+                              # sha256 of every file above; without it a checkpoint is never loaded
+      iter_0000008.rejected   # set aside by a resume: failed verification (kept for inspection)
 
-A checkpoint is written into ``iter_X.tmp`` and renamed when every rank has finished, so a
-crash mid-save leaves the previous one intact. Loading walks back from ``latest`` to the
-newest checkpoint that is complete and loads cleanly, logging why any newer one was skipped.
+``dist/`` records the model class (GPTModel / HybridModel) and megatron-core version in its
+content metadata; resuming into the other class stops with one line (its weights still load
+with ``model.load``, see :mod:`megatron_rpt.checkpoint.interop`).
+
+A checkpoint is written into ``iter_X.tmp``, checksummed (:mod:`.ckpt_manifest`) and renamed
+when every rank has finished, so a crash mid-save leaves the previous one intact. Which
+checkpoint a starting trainer loads is decided by :mod:`megatron_rpt.trainer.resume`, which
+verifies candidates before anything is loaded; :func:`load_checkpoint` then loads one.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -31,10 +41,16 @@ import torch.distributed as dist
 
 from megatron_rpt.atomic import write_text_atomic
 from megatron_rpt.bridge.name_maps import unwrap
+from megatron_rpt.checkpoint.hf_io import CheckpointError
+from megatron_rpt.checkpoint.model_ckpt import tie_checkpoint_writer_to_this_process
+from megatron_rpt.distributed import die_with_parent
+from megatron_rpt.trainer.ckpt_manifest import COMPLETE, collect_manifest
+from megatron_rpt.checkpoint.interop import content_metadata, require_model_class
+from megatron_rpt.model.mcore_compat import checkpoint_save_kwargs, model_class_of
 
 log = logging.getLogger(__name__)
 
-COMPLETE = "complete.json"
+_ITER = re.compile(r"iter_(\d{7})")
 
 
 def _rank() -> int:
@@ -48,6 +64,21 @@ def _barrier() -> None:
 
 def iter_name(step: int) -> str:
     return f"iter_{step:07d}"
+
+
+def iter_step(path: Path) -> int | None:
+    """The step of a checkpoint directory name ``iter_XXXXXXX``; None for any other name."""
+    m = _ITER.fullmatch(path.name)
+    return int(m.group(1)) if m else None
+
+
+def read_complete(path: Path) -> dict[str, Any] | None:
+    """The ``complete.json`` of a checkpoint, or None when it is absent or unreadable."""
+    try:
+        data = json.loads((path / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def rng_state() -> dict[str, Any]:
@@ -124,13 +155,16 @@ def _load_strategy(checkpoint_dir: Path) -> Any:
 
 
 def save_checkpoint(ckpt_dir: str | Path, step: int, model_chunks: list[Any], optimizer: Any, scheduler: Any,
-                    trainer_state: dict[str, Any], keep_last: int = 3, async_queue: Any = None) -> Path:
+                    trainer_state: dict[str, Any], keep_last: int = 3, async_queue: Any = None,
+                    info: dict[str, Any] | None = None) -> Path:
     """Save everything needed for an exact resume at ``step``; returns the checkpoint path.
 
-    With ``async_queue`` (a Megatron ``AsyncCallsQueue``) the sharded tensors are written by a
-    background process (forked, so it sees the weights as of this call) and the checkpoint is
-    finalised — ``complete.json``, rename, ``latest`` — when the queue is polled after the write
-    finished; until then the previous checkpoint stays the latest.
+    ``info`` (JSON: the run id, parallel layout, config) goes into ``complete.json`` next to the
+    checksums of every file. With ``async_queue`` (a Megatron ``AsyncCallsQueue``) the sharded
+    tensors are written by a background process (forked, so it sees the weights as of this
+    call) and the checkpoint is finalised — checksums, ``complete.json``, rename, ``latest`` —
+    when the queue is polled after the write finished; until then the previous checkpoint stays
+    the latest.
     """
     from megatron.core import dist_checkpointing
 
@@ -138,6 +172,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_chunks: list[Any], op
     final = root / iter_name(step)
     tmp = root / (iter_name(step) + ".tmp")
     start = time.perf_counter()
+    tie_checkpoint_writer_to_this_process()
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -146,21 +181,24 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_chunks: list[Any], op
         (tmp / "trainer").mkdir()
     _barrier()
     request = dist_checkpointing.save(sharded_state_dict(model_chunks, optimizer), str(tmp / "dist"),
-                                      sharded_strategy=_save_strategy(), async_sharded_save=async_queue is not None)
+                                      sharded_strategy=_save_strategy(), async_sharded_save=async_queue is not None,
+                                      content_metadata=content_metadata(model_chunks, {}), **checkpoint_save_kwargs())
     per_rank = dict(trainer_state, rng=rng_state(), scheduler=scheduler.state_dict(), step=step,
                     adam_step=adam_step(optimizer))
     torch.save(per_rank, tmp / "trainer" / f"rank_{_rank():05d}.pt")
 
     def finalize() -> None:
         _barrier()
+        files = collect_manifest(tmp)  # collective: every rank hashes its share
         if _rank() == 0:
             world = dist.get_world_size() if dist.is_initialized() else 1
-            (tmp / COMPLETE).write_text(json.dumps({"step": step, "world_size": world, "time": time.time()}))
+            meta = {"step": step, "world_size": world, "time": time.time(), **(info or {}), "files": files}
+            (tmp / COMPLETE).write_text(json.dumps(meta))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             write_text_atomic(root / "latest", final.name + "\n")
-            _prune(root, keep_last)
+            prune(root, keep_last, step)
             log.info("saved checkpoint %s in %.1fs%s", final, time.perf_counter() - start,
                      " (async)" if async_queue is not None else "")
         _barrier()
@@ -168,51 +206,83 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_chunks: list[Any], op
     if async_queue is None:
         finalize()
     else:
+        # The forked writer must not outlive a trainer killed with SIGKILL.
+        if request.async_fn is not None:
+            request = request._replace(async_fn=functools.partial(_dying_with, os.getpid(), request.async_fn))
         request.add_finalize_fn(finalize)
         async_queue.schedule_async_request(request)
     return final
 
 
+def _dying_with(parent_pid: int, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    die_with_parent(parent_pid, group=True)  # with the per-bucket writers it forks
+    return fn(*args, **kwargs)
+
+
 def new_async_queue() -> Any:
+    """Megatron's queue of asynchronous saves (``checkpoint.async_save``)."""
     from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
     return AsyncCallsQueue()
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def prune(root: Path, keep_last: int, current: int) -> None:
+    """Delete old checkpoints: keep ``current`` and the ``keep_last - 1`` newest older ones.
+
+    Never touches checkpoints newer than ``current`` (a resume sets those aside first) nor the
+    one just written, whatever step numbers an older run left behind; 0 keeps everything.
+    Leftover ``.tmp`` directories of earlier, interrupted saves go too.
+    """
+    for tmp in root.glob("iter_*.tmp"):
+        step = iter_step(tmp.with_suffix(""))
+        if step is not None and step < current:
+            shutil.rmtree(tmp, ignore_errors=True)
     if keep_last <= 0:
         return
-    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and (p / COMPLETE).exists())
-    for old in done[:-keep_last]:
+    older = sorted((p for p in root.iterdir() if p.is_dir() and (s := iter_step(p)) is not None and s < current
+                    and (p / COMPLETE).exists()), key=iter_step)
+    for old in older[:max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def candidates(ckpt_dir: str | Path) -> list[Path]:
-    """Checkpoints to try, newest first: the one named by ``latest``, then older complete ones."""
+    """Checkpoint directories (``iter_XXXXXXX``) under ``ckpt_dir``, newest step first.
+
+    By step, not by the ``latest`` pointer: a crash between a checkpoint's rename and the
+    pointer's update leaves the newer checkpoint complete but unnamed.
+    """
     root = Path(ckpt_dir)
     if not root.is_dir():
         return []
-    found = sorted((p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
-    latest_file = root / "latest"
-    if latest_file.is_file():
-        named = root / latest_file.read_text().strip()
-        if named in found:
-            found.remove(named)
-            found.insert(0, named)
-        else:
-            log.warning("checkpoint pointer %s names %s, which does not exist; looking for older ones", latest_file, named)
-    return found
+    return sorted((p for p in root.iterdir() if p.is_dir() and iter_step(p) is not None), key=iter_step,
+                  reverse=True)
 
 
 def load_checkpoint(ckpt: str | Path, model_chunks: list[Any], optimizer: Any | None, scheduler: Any | None,
                     load_optimizer: bool = True) -> dict[str, Any]:
-    """Load one checkpoint directory (``iter_X``) and return this rank's trainer state."""
-    from megatron.core import dist_checkpointing
+    """Load one verified checkpoint directory (``iter_X``) and return this rank's trainer state.
+
+    A failure here happens after parts of the checkpoint may already be in the model or the
+    optimizer, so it is never a reason to try another checkpoint: it raises
+    :class:`CheckpointError` and the run stops.
+    """
+    from torch.distributed.checkpoint.api import CheckpointException
 
     path = Path(ckpt)
-    if not (path / COMPLETE).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE}); it was interrupted mid-save")
-    opt = optimizer if load_optimizer else None
+    # Another model class (GPTModel <-> HybridModel) is a user decision, stated before anything loads.
+    require_model_class(path / "dist", model_class_of(model_chunks[0]))
+    try:
+        return _load(path, model_chunks, optimizer if load_optimizer else None, scheduler)
+    except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        raise CheckpointError(f"checkpoint {path} passed verification but could not be loaded ({type(exc).__name__}: "
+                              f"{reason[:300]}); the model may hold part of it, so the run stops instead of "
+                              "falling back to another checkpoint") from exc
+
+
+def _load(path: Path, model_chunks: list[Any], opt: Any | None, scheduler: Any | None) -> dict[str, Any]:
+    from megatron.core import dist_checkpointing
+
     if opt is not None:
         _materialize_optimizer_state(opt)
     state = dist_checkpointing.load(sharded_state_dict(model_chunks, opt, is_loading=True), str(path / "dist"),
@@ -223,23 +293,30 @@ def load_checkpoint(ckpt: str | Path, model_chunks: list[Any], optimizer: Any | 
         for i, chunk in enumerate(model_chunks):
             unwrap(chunk).load_state_dict(state[f"model{i}"])
     if opt is not None:
+        configured = _configured_hyperparameters(opt)
         # With fp32 params Megatron's main params are views of the (grad-requiring) model params,
         # and its loader copies into them in place: that must happen outside autograd.
         with torch.no_grad():
             opt.load_state_dict(state["optimizer"])
-    rank_file = path / "trainer" / f"rank_{_rank():05d}.pt"
-    if not rank_file.is_file():
-        raise FileNotFoundError(
-            f"{rank_file} is missing: the checkpoint was written by a different world size; "
-            "resume with the same number of ranks (model weights alone can be loaded at any TP/PP via model.load)"
-        )
-    trainer_state = torch.load(rank_file, weights_only=False)
+        for group, values in zip(opt.param_groups, configured):
+            group.update(values)
+    trainer_state = torch.load(path / "trainer" / f"rank_{_rank():05d}.pt", weights_only=False)
     if opt is not None:
         set_adam_step(opt, trainer_state.get("adam_step"))
     if scheduler is not None:
         scheduler.load_state_dict(trainer_state["scheduler"])
     set_rng_state(trainer_state["rng"])
     return trainer_state
+
+
+# Per-group settings that come from the config (optim.*); the loaded state must not replace them.
+_CONFIGURED = ("max_lr", "min_lr", "betas", "eps", "lr_mult", "wd_mult")
+
+
+def _configured_hyperparameters(optimizer: Any) -> list[dict[str, Any]]:
+    """The configured settings of every param group; re-applied after a load so that a changed
+    ``optim.*`` applies on resume (the scheduler then recomputes lr and weight decay from them)."""
+    return [{k: group[k] for k in _CONFIGURED if k in group} for group in optimizer.param_groups]
 
 
 def _adam_states(optimizer: Any) -> list[dict[str, Any]]:
@@ -273,19 +350,3 @@ def _materialize_optimizer_state(optimizer: Any) -> None:
         inner = getattr(opt, "optimizer", None)
         if hasattr(opt, "_init_optimizer_states_with_dummy_values") and inner is not None and not inner.state:
             opt._init_optimizer_states_with_dummy_values()
-
-
-def resume(ckpt_dir: str | Path, model_chunks: list[Any], optimizer: Any, scheduler: Any) -> dict[str, Any] | None:
-    """Load the newest good checkpoint under ``ckpt_dir``; None when there is none."""
-    for path in candidates(ckpt_dir):
-        try:
-            state = load_checkpoint(path, model_chunks, optimizer, scheduler)
-        except Exception as exc:  # noqa: BLE001 - any failure means: try the previous checkpoint
-            if _rank() == 0:
-                log.warning("checkpoint %s is unusable (%s: %s); falling back to the previous one",
-                            path, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            continue
-        if _rank() == 0:
-            log.info("resumed from %s (step %d)", path, state["step"])
-        return state
-    return None

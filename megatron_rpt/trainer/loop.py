@@ -18,7 +18,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_rpt.config import Config, ConfigError, dump_yaml, validate
+from megatron_rpt.errors import TrainingDiverged
 from megatron_rpt.trainer import checkpointing
+from megatron_rpt.trainer.resume import plan_resume
+from megatron_rpt.trainer.run_lock import lock_run_dirs
 from megatron_rpt.trainer.metrics import MetricsLogger, PhaseTimer
 from megatron_rpt.distributed import all_reduce_numbers
 from megatron_rpt.rollout.handover import sleep_engine, wake_engine
@@ -83,7 +86,7 @@ class _StopFlag:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: str | None = "auto"):
+    def __init__(self, cfg: Config, resume: str | None = "auto", force_resume: bool = False):
         from megatron.core import parallel_state
 
         from megatron_rpt.bridge import WeightBridge
@@ -106,13 +109,11 @@ class Trainer:
                          p.virtual_pipeline, seed=cfg.train.seed, timeout_minutes=p.distributed_timeout_minutes)
         self.rank = dist.get_rank()
         validate(cfg, world_size=dist.get_world_size())
+        # Before anything is built: this run owns its directories, and what it resumes is verified.
+        self.run_locks = lock_run_dirs(cfg)
+        self.plan = plan_resume(cfg, resume, dist.get_world_size(), force=force_resume)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
-        if cfg.rl.prompts_per_step % self.dp_size:
-            raise ConfigError(
-                f"rl.prompts_per_step={cfg.rl.prompts_per_step} is not divisible by the data-parallel size "
-                f"{self.dp_size}; make it a multiple of {self.dp_size}"
-            )
         self.prompts_per_rank = cfg.rl.prompts_per_step // self.dp_size
 
         model_dir = None
@@ -147,12 +148,12 @@ class Trainer:
                                     split="train")
         self.step = 0
         self.resumed_from: str | None = None
-        if resume and cfg.checkpoint.dir:
-            self._resume(resume)
+        if self.plan.checkpoint is not None:
+            self._resume()
         self.metrics = MetricsLogger(
             cfg.logging.dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
             wandb_project=cfg.logging.wandb_project, run_name=cfg.logging.wandb_run_name, config=cfg.to_dict(),
-            enabled=self.rank == 0,
+            enabled=self.rank == 0, start_step=self.step,
         )
         if self.rank == 0:
             Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
@@ -179,20 +180,16 @@ class Trainer:
         elif not self.cfg.model.random_init:
             raise ConfigError("no initial weights: set model.hf_checkpoint or model.load, or model.random_init=true")
 
-    def _resume(self, resume: str) -> None:
-        target = self.cfg.checkpoint.dir if resume == "auto" else resume
-        if resume not in ("auto",) and Path(resume).name.startswith("iter_"):
-            state = checkpointing.load_checkpoint(resume, self.policy.model, self.policy.optimizer,
-                                                  self.policy.scheduler)
-        else:
-            state = checkpointing.resume(target, self.policy.model, self.policy.optimizer, self.policy.scheduler)
-        if state is None:
-            if resume != "auto":
-                raise FileNotFoundError(f"--resume {resume}: no usable checkpoint there")
-            return
+    def _resume(self) -> None:
+        """Load the checkpoint :func:`plan_resume` verified (a failure here stops the run)."""
+        path = self.plan.checkpoint
+        state = checkpointing.load_checkpoint(path, self.policy.model, self.policy.optimizer, self.policy.scheduler)
         self.step = int(state["step"])
         self.stream.load_state_dict(state["data"])
-        self.resumed_from = str(target)
+        self.resumed_from = str(path)
+        self.plan.commit()
+        if self.rank == 0:
+            log.info("resumed from %s (step %d, run %s)", path, self.step, self.plan.run_id)
 
     def _save(self) -> None:
         if not self.cfg.checkpoint.dir:
@@ -201,7 +198,7 @@ class Trainer:
             checkpointing.save_checkpoint(
                 self.cfg.checkpoint.dir, self.step, self.policy.model, self.policy.optimizer, self.policy.scheduler,
                 trainer_state={"data": self.stream.state_dict()}, keep_last=self.cfg.checkpoint.keep_last,
-                async_queue=self.async_saves,
+                async_queue=self.async_saves, info=self.plan.info,
             )
 
     def _finish_saves(self, blocking: bool) -> None:
@@ -324,18 +321,28 @@ class Trainer:
         while self.step < cfg.train.steps:
             start = time.perf_counter()
             self._finish_saves(blocking=False)
-            metrics = self.train_step()
+            try:
+                metrics = self.train_step()
+            except TrainingDiverged as exc:  # the update was not applied; keep the last checkpoint
+                self._finish_saves(blocking=True)
+                raise TrainingDiverged(f"training diverged at step {self.step + 1}: {exc}; "
+                                       f"{self._kept_checkpoint()}") from None
             self.step += 1
+            diverged = self._diverged(metrics)  # before the reduction, which averages one rank's NaN away
             step_time = time.perf_counter() - start
             metrics.update({f"time/{k}": v for k, v in self.timer.pop().items()})
             metrics["time/step"] = step_time
             metrics["throughput/generated_tokens_per_s"] = metrics.get("rollout/generated_tokens", 0.0) / max(
                 metrics.get("time/rollout", step_time), 1e-9)
-            if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
+            if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 and not diverged:
                 metrics.update(self.evaluate())
+            local = {k: metrics.get(k) for k in ("train/loss", "train/grad_norm")}
             metrics = self._reduce_metrics(metrics)
             self.metrics.log(self.step, metrics)
             history.append(metrics)
+            if diverged:
+                exit_reason = "diverged"
+                break
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
@@ -357,4 +364,24 @@ class Trainer:
         if progress is not None:
             progress.close()
         self.metrics.close()
+        if exit_reason == "diverged":
+            raise TrainingDiverged(self._divergence_message(local))
         return {"steps": self.step, "exit": exit_reason, "history": history, "resumed_from": self.resumed_from}
+
+    # ------------------------------------------------------------------ divergence guard
+
+    def _diverged(self, metrics: dict[str, float]) -> bool:
+        """Collective: did the loss or gradient norm of this step stop being finite on any rank?"""
+        bad = any(not math.isfinite(metrics.get(k, 0.0)) for k in ("train/loss", "train/grad_norm"))
+        (flag,) = all_reduce_numbers([1.0 if bad else 0.0], op=dist.ReduceOp.MAX)
+        return flag > 0
+
+    def _kept_checkpoint(self) -> str:
+        latest = Path(self.cfg.checkpoint.dir or "") / "latest"
+        kept = (f"the last good checkpoint is {latest.parent / latest.read_text().strip()}"
+                if self.cfg.checkpoint.dir and latest.is_file() else "no checkpoint was saved")
+        return f"stopped without saving this state ({kept}); lower optim.lr or raise optim.warmup_steps, then resume"
+
+    def _divergence_message(self, metrics: dict[str, float]) -> str:
+        return (f"training diverged at step {self.step}: train/loss={metrics.get('train/loss')}, "
+                f"train/grad_norm={metrics.get('train/grad_norm')}; {self._kept_checkpoint()}")

@@ -2,16 +2,25 @@
 
 Owns: :class:`MetricsLogger` (rank 0 writes; other ranks hold a no-op logger), flattening
 nested metric dicts to ``section/name`` keys, and :class:`PhaseTimer` for time per phase.
+
+A run that resumes from step N re-does the steps after N, so rows of steps above N (logged
+before a crash, after the last checkpoint) are dropped from ``metrics.jsonl`` and purged from
+TensorBoard when the logger opens: every step appears once.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from megatron_rpt.atomic import write_text_atomic
+
+log = logging.getLogger(__name__)
 
 
 class PhaseTimer:
@@ -42,7 +51,7 @@ def _clean(value: Any) -> Any:
 class MetricsLogger:
     def __init__(self, log_dir: str | Path, jsonl: bool = True, tensorboard: bool = True,
                  wandb_project: str | None = None, run_name: str | None = None, config: dict | None = None,
-                 enabled: bool = True):
+                 enabled: bool = True, start_step: int = 0):
         self.enabled = enabled
         self.dir = Path(log_dir)
         self._jsonl = None
@@ -52,11 +61,12 @@ class MetricsLogger:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         if jsonl:
+            drop_rows_after(self.dir / "metrics.jsonl", start_step)
             self._jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start_step + 1)
         if wandb_project:
             try:
                 import wandb
@@ -85,6 +95,25 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb:
             self._wandb.finish()
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Rewrite ``path`` (atomically) without rows of steps above ``step`` or torn by a kill, saying so."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if (s := _row_step(line)) is not None and s <= step]
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+        log.warning("%s: dropped %d row(s) of steps after %d, where this run starts (they are re-done)",
+                    path, len(lines) - len(kept), step)
+
+
+def _row_step(line: str) -> float | None:
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -92,6 +92,10 @@ def build_optimizer(model_chunks: list[Any], cfg: Config) -> tuple[Any, Any]:
         end_wd=o.weight_decay,
         wd_incr_steps=max(steps, 1),
         wd_incr_style="constant",
+        # On resume the configured schedule wins over the checkpoint's (only the step count is
+        # restored): a changed optim.* or train.steps applies, and the resume logs the change.
+        override_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=False,
     )
     for chunk in model_chunks:
         config = chunk.config

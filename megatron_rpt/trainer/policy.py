@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from megatron_rpt.config import Config
+from megatron_rpt.errors import TrainingDiverged
 from megatron_rpt.model.hf_config import ArchConfig
 from megatron_rpt.rl import (
-    GRPOLossConfig,
     check_context_parallel_config,
     gather_from_context_parallel,
     grpo_loss,
@@ -63,7 +63,6 @@ class MegatronPolicy:
         self.model = model_chunks
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.loss_cfg = GRPOLossConfig.from_rl_config(cfg.rl)
         self.temperature = cfg.rollout.temperature
         self.is_last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         check_context_parallel_config(cfg)
@@ -147,13 +146,13 @@ class MegatronPolicy:
         scale = grpo_loss_scale(len(micro_batches), self.dp_size)
 
         def loss_fn(mb, logits):
-            logprobs, entropy = self._logprobs(mb, logits.float(), entropy_grad=self.loss_cfg.entropy_coef > 0)
+            logprobs, entropy = self._logprobs(mb, logits.float(), entropy_grad=self.cfg.rl.entropy_coef > 0)
             loss, metrics = grpo_loss(
                 logprobs,
                 mb["old_logprobs"],
                 mb["advantages"],
                 mb["loss_mask"],
-                cfg=self.loss_cfg,
+                cfg=self.cfg.rl,
                 ref_logprobs=mb.get("ref_logprobs"),
                 entropy=entropy,
                 num_global_tokens=num_global_tokens,
@@ -161,7 +160,15 @@ class MegatronPolicy:
             )
             return loss * scale, metrics
 
-        outputs = self._run(micro_batches, loss_fn, forward_only=False)
+        try:
+            outputs = self._run(micro_batches, loss_fn, forward_only=False)
+        except RuntimeError as exc:
+            if self._local_grads_finite():
+                raise
+            # Megatron's DDP (check_for_nan_in_grad) stops a backward whose gradients are NaN/Inf
+            # before they reach the optimizer: the update is not applied.
+            reason = (str(exc).strip().splitlines() or [""])[-1][:200]
+            raise TrainingDiverged(f"non-finite gradients in the backward pass ({reason})") from exc
         update_ok, grad_norm, _ = self.optimizer.step()
         if update_ok:
             self.scheduler.step(increment=1)
@@ -173,6 +180,14 @@ class MegatronPolicy:
         if self.is_last_stage and outputs:
             metrics.update(self._merge_cp_metrics(outputs, micro_batches))
         return metrics
+
+    def _local_grads_finite(self) -> bool:
+        for chunk in self.model:
+            for param in chunk.parameters():
+                grad = getattr(param, "main_grad", None)
+                if grad is not None and not torch.isfinite(grad).all():
+                    return False
+        return True
 
     def _merge_cp_metrics(self, outputs: list[dict[str, torch.Tensor]],
                           micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
