@@ -137,13 +137,17 @@ def load_model_checkpoint(model_chunks: Sequence[torch.nn.Module], ckpt_dir: str
     from torch.distributed.checkpoint.api import CheckpointException
 
     path = resolve_checkpoint_dir(ckpt_dir)
-    state = checkpoint_sharded_state_dict(model_chunks, path)
-    _drop_absent_extra_state(state, path)
     # Megatron's "unexpected" = asked for by the model but absent from the checkpoint; tensors
     # present only in the checkpoint (optimizer state, ...) are never an error.
     handling = StrictHandling.RAISE_UNEXPECTED if strict else StrictHandling.LOG_UNEXPECTED
     try:
+        # megatron-core >= 0.19 reads the common state from the shards already here, so a
+        # damaged shard can fail before the load itself.
+        state = checkpoint_sharded_state_dict(model_chunks, path)
+        _drop_absent_extra_state(state, path)
         loaded = dist_checkpointing.load(state, str(path), strict=handling)
+    except CheckpointError:
+        raise  # already names the problem (e.g. another model class)
     except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
         raise CheckpointError(f"could not load model weights from {path}: {reason}") from exc

@@ -294,6 +294,7 @@ def _load(path: Path, model_chunks: list[Any], opt: Any | None, scheduler: Any |
             unwrap(chunk).load_state_dict(state[f"model{i}"])
     if opt is not None:
         configured = _configured_hyperparameters(opt)
+        _adopt_configured_lr(state["optimizer"], configured)
         # With fp32 params Megatron's main params are views of the (grad-requiring) model params,
         # and its loader copies into them in place: that must happen outside autograd.
         with torch.no_grad():
@@ -311,6 +312,33 @@ def _load(path: Path, model_chunks: list[Any], opt: Any | None, scheduler: Any |
 
 # Per-group settings that come from the config (optim.*); the loaded state must not replace them.
 _CONFIGURED = ("max_lr", "min_lr", "betas", "eps", "lr_mult", "wd_mult")
+
+
+def _saved_param_groups(state: Any) -> list[dict[str, Any]]:
+    """Every saved param group of a loaded optimizer state, in the order of ``optimizer.param_groups``
+    (a chained optimizer's states are nested per inner optimizer, in chain order)."""
+    if isinstance(state, dict):
+        if isinstance(state.get("param_groups"), list):
+            return state["param_groups"]
+        return [g for key in state for g in _saved_param_groups(state[key])]
+    if isinstance(state, (list, tuple)):
+        return [g for item in state for g in _saved_param_groups(item)]
+    return []
+
+
+def _adopt_configured_lr(saved_state: Any, configured: list[dict[str, Any]]) -> None:
+    """Give the saved param groups the configured ``max_lr``/``min_lr`` before the optimizer loads them.
+
+    megatron-core >= 0.19 pairs saved and current param groups by a tuple of their settings that
+    includes ``max_lr`` and ``min_lr`` (``param_group_identifier_keys``), so a changed ``optim.lr``
+    would find no saved group (KeyError). Both lists come from the same parameter grouping code, in
+    the same order; the configured values are re-applied after the load anyway.
+    """
+    saved = _saved_param_groups(saved_state)
+    if len(saved) != len(configured):
+        return  # a different grouping: let the optimizer's own matching report it
+    for group, values in zip(saved, configured):
+        group.update({k: values[k] for k in ("max_lr", "min_lr") if k in values and k in group})
 
 
 def _configured_hyperparameters(optimizer: Any) -> list[dict[str, Any]]:
