@@ -71,6 +71,17 @@ def test_bad_values_name_the_key(override, message):
         load_config(None, [override], validate_paths=False)
 
 
+def test_policy_rewards_against_dynamic_sampling():
+    # Dynamic sampling drops all-wrong groups, which the dense reward would still pay: refused.
+    with pytest.raises(ConfigError, match=r"rl\.reward=dense with rl\.dynamic_sampling_from_step=500.*"
+                                          r"dynamic_sampling_from_step=null"):
+        load_config(None, ["rl.reward=dense"], validate_paths=False)
+    assert load_config(None, ["rl.reward=dense", "rl.dynamic_sampling_from_step=null"],
+                       validate_paths=False).rl.reward == "dense"
+    # Conditional dense pays nothing in an all-wrong group, so dropping those groups changes nothing.
+    assert load_config(None, ["rl.reward=conditional_dense"], validate_paths=False).rl.reward == "conditional_dense"
+
+
 def test_unknown_key_in_yaml(tmp_path):
     path = _write(tmp_path, "optim:\n  learning_rate: 1e-6\n")
     with pytest.raises(ConfigError, match=r"optim\.learning_rate"):
@@ -238,7 +249,7 @@ def test_choices_have_one_owner():
     from megatron_rpt.rl.grpo_loss import LOSS_AGGREGATIONS
 
     assert set(typing.get_args(Template)) == set(TEMPLATES)
-    assert REWARD_KINDS == typing.get_args(RewardKind) == ("prefix", "first_token", "dense")
+    assert REWARD_KINDS == typing.get_args(RewardKind) == ("prefix", "first_token", "dense", "conditional_dense")
     assert LOSS_AGGREGATIONS == ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
 
