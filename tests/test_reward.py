@@ -258,3 +258,22 @@ def test_writable_prefix_tokens_against_the_extractor(qwen, shared):
                 unwritable += got != 1
                 checked += 1
     assert checked > 1000 and unwritable > 0
+
+
+def test_rollout_score_honours_rl_reward_with_raw_answers(qwen):
+    """The trainer's scorer: rl.answer_format=raw used to ignore rl.reward (always prefix)."""
+    from types import SimpleNamespace
+
+    from megatron_rpt.config import Config
+    from megatron_rpt.trainer.rollout_phase import score
+
+    cfg = Config()
+    cfg.rl.answer_format, cfg.rl.require_think = "raw", False
+    problem = SimpleNamespace(target_token_bytes=target_of(qwen, " the paragraph"))
+    cfg.rl.reward = "first_token"
+    assert score(cfg, " the cat", problem) == 1.0
+    cfg.rl.reward = "prefix"
+    assert score(cfg, " the cat", problem) == 0.0
+    cfg.rl.reward = "dense"  # the rollout phase scores correctness; the trainer adds P(y0 | x<t)
+    assert score(cfg, " the cat", problem) == 0.0
+    assert score(cfg, " the", problem) == 1.0

@@ -65,7 +65,7 @@ class Problem:
     context_text: str  # document text before ``position`` (left-truncated to fit the prompt)
     prompt_text: str  # what the policy reads (template + chat template)
     prompt_ids: list[int]
-    target_ids: list[int]  # the next ``data.target_tokens`` tokens (fewer at the end of a document)
+    target_ids: list[int]  # the next ``data.target_tokens`` tokens (default: the rest of the document)
     target_token_bytes: list[bytes]  # their exact bytes: what the reward compares against
     entropy: float | None = None  # proxy top-k entropy (nats) at ``position``; None when unscored
     difficulty: str | None = None  # hardest split the position belongs to ("easy" < "medium" < "hard")
@@ -114,7 +114,7 @@ def candidate_positions(token_bytes: list[bytes], entropy: np.ndarray | None, mi
 
 def build_problem(tokenizer: Any, doc_id: str, ids: list[int], token_bytes: list[bytes], position: int,
                   *, entropy: float | None, thresholds: list[float], template: str, use_chat_template: bool,
-                  max_prompt_tokens: int, target_tokens: int, context_budget: int) -> Problem | None:
+                  max_prompt_tokens: int, target_tokens: int | None, context_budget: int) -> Problem | None:
     """The problem at ``position``; None when the context cannot be made to fit or is not text."""
     t = position
     start = max(0, t - context_budget)
@@ -138,7 +138,7 @@ def build_problem(tokenizer: Any, doc_id: str, ids: list[int], token_bytes: list
         return None
     if not context:
         return None
-    tgt = slice(t, t + target_tokens)
+    tgt = slice(t, None if target_tokens is None else t + target_tokens)  # None: the whole continuation
     ent = None if entropy is None or not math.isfinite(entropy) else float(entropy)
     return Problem(doc_id=doc_id, position=t, context_text=context, prompt_text=prompt, prompt_ids=list(prompt_ids),
                    target_ids=list(ids[tgt]), target_token_bytes=list(token_bytes[tgt]), entropy=ent,

@@ -24,7 +24,9 @@ from megatron_rpt.trainer.resume import plan_resume
 from megatron_rpt.trainer.run_lock import lock_run_dirs
 from megatron_rpt.trainer.metrics import MetricsLogger, PhaseTimer
 from megatron_rpt.distributed import all_reduce_numbers
+from megatron_rpt.reward import POLICY_REWARDS
 from megatron_rpt.rollout.handover import sleep_engine, wake_engine
+from megatron_rpt.trainer.dense_reward import apply_policy_rewards
 from megatron_rpt.trainer.rollout_phase import (
     collect_step_groups,
     hosts_engine,
@@ -219,6 +221,8 @@ class Trainer:
             wake_engine(self.engine)  # empties PyTorch's CUDA cache first: the engine needs that memory
             groups, metrics = collect_step_groups(cfg, self.engine, self.stream, self.prompts_per_rank, seed, dynamic)
             sleep_engine(self.engine, cfg.rollout.sleep_between_phases)
+        if cfg.rl.reward in POLICY_REWARDS:  # appendix A: P(y[0] | x<t) of the wrong predictions, from the policy
+            metrics.update(apply_policy_rewards(cfg, groups, self.policy, self.tokenizer))
         if cfg.logging.save_rollouts and self.engine is not None and self.rank == dist.get_global_rank(
                 self._mp_group(), 0):
             save_rollouts(cfg.logging.dir, self.step + 1, self.dp_rank, groups)  # 1-based, like metrics

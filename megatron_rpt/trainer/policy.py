@@ -102,23 +102,28 @@ class MegatronPolicy:
             forward_only=forward_only,
         )
 
-    def _logprobs(self, mb: dict[str, torch.Tensor], logits: torch.Tensor,
-                  entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logprobs(self, mb: dict[str, torch.Tensor], logits: torch.Tensor, entropy_grad: bool = False,
+                  temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return vocab_parallel_logprobs_and_entropy(
-            logits, mb["labels"], temperature=self.temperature, true_vocab_size=self.arch.vocab_size,
+            logits, mb["labels"], temperature=temperature or self.temperature, true_vocab_size=self.arch.vocab_size,
             entropy_grad=entropy_grad,
         )
 
     # ------------------------------------------------------------------ public API
 
     @torch.no_grad()
-    def compute_logprobs(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor] | None:
-        """Per-token logprobs [b, s] of each micro-batch's labels (last pipeline stage; None elsewhere)."""
+    def compute_logprobs(self, micro_batches: list[dict[str, torch.Tensor]],
+                         temperature: float | None = None) -> list[torch.Tensor] | None:
+        """Per-token logprobs [b, s] of each micro-batch's labels (last pipeline stage; None elsewhere).
+
+        ``temperature``: default the rollout's (the policy ratio's); 1 for the language model's own
+        probabilities (the dense reward's P(y0 | x<t)).
+        """
         for chunk in self.model:
             chunk.eval()
 
         def loss_fn(mb, logits):
-            logprobs, _ = self._logprobs(mb, logits.float())
+            logprobs, _ = self._logprobs(mb, logits.float(), temperature=temperature)
             return logits.new_zeros(()), {"logprobs": logprobs.detach()}
 
         seqs = [mb["tokens"].shape[1] for mb in micro_batches]
