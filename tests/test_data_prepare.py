@@ -96,13 +96,17 @@ def test_problem_stream_over_prepared_shards(env):
     for p in problems:
         e = rows[p.doc_id]["entropy"][p.position]
         assert p.entropy == pytest.approx(e, abs=1e-6) and e > 1.0
-        assert p.target_ids == rows[p.doc_id]["token_ids"][p.position:p.position + 8]
+        assert p.target_ids == rows[p.doc_id]["token_ids"][p.position:]  # the whole continuation (eq. 3)
         assert p.splits[:2] == ("easy", "medium") and p.difficulty == p.splits[-1]
         assert (p.difficulty == "hard") == (e > 1.5)
     val_cfg = prepared_cfg(env, val_documents=1)
     val = list(ProblemStream(val_cfg, env["tok"], split="val"))
     train = [next(s) for s in [ProblemStream(val_cfg, env["tok"])] for _ in range(10)]
     assert len({p.doc_id for p in val}) == 1 and not {p.doc_id for p in val} & {p.doc_id for p in train}
+    # Held-out positions are not filtered by the training proxy: the easy ones (<= 0.5) are there too.
+    held = rows[val[0].doc_id]
+    assert [p.position for p in val] == list(range(val_cfg.min_context_tokens, len(held["token_ids"])))
+    assert any(p.entropy <= val_cfg.entropy_threshold for p in val)
 
 
 def key(p):
