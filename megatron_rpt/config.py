@@ -260,7 +260,7 @@ class RLConfig(Section):
     max_refill_rounds: NonNegInt = 4
     """Extra generation rounds dynamic sampling may spend per step."""
     reward: RewardKind = "prefix"
-    """Reward: prefix (the paper's eq. 3), first_token, dense or conditional_dense (appendix A; P(y0|x<t) from the policy)."""
+    """Reward: prefix (the paper's eq. 3), first_token, dense or conditional_dense (appendix A, P(y0|x<t) of the policy)."""
     answer_format: AnswerFormat = "boxed"
     """boxed: the prediction is the last \\boxed{} after </think> (the paper); raw: the whole continuation."""
     require_think: bool = True
@@ -360,7 +360,7 @@ class LoggingConfig(Section):
 @dataclass
 class EvalConfig(Section):
     scorer_model: str | None = None
-    """HF model whose top-k entropy buckets evaluation positions (paper: R1-Distill-Qwen-14B); null: data.proxy_model."""
+    """HF model whose entropy buckets evaluation positions (paper: R1-Distill-Qwen-14B); null: data.proxy_model."""
     positions_per_doc: PosInt | None = None
     """At most this many positions per held-out document (a seeded draw); null: every position (the paper)."""
     max_positions: PosInt | None = None

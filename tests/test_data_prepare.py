@@ -66,6 +66,39 @@ def test_manifest_counts_match_the_shards(env):
     assert not list(env["out"].glob(".*tmp*"))  # no temporary files left behind
 
 
+def _first_writable(tokens: list[bytes], escapes: bool) -> int | None:
+    """Reference: the first prefix of the continuation that the real extractor gives back unchanged."""
+    from megatron_rpt.reward import extract_prediction
+
+    for k in range(1, len(tokens) + 1):
+        try:
+            text = b"".join(tokens[:k]).decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if extract_prediction("</think>\\boxed{" + text + "}", escapes=escapes) == text:
+            return k
+    return None
+
+
+def test_manifest_counts_unwinnable_positions(env):
+    from megatron_rpt.data.tokenizer import token_bytes
+
+    m = env["manifest"]
+    for rule, escapes in (("boxed_escapes", True), ("boxed_no_escapes", False)):
+        never = not_first = 0
+        for r in read_shards(env["out"]):
+            tb = token_bytes(env["tok"], r["token_ids"])
+            for t in range(1, len(tb)):
+                w = _first_writable(tb[t:], escapes)
+                never += w is None
+                not_first += w != 1
+        assert m["unwinnable"][rule]["never"]["all"] == never
+        assert m["unwinnable"][rule]["not_first_token"]["all"] == not_first
+    esc = m["unwinnable"]["boxed_escapes"]
+    assert esc["not_first_token"]["all"] >= esc["never"]["all"] > 0  # LaTeX problems: some "}" positions
+    assert esc["never"]["easy"] <= esc["never"]["all"]
+
+
 def test_shards_hold_the_tokens_and_reference_entropies(env):
     rows = read_shards(env["out"])
     raw = [json.loads(line) for line in open(env["omni"])][:MAX_DOCS]

@@ -3,7 +3,8 @@
 Owns: :class:`DecoderLogits` (last-position logits of many contexts through the plain-torch
 :class:`~megatron_rpt.rollout.torch_decoder.Decoder`: contexts that are prefixes of one another --
 the positions of one document -- share one forward pass of the longest (:func:`prefix_chains`);
-those rows are length-sorted and right-padded into batches of at most ``batch_tokens`` tokens), :func:`greedy_next_tokens` (the same answer through
+those rows are length-sorted and right-padded into batches of at most ``batch_tokens`` tokens),
+:func:`greedy_next_tokens` (the same answer through
 any rollout engine: one greedy token, for engines that expose no logits, e.g. vLLM),
 :func:`context_token_ids` (the raw context x_<t of a problem, without the prompt template) and
 :func:`standard_accuracy` (accuracy per difficulty bucket).

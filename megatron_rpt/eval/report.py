@@ -183,8 +183,8 @@ class EvalReport:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvalReport:
         try:
-            rows = [ReportRow(r["model"], r["mode"], r["metric"], {k: _bucket_from_dict(v) for k, v in r["buckets"].items()})
-                    for r in data["rows"]]
+            rows = [ReportRow(r["model"], r["mode"], r["metric"],
+                              {k: _bucket_from_dict(v) for k, v in r["buckets"].items()}) for r in data["rows"]]
             return cls(list(data["thresholds"]), rows, dict(data.get("meta") or {}))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not an evaluation report (missing or bad field: {exc})") from None
