@@ -462,7 +462,8 @@ def _validate_against_architecture(cfg: Config) -> None:
 
 def _validate_paths(cfg: Config) -> None:
     for key, value in (("model.load", cfg.model.load), ("model.tokenizer", cfg.model.tokenizer),
-                       ("data.prepared", cfg.data.prepared), ("data.proxy_model", cfg.data.proxy_model)):
+                       ("data.prepared", cfg.data.prepared), ("data.proxy_model", cfg.data.proxy_model),
+                       ("eval.scorer_model", cfg.eval.scorer_model)):
         if value and not Path(value).exists():
             raise ConfigError(f"{key}={value!r} does not exist; fix the path or set it to null")
     hf = cfg.model.hf_checkpoint

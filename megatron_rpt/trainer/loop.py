@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from megatron_rpt.config import Config, ConfigError, dump_yaml, validate
 from megatron_rpt.errors import TrainingDiverged
+from megatron_rpt.eval.scaling import write_run_model
 from megatron_rpt.trainer import checkpointing
 from megatron_rpt.trainer.resume import plan_resume
 from megatron_rpt.trainer.run_lock import lock_run_dirs
@@ -156,6 +157,8 @@ class Trainer:
         if self.rank == 0:
             Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.logging.dir) / "config.yaml").write_text(dump_yaml(cfg))
+            write_run_model(cfg.logging.dir, self.arch.num_parameters(), str(model_dir) if model_dir else None,
+                            cfg.model.hf_checkpoint or cfg.model.hf_config)  # what tools/plot.py counts
         self.stop = _StopFlag()
         self.timer = PhaseTimer()
         self.async_saves = checkpointing.new_async_queue() if cfg.checkpoint.async_save else None
