@@ -311,6 +311,21 @@ class ProblemStream(torch.utils.data.IterableDataset):
                              use_chat_template=cfg.use_chat_template, max_prompt_tokens=cfg.max_prompt_tokens,
                              target_tokens=cfg.target_tokens, context_budget=self._context_budget)
 
+    def next_document(self) -> ScoredDoc:
+        """The next whole document of this stream, epochs rolling over on the train split (the
+        next-token-prediction baseline trains on every token of the documents RPT draws positions
+        from). ``state_dict`` then resumes right after it."""
+        while True:
+            doc = self._next_doc()
+            if doc is not None:
+                self._epoch_problems += 1
+                return doc
+            if self.split == "val":
+                raise StopIteration
+            if self._epoch_problems == 0:
+                raise ConfigError(self._no_problems_message())
+            self._reset(self.epoch + 1)
+
     def documents(self) -> Iterator[ScoredDoc]:
         """One pass over this stream's documents from the start (the held-out ones for split="val")."""
         self._reset(epoch=0)

@@ -28,6 +28,7 @@ from megatron_rpt.distributed import all_reduce_numbers
 from megatron_rpt.reward import POLICY_REWARDS
 from megatron_rpt.rollout.handover import sleep_engine, wake_engine
 from megatron_rpt.trainer.dense_reward import apply_policy_rewards
+from megatron_rpt.trainer.ntp import NTPStream, ntp_step
 from megatron_rpt.trainer.rollout_phase import (
     collect_step_groups,
     hosts_engine,
@@ -145,6 +146,8 @@ class Trainer:
                                    dtype=DTYPES[cfg.rollout.dtype])
         self.stream = ProblemStream(cfg.data, self.tokenizer, dp_rank=self.dp_rank, dp_size=self.dp_size,
                                     split="train")
+        if cfg.train.objective == "ntp":  # the baseline: every token of the same documents, LM loss
+            self.stream = NTPStream(cfg, self.tokenizer, dp_rank=self.dp_rank, dp_size=self.dp_size)
         self.step = 0
         self.resumed_from: str | None = None
         if self.plan.checkpoint is not None:
@@ -218,6 +221,8 @@ class Trainer:
         from megatron_rpt.rl import build_micro_batches, dynamic_sampling_active, group_advantages
 
         cfg = self.cfg
+        if cfg.train.objective == "ntp":
+            return ntp_step(self)  # no rollouts; the engine is synced before an evaluation only
         dynamic = dynamic_sampling_active(self.step, cfg.rl.dynamic_sampling_from_step)
         seed = cfg.rollout.seed + 1_000_003 * self.step + 101 * self.dp_rank
         with self.timer("rollout"):
@@ -280,6 +285,8 @@ class Trainer:
         """Validation metrics on the held-out split (collective: every rank calls it)."""
         from megatron_rpt.eval import evaluate_during_training
 
+        if self.cfg.train.objective == "ntp":
+            self.sync_weights()  # NTP steps leave the engine behind the policy
         with self.timer("eval"):
             return evaluate_during_training(self, self.step)
 
