@@ -56,10 +56,11 @@ EngineKind = Literal["builtin", "vllm"]
 Template = Literal["v0", "v1", "v2", "v3", "v4", "v5", "v6", "raw"]
 KLType = Literal["k1", "k3"]
 LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
-RewardKind = Literal["prefix", "first_token", "dense"]
+RewardKind = Literal["prefix", "first_token", "dense", "conditional_dense"]
 AnswerFormat = Literal["boxed", "raw"]
 LRSchedule = Literal["constant", "cosine", "linear"]
 EvalMode = Literal["standard", "reasoning"]
+Objective = Literal["rpt", "ntp"]
 
 
 @dataclass
@@ -175,8 +176,8 @@ class DataConfig(Section):
     """A position needs at least this many tokens of context before it."""
     max_prompt_tokens: PosInt = 4096
     """Longest prompt (template + context, the context cut from the left on a token boundary)."""
-    target_tokens: PosInt = 8
-    """Ground-truth tokens kept per problem (the reward matches a prefix of them)."""
+    target_tokens: PosInt | None = None
+    """Ground-truth tokens kept per problem; null: the rest of the document (eq. 3: no prediction is cut short)."""
     template: Template = "v0"
     """Prompt template of the paper's table 10 (v0 is the one it trains with), or raw: the bare context."""
     use_chat_template: bool = True
@@ -259,11 +260,20 @@ class RLConfig(Section):
     max_refill_rounds: NonNegInt = 4
     """Extra generation rounds dynamic sampling may spend per step."""
     reward: RewardKind = "prefix"
-    """Reward: prefix (byte prefix of the truth ending on a token boundary: the paper's), first_token, dense."""
+    """Reward: prefix (the paper's eq. 3), first_token, dense or conditional_dense (appendix A, P(y0|x<t) of the policy)."""
     answer_format: AnswerFormat = "boxed"
     """boxed: the prediction is the last \\boxed{} after </think> (the paper); raw: the whole continuation."""
     require_think: bool = True
     """With answer_format=boxed, a response without </think> scores 0."""
+    box_escapes: bool = True
+    """Inside \\boxed{}, a backslash pair (\\{ \\}) neither opens nor closes a group; false: every brace counts."""
+
+    def check(self) -> None:
+        if self.reward == "dense" and self.dynamic_sampling_from_step is not None:
+            raise ConfigError(
+                f"rl.reward=dense with rl.dynamic_sampling_from_step={self.dynamic_sampling_from_step}: dynamic "
+                "sampling drops groups whose samples are all wrong, which the dense reward still scores; set "
+                "rl.dynamic_sampling_from_step=null or use rl.reward=conditional_dense")
 
 
 @dataclass
@@ -301,6 +311,18 @@ class TrainConfig(Section):
     """Seed of random initialisation and of Megatron's RNG trackers."""
     eval_interval: NonNegInt = 0
     """Evaluate on the held-out split every N steps; 0: never."""
+    objective: Objective = "rpt"
+    """rpt: GRPO on next-token reasoning; ntp: plain next-token (LM loss) training on the same corpus (a baseline)."""
+
+
+@dataclass
+class NTPConfig(Section):
+    seq_length: Annotated[int, Range(ge=2)] = 2048
+    """Tokens per training sequence of train.objective=ntp (the train split's documents, packed, EOS between)."""
+    sequences_per_step: PosInt = 64
+    """Sequences per NTP step over all data-parallel ranks (a multiple of the DP size)."""
+    micro_batch_size: PosInt = 4
+    """Sequences per forward/backward pass of an NTP step."""
 
 
 @dataclass
@@ -338,9 +360,11 @@ class LoggingConfig(Section):
 @dataclass
 class EvalConfig(Section):
     scorer_model: str | None = None
-    """Model scoring the difficulty (entropy) of evaluation positions; null: data.proxy_model."""
-    max_positions: PosInt = 200
-    """Held-out positions evaluated."""
+    """HF model whose entropy buckets evaluation positions (paper: R1-Distill-Qwen-14B); null: data.proxy_model."""
+    positions_per_doc: PosInt | None = None
+    """At most this many positions per held-out document (a seeded draw); null: every position (the paper)."""
+    max_positions: PosInt | None = None
+    """At most this many positions in all, a seeded uniform draw over every held-out document; null: no cap."""
     pass_k: PosInt = 8
     """Samples per position in next-token reasoning (Pass@k)."""
     temperature: NonNegFloat = 0.8
@@ -377,6 +401,8 @@ class Config:
     """Metrics and run directory."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation."""
+    ntp: NTPConfig = field(default_factory=NTPConfig)
+    """The next-token-prediction baseline (train.objective=ntp)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -404,6 +430,9 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Fal
         if cfg.rollout.engine == "vllm" and world % cfg.rollout.tensor_parallel:
             raise ConfigError(f"rollout.tensor_parallel={cfg.rollout.tensor_parallel} must divide the world size "
                               f"{world}")
+        if cfg.train.objective == "ntp" and cfg.ntp.sequences_per_step % dp:
+            raise ConfigError(f"ntp.sequences_per_step={cfg.ntp.sequences_per_step} is not divisible by the "
+                              f"data-parallel size {dp}; make it a multiple of {dp}")
         if cfg.rl.prompts_per_step % dp:
             raise ConfigError(f"rl.prompts_per_step={cfg.rl.prompts_per_step} is not divisible by the data-parallel "
                               f"size {dp} (world size {world} / model-parallel size {p.model_parallel_size}); make "
@@ -433,7 +462,8 @@ def _validate_against_architecture(cfg: Config) -> None:
 
 def _validate_paths(cfg: Config) -> None:
     for key, value in (("model.load", cfg.model.load), ("model.tokenizer", cfg.model.tokenizer),
-                       ("data.prepared", cfg.data.prepared), ("data.proxy_model", cfg.data.proxy_model)):
+                       ("data.prepared", cfg.data.prepared), ("data.proxy_model", cfg.data.proxy_model),
+                       ("eval.scorer_model", cfg.eval.scorer_model)):
         if value and not Path(value).exists():
             raise ConfigError(f"{key}={value!r} does not exist; fix the path or set it to null")
     hf = cfg.model.hf_checkpoint

@@ -1,9 +1,11 @@
 """``python -m megatron_rpt.evaluate --config CFG (--hf DIR | --ckpt DIR) [--mode standard|reasoning|both]``
 
 Next-token prediction accuracy on the held-out validation split, by difficulty (the paper's
-Table 1): standard next-token prediction (argmax == ground-truth token) and next-token
-reasoning (``eval.pass_k`` samples with the prompt template; Random@1 and Pass@k of the
-prefix-match reward). Prints the table and writes ``eval.json``, ``eval.md`` and
+Table 1): every position of the ``data.val_documents`` held-out documents (``eval.positions_per_doc``
+/ ``eval.max_positions`` cap them), standard next-token prediction (argmax == ground-truth token)
+and next-token reasoning (``eval.pass_k`` samples with the prompt template; Random@1 and Pass@k of
+the prefix-match reward), each bucket with its count and 95 % confidence interval, and the
+positions no answer can win. Prints the table and writes ``eval.json``, ``eval.md`` and
 ``positions.jsonl`` (one row per position) into ``--out``.
 
 ``--hf DIR`` loads a Hugging Face checkpoint straight into the rollout engine; ``--ckpt DIR`` a
@@ -62,7 +64,8 @@ def _position_rows(val, res, tokenizer, save_responses: bool) -> str:
             "doc_id": getattr(problem, "doc_id", None),
             "position": getattr(problem, "position", None),
             "entropy": None if val.entropies is None else val.entropies[i],
-            "target": b"".join(problem.target_token_bytes).decode("utf-8", "replace"),
+            "target": b"".join(problem.target_token_bytes[:16]).decode("utf-8", "replace"),  # its start
+            "writable_tokens": val.writable[i] if val.writable else None,  # None: no answer can win it
         }
         if res.standard is not None:
             pred = res.standard_pred[i]

@@ -54,6 +54,10 @@ def summarize(result: dict, cfg: Config) -> str:
             return sum(vals) / len(vals) if vals else float("nan")
 
         first, last = history[0], history[-1]
+        if cfg.train.objective == "ntp":  # the baseline has no rewards: its loss is the cross-entropy
+            lines.append(f"  cross-entropy    first {first.get('train/cross_entropy', float('nan')):.3f} -> last "
+                         f"{last.get('train/cross_entropy', float('nan')):.3f} ({mean('compute/trained_tokens'):.0f} "
+                         "tokens per step)")
         lines += [
             f"  reward           first {first.get('reward/mean', float('nan')):.3f} -> last {last.get('reward/mean', float('nan')):.3f}",
             f"  response length  {mean('response_length/mean'):.1f} tokens (mean)",

@@ -71,6 +71,17 @@ def test_bad_values_name_the_key(override, message):
         load_config(None, [override], validate_paths=False)
 
 
+def test_policy_rewards_against_dynamic_sampling():
+    # Dynamic sampling drops all-wrong groups, which the dense reward would still pay: refused.
+    with pytest.raises(ConfigError, match=r"rl\.reward=dense with rl\.dynamic_sampling_from_step=500.*"
+                                          r"dynamic_sampling_from_step=null"):
+        load_config(None, ["rl.reward=dense"], validate_paths=False)
+    assert load_config(None, ["rl.reward=dense", "rl.dynamic_sampling_from_step=null"],
+                       validate_paths=False).rl.reward == "dense"
+    # Conditional dense pays nothing in an all-wrong group, so dropping those groups changes nothing.
+    assert load_config(None, ["rl.reward=conditional_dense"], validate_paths=False).rl.reward == "conditional_dense"
+
+
 def test_unknown_key_in_yaml(tmp_path):
     path = _write(tmp_path, "optim:\n  learning_rate: 1e-6\n")
     with pytest.raises(ConfigError, match=r"optim\.learning_rate"):
@@ -238,7 +249,7 @@ def test_choices_have_one_owner():
     from megatron_rpt.rl.grpo_loss import LOSS_AGGREGATIONS
 
     assert set(typing.get_args(Template)) == set(TEMPLATES)
-    assert REWARD_KINDS == typing.get_args(RewardKind) == ("prefix", "first_token", "dense")
+    assert REWARD_KINDS == typing.get_args(RewardKind) == ("prefix", "first_token", "dense", "conditional_dense")
     assert LOSS_AGGREGATIONS == ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
 
@@ -251,3 +262,19 @@ def test_world_size_rule_is_the_parallel_sections():
     with pytest.raises(ConfigError, match=r"world size 6 is not divisible"):
         layout.data_parallel_size(6)
     assert ParallelConfig(tensor_parallel=2).data_parallel_size(8) == 4
+
+
+def test_recipes_evaluate_as_the_paper():
+    """Every GPU recipe buckets evaluation by R1-Distill-Qwen-14B and logs held-out accuracy every 100 steps."""
+    for recipe in ("rpt_14b", "rpt_32b", "rpt_72b", "rpt_moe_30b_a3b"):
+        cfg = load_config(f"configs/{recipe}.yaml", validate_paths=False)
+        assert cfg.eval.scorer_model.endswith("DeepSeek-R1-Distill-Qwen-14B"), recipe
+        assert cfg.eval.scorer_model != cfg.data.proxy_model
+        assert cfg.train.eval_interval == 100 and set(cfg.eval.modes) == {"standard", "reasoning"}, recipe
+        assert (cfg.rl.clip_low, cfg.rl.clip_high, cfg.rl.dual_clip) == (0.2, 0.2, None), recipe
+
+
+def test_a_missing_scorer_model_is_refused_at_load(tmp_path):
+    with pytest.raises(ConfigError, match=r"eval\.scorer_model='.*nope' does not exist"):
+        load_config(None, [f"eval.scorer_model={tmp_path / 'nope'}", "model.hf_checkpoint=auto:smollm2"],
+                    validate_paths=True)

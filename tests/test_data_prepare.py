@@ -66,6 +66,39 @@ def test_manifest_counts_match_the_shards(env):
     assert not list(env["out"].glob(".*tmp*"))  # no temporary files left behind
 
 
+def _first_writable(tokens: list[bytes], escapes: bool) -> int | None:
+    """Reference: the first prefix of the continuation that the real extractor gives back unchanged."""
+    from megatron_rpt.reward import extract_prediction
+
+    for k in range(1, len(tokens) + 1):
+        try:
+            text = b"".join(tokens[:k]).decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if extract_prediction("</think>\\boxed{" + text + "}", escapes=escapes) == text:
+            return k
+    return None
+
+
+def test_manifest_counts_unwinnable_positions(env):
+    from megatron_rpt.data.tokenizer import token_bytes
+
+    m = env["manifest"]
+    for rule, escapes in (("boxed_escapes", True), ("boxed_no_escapes", False)):
+        never = not_first = 0
+        for r in read_shards(env["out"]):
+            tb = token_bytes(env["tok"], r["token_ids"])
+            for t in range(1, len(tb)):
+                w = _first_writable(tb[t:], escapes)
+                never += w is None
+                not_first += w != 1
+        assert m["unwinnable"][rule]["never"]["all"] == never
+        assert m["unwinnable"][rule]["not_first_token"]["all"] == not_first
+    esc = m["unwinnable"]["boxed_escapes"]
+    assert esc["not_first_token"]["all"] >= esc["never"]["all"] > 0  # LaTeX problems: some "}" positions
+    assert esc["never"]["easy"] <= esc["never"]["all"]
+
+
 def test_shards_hold_the_tokens_and_reference_entropies(env):
     rows = read_shards(env["out"])
     raw = [json.loads(line) for line in open(env["omni"])][:MAX_DOCS]
@@ -96,13 +129,17 @@ def test_problem_stream_over_prepared_shards(env):
     for p in problems:
         e = rows[p.doc_id]["entropy"][p.position]
         assert p.entropy == pytest.approx(e, abs=1e-6) and e > 1.0
-        assert p.target_ids == rows[p.doc_id]["token_ids"][p.position:p.position + 8]
+        assert p.target_ids == rows[p.doc_id]["token_ids"][p.position:]  # the whole continuation (eq. 3)
         assert p.splits[:2] == ("easy", "medium") and p.difficulty == p.splits[-1]
         assert (p.difficulty == "hard") == (e > 1.5)
     val_cfg = prepared_cfg(env, val_documents=1)
     val = list(ProblemStream(val_cfg, env["tok"], split="val"))
     train = [next(s) for s in [ProblemStream(val_cfg, env["tok"])] for _ in range(10)]
     assert len({p.doc_id for p in val}) == 1 and not {p.doc_id for p in val} & {p.doc_id for p in train}
+    # Held-out positions are not filtered by the training proxy: the easy ones (<= 0.5) are there too.
+    held = rows[val[0].doc_id]
+    assert [p.position for p in val] == list(range(val_cfg.min_context_tokens, len(held["token_ids"])))
+    assert any(p.entropy <= val_cfg.entropy_threshold for p in val)
 
 
 def key(p):

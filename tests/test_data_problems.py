@@ -85,8 +85,14 @@ def test_positions_are_seeded_and_deterministic(tok, omni):
 def test_heldout_split_is_never_trained_on(tok, omni):
     cfg = DataConfig(paths=[str(omni)], val_documents=200, max_positions_per_doc=1)
     held = heldout_doc_ids(open_sources([omni]), 200, cfg.seed)
-    val = list(ProblemStream(cfg, tok, split="val"))  # one pass, then StopIteration
-    assert {p.doc_id for p in val} == set(held) and len(val) == 200
+    stream = ProblemStream(cfg, tok, split="val")
+    docs = list(stream.documents())
+    assert {d.doc_id for d in docs} == set(held) and len(docs) == 200
+    # The held-out split is every position of those documents, not max_positions_per_doc of them.
+    first = list(ProblemStream(cfg, tok, split="val").documents())[0]
+    positions = [p.position for p in stream.problems_for(first)]
+    assert positions == list(range(cfg.min_context_tokens, len(first.token_ids))) or (
+        len(positions) > 0.9 * (len(first.token_ids) - cfg.min_context_tokens))
     train = take(ProblemStream(cfg, tok, split="train"), 400)
     assert not {p.doc_id for p in train} & held
     assert len(train) == 400 and len({p.doc_id for p in train}) == 400

@@ -81,7 +81,7 @@ data:
   target_tokens: 3
 rollout: {{max_response_tokens: 3, batch_size: 16}}
 rl: {{answer_format: raw}}
-eval: {{pass_k: 2, max_positions: 20, temperature: 0.0}}
+eval: {{pass_k: 2, temperature: 0.0}}
 logging: {{dir: {root / 'run'}}}
 """)
     return SimpleNamespace(root=root, model_dir=model_dir, scorer_dir=scorer_dir, cfg_path=cfg_path, hf=model)
@@ -107,12 +107,19 @@ def _contexts(n: int, seed: int) -> list[list[int]]:
 
 
 def test_decoder_logits_match_transformers(tiny, loaded):
-    from megatron_rpt.eval.next_token import DecoderLogits
+    from megatron_rpt.eval.next_token import DecoderLogits, prefix_chains
 
     _, model = loaded
     contexts = _contexts(9, seed=1)
     ours = DecoderLogits(model.engine.model, batch_tokens=50)(contexts)  # several uneven batches
     torch.testing.assert_close(ours.double(), _reference_last_logits(tiny.hf, contexts), atol=1e-4, rtol=1e-4)
+    # The positions of one document: prefixes of each other, read from one forward of the longest.
+    doc = _contexts(1, seed=5)[0] + _contexts(1, seed=6)[0]
+    mixed = [doc[:k] for k in (3, 17, 9, len(doc), 1)] + contexts[:3] + [doc[:9]]
+    chains = prefix_chains(mixed)
+    assert sorted(map(sorted, chains))[0] == [0, 1, 2, 3, 4, 8]  # one chain holds every prefix of doc
+    ours = DecoderLogits(model.engine.model, batch_tokens=60)(mixed)
+    torch.testing.assert_close(ours.double(), _reference_last_logits(tiny.hf, mixed), atol=1e-4, rtol=1e-4)
 
 
 def test_standard_accuracy_by_hand(tiny, loaded):
@@ -161,6 +168,35 @@ def test_difficulty_scorers(tiny, loaded):
     assert val.entropies == [0.1, 0.6, 1.1, 1.6, 2.0] and "data pipeline" in val.scorer
 
 
+def test_heldout_positions_caps_and_document_scorer(tiny, loaded):
+    """Every position of the held-out documents by default; caps are seeded draws; the scorer model
+    scores each held-out document once and matches transformers on each position's context."""
+    from megatron_rpt.data import ProblemStream
+    from megatron_rpt.eval.runner import load_validation_set
+
+    cfg, model = loaded
+    docs = list(ProblemStream(cfg.data, model.tokenizer, split="val").documents())
+    assert len(docs) == cfg.data.val_documents == 4
+    every = [(d.doc_id, t) for d in docs for t in range(cfg.data.min_context_tokens, len(d.token_ids))]
+    val = load_validation_set(cfg, model.tokenizer)
+    assert [(p.doc_id, p.position) for p in val.problems] == every  # 4 documents x 32 positions, none filtered
+    assert val.selection["documents"] == 4 and val.selection["positions"] == len(every) == 128
+    capped = from_dict({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "positions_per_doc": 3}})
+    val3 = load_validation_set(capped, model.tokenizer)
+    per_doc = {d.doc_id: sum(p.doc_id == d.doc_id for p in val3.problems) for d in docs}
+    assert per_doc == {d.doc_id: 3 for d in docs} and val3.selection["positions_per_doc_cap"] == 3
+    capped = from_dict({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "max_positions": 10}})
+    val10 = load_validation_set(capped, model.tokenizer)
+    keys = [(p.doc_id, p.position) for p in val10.problems]
+    assert len(keys) == 10 and set(keys) <= set(every) and len({d for d, _ in keys}) > 1  # not the first document
+    assert keys == [(p.doc_id, p.position) for p in load_validation_set(capped, model.tokenizer).problems]
+    scfg = from_dict({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "positions_per_doc": 5,
+                                                "scorer_model": str(tiny.scorer_dir)}})
+    scored = load_validation_set(scfg, model.tokenizer)
+    expected = _reference_entropy(_reference_last_logits(_hf_model(tiny.scorer_dir), scored.contexts))
+    assert scored.entropies == pytest.approx(expected, abs=1e-4) and str(tiny.scorer_dir) in scored.scorer
+
+
 # ----------------------------------------------------------------------------- the command line
 
 
@@ -183,7 +219,7 @@ def test_cli_hf_matches_independent_reference(tiny, hf_run):
 
     cfg = load_config(tiny.cfg_path, validate_paths=False)
     tok = load_tokenizer(tiny.model_dir)
-    problems = list(ProblemStream(cfg.data, tok, split="val"))[:cfg.eval.max_positions]
+    problems = list(ProblemStream(cfg.data, tok, split="val"))  # every position of the held-out documents
     contexts = [tok(p.context_text, add_special_tokens=False)["input_ids"] for p in problems]
     logits = _reference_last_logits(tiny.hf, contexts)
     ref_pred = logits.argmax(-1).tolist()

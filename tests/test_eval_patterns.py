@@ -4,25 +4,39 @@ import json
 
 import pytest
 
-from megatron_rpt.eval.patterns import PatternCounter, analyze, main, relative_change
+from megatron_rpt.eval.patterns import PATTERN_KEYWORDS, PatternCounter, analyze, main, relative_change
 
-R1 = ("<think>Wait, let me check the context. The numbers are listed step by step. Suppose the next one is 7; "
-      "maybe it is 8. Alternatively, the pattern could be arithmetic, so the next token is 9. Therefore 9."
-      "</think> \\boxed{ 9}")
-R2 = "<think>The sequence doubles, thus the next value is 16. Hence it must be 16.</think> \\boxed{16}"
-R3 = "<think>Possibilities: 'the', 'a', or 'an'. Perhaps 'the'. Wait, double-check: double-check done.</think> \\boxed{ the}"
+R1 = ("<think>Wait, let me break this down. The next word is probably 'the', or something like 'a'. "
+      "Alternatively, think differently: looking back at the thought process, the initial answer holds. "
+      "Finally, to summarize: logically it is 'the'.</think> \\boxed{ the}")
+R2 = "<think>The options are 7, 8, 9 etc. Either 8 or otherwise 9; exploring both.</think> \\boxed{8}"
+R3 = "<think>Consequently the conclusion: we conclude 16. Wait. WAIT, waiting is not a keyword.</think> \\boxed{16}"
+
+
+def test_keywords_are_the_papers_table_9():
+    assert PATTERN_KEYWORDS == {
+        "transition": ("alternatively", "think differently"),
+        "reflection": ("wait", "initial answer", "original answer", "looking back", "thought process"),
+        "breakdown": ("break down", "break this down"),
+        "hypothesis": ("probably", "something like"),
+        "divergent_thinking": ("etc.", "or something", "either", "sometimes it refers", "otherwise", "exploring",
+                               "options"),
+        "deduction": ("summarize", "conclusion", "conclude", "finally", "logically", "consequently"),
+    }
 
 
 def test_counts_by_hand():
     c = PatternCounter()
-    # suppose / maybe / could be; "so the next" / therefore
-    assert c.count(R1) == {"transition": 1, "reflection": 2, "breakdown": 1, "hypothesis": 3,
-                           "divergent_thinking": 0, "deduction": 2}
+    # wait, looking back, thought process, initial answer | break this down | probably, something like |
+    # or something | alternatively, think differently | finally, summarize, logically
+    assert c.count(R1) == {"transition": 2, "reflection": 4, "breakdown": 1, "hypothesis": 2,
+                           "divergent_thinking": 1, "deduction": 3}
+    # options, etc., either, otherwise, exploring
     assert c.count(R2) == {"transition": 0, "reflection": 0, "breakdown": 0, "hypothesis": 0,
+                           "divergent_thinking": 5, "deduction": 0}
+    # consequently, conclusion, conclude | "Wait" and "WAIT" but not "waiting"
+    assert c.count(R3) == {"transition": 0, "reflection": 2, "breakdown": 0, "hypothesis": 0,
                            "divergent_thinking": 0, "deduction": 3}
-    # "double-check" twice is two reflection hits, not "double" + "check"; "Possibilities" is divergent.
-    assert c.count(R3) == {"transition": 0, "reflection": 3, "breakdown": 0, "hypothesis": 1,
-                           "divergent_thinking": 1, "deduction": 0}
 
 
 def test_whole_words_only():
@@ -31,16 +45,16 @@ def test_whole_words_only():
 
 
 def test_fractions_and_relative_change():
-    early = analyze([R2, R2, R1, "no pattern here"])
+    early = analyze([R2, R2, R3, "no pattern here"])
     late = analyze([R1, R3, R1, R2])
     assert early.num_responses == 4
-    assert early.fraction["hypothesis"] == pytest.approx(1 / 4)
-    assert late.fraction["hypothesis"] == pytest.approx(3 / 4)  # R2 has none
-    assert early.mean_count["deduction"] == pytest.approx((3 + 3 + 2 + 0) / 4)
+    assert early.fraction["reflection"] == pytest.approx(1 / 4)  # R3
+    assert late.fraction["reflection"] == pytest.approx(3 / 4)  # R1, R3, R1
+    assert early.mean_count["deduction"] == pytest.approx((0 + 0 + 3 + 0) / 4)
     change = relative_change(early, late)
-    assert change["hypothesis"] == pytest.approx(2.0)  # 25% -> 75%
-    assert change["deduction"] == pytest.approx((3 / 4 - 3 / 4) / (3 / 4))
-    assert change["divergent_thinking"] == float("inf")  # absent early, present late
+    assert change["reflection"] == pytest.approx(2.0)  # 25% -> 75%
+    assert change["divergent_thinking"] == pytest.approx((3 / 4 - 2 / 4) / (2 / 4))
+    assert change["hypothesis"] == float("inf")  # absent early, present late
 
 
 def test_thinking_only_ignores_the_answer():
@@ -63,7 +77,7 @@ def test_cli_early_vs_late(tmp_path, capsys):
     assert "Hypothesis" in table and "early (steps 1-1)" in table and "late (steps 4-4)" in table
     data = json.loads((tmp_path / "out" / "patterns.json").read_text())
     early, late = data["sets"]["early (steps 1-1)"], data["sets"]["late (steps 4-4)"]
-    assert early["fraction"]["hypothesis"] == 0.0 and late["fraction"]["hypothesis"] == 1.0
+    assert early["fraction"]["hypothesis"] == 0.0 and late["fraction"]["hypothesis"] == 0.5  # R1 of R1, R3
     assert data["relative_change_fraction"]["hypothesis"] == "inf"
     assert (tmp_path / "out" / "patterns.md").is_file()
 

@@ -98,3 +98,24 @@ def test_evaluate_during_training_flat_metrics(scripted):
     assert "val/standard_acc_easy" not in metrics
     saved = json.loads((Path(cfg.logging.dir) / "eval" / "step_000010.json").read_text())
     assert saved["meta"]["step"] == 10
+
+
+def test_unwinnable_positions_are_reported(tmp_path):
+    """Positions whose ground truth no boxed answer can spell are counted per bucket and printed."""
+    from megatron_rpt.eval.report import format_table
+
+    targets = {200: (0.7, [b"}", b" x"]),           # never: the box would close at once
+               201: (1.2, [b" \\", b"frac"]),     # not by its first token (it would escape the brace)
+               202: (1.8, [b" the"]),             # fine
+               203: (0.2, [b"}"])}                # below every bucket: not counted
+    problems = [Problem(doc_id=f"doc{k}", position=3, context_text="c", prompt_text="p", prompt_ids=[k],
+                        target_ids=[1] * len(t), target_token_bytes=t, entropy=e) for k, (e, t) in targets.items()]
+    engine = ScriptedEngine({k: [WRONG] for k in targets})
+    for escapes, not_first in ((True, 2), (False, 1)):
+        cfg = from_dict({"eval": {"pass_k": 1}, "rl": {"box_escapes": escapes}, "logging": {"dir": str(tmp_path)}})
+        val = ValidationSet(problems, [[5]] * 4, [e for e, _ in targets.values()], "hand")
+        report, _, _ = run_evaluation(cfg, engine, None, "hand", modes=("reasoning",), val=val, progress=False)
+        buckets = report.meta["unwinnable"]["buckets"]
+        assert buckets["easy"] == {"positions": 3, "never": 1, "not_first_token": not_first}
+        assert buckets["hard"] == {"positions": 1, "never": 0, "not_first_token": 0}
+        assert f"easy 1 never, {not_first} not by the first token alone (of 3)" in format_table(report)

@@ -49,7 +49,8 @@ def run_dir(tmp_path):
 def test_plot_run_writes_pngs_and_recovers_fit(run_dir, tmp_path, capsys):
     run, n_params, a = run_dir
     out = tmp_path / "plots"
-    assert _plot_main()(["--run", str(run), "--out", str(out), "--num-params", str(n_params)]) == 0
+    assert _plot_main()(["--run", str(run), "--out", str(out), "--num-params", str(n_params),
+                         "--metric", "accuracy/{bucket}"]) == 0  # training accuracy: only when asked
     for name in ("training_curves.png", "scaling.png"):
         width, height = _png_size(out / name)
         assert width > 300 and height > 200
@@ -60,6 +61,38 @@ def test_plot_run_writes_pngs_and_recovers_fit(run_dir, tmp_path, capsys):
     assert hard["p_star"] == pytest.approx(0.42, abs=1e-4)
     assert hard["a"] == pytest.approx(a, rel=1e-2)
     assert "R²" in capsys.readouterr().out
+    assert summary["metric"] == "accuracy/{bucket}" and "TRAINING" in summary["metric_meaning"]
+
+
+def test_plot_refuses_training_accuracy_unless_asked(run_dir, tmp_path, capsys):
+    run, n_params, _ = run_dir
+    out = tmp_path / "plots"
+    assert _plot_main()(["--run", str(run), "--out", str(out), "--num-params", str(n_params)]) == 0
+    assert (out / "training_curves.png").is_file() and not (out / "scaling.png").exists()
+    err = capsys.readouterr().err
+    assert "no held-out accuracy" in err and "train.eval_interval" in err and "--metric" in err
+    # Held-out accuracy logged every 20 steps: fitted by default, and named.
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()[:60]]
+    for row in rows:
+        if row["step"] % 20 == 0:
+            row.update({f"val/reasoning_random1_{b}": row[f"accuracy/{b}"] for b in ("easy", "medium", "hard")})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _plot_main()(["--run", str(run), "--out", str(out), "--num-params", str(n_params)]) == 0
+    summary = json.loads((out / "scaling.json").read_text())
+    assert summary["metric"] == "val/reasoning_random1_{bucket}" and "held-out" in summary["metric_meaning"]
+    assert [len(summary["series"][b]["points"]) for b in ("easy", "medium", "hard")] == [3, 3, 3]
+    assert "fitting val/reasoning_random1_{bucket}" in capsys.readouterr().out
+
+
+def test_plot_counts_the_model_the_run_recorded(run_dir, tmp_path):
+    """A run of model.hf_checkpoint=auto:smollm2: the trainer's model.json gives N (no readable config.yaml path)."""
+    from megatron_rpt.eval.plots import run_compute_model
+    from megatron_rpt.eval.scaling import write_run_model
+
+    run, _, _ = run_dir
+    (run / "config.yaml").write_text("model:\n  hf_checkpoint: auto:smollm2\n  hf_config: ''\n")
+    write_run_model(run, 134_515_008, "/cache/smollm2-135m-instruct", "auto:smollm2")
+    assert run_compute_model(run).num_params == 134_515_008
 
 
 def test_plot_points_file(tmp_path):
@@ -80,5 +113,5 @@ def test_plot_clear_errors(tmp_path, capsys):
     run.mkdir()
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/mean": 0.1}) + "\n")
     # No model config to count parameters from: the error says how to give it.
-    assert _plot_main()(["--run", str(run)]) == 2
+    assert _plot_main()(["--run", str(run), "--metric", "accuracy/{bucket}"]) == 2
     assert "--num-params" in capsys.readouterr().err

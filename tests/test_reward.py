@@ -9,7 +9,7 @@ import math
 import pytest
 
 from megatron_rpt.reward import (compute_reward, dense_reward, extract_prediction, first_token_reward,
-                                 prefix_match_reward)
+                                 group_rewards, prediction_of, prefix_match_reward, writable_prefix_tokens)
 from tests.conftest import shared_path
 
 
@@ -135,6 +135,8 @@ def test_dense_reward(qwen):
     tgt = target_of(qwen, " the paragraph")
     assert dense_reward(" the", tgt, first_token_prob=0.3) == 1.0  # correct -> full reward
     assert dense_reward(" a", tgt, first_token_prob=0.3) == pytest.approx(0.3)  # wrong -> P(y0 | x<t)
+    # "Correct" is the paper's prefix-match reward: a right first token followed by a wrong one is wrong.
+    assert dense_reward(" the cat", tgt, first_token_prob=0.4) == pytest.approx(0.4)
     assert dense_reward(None, tgt, first_token_prob=0.3) == 0.0
     assert dense_reward(" a", tgt, first_token_prob=0.0) == 0.0
     with pytest.raises(ValueError, match="probability"):
@@ -165,3 +167,113 @@ def test_prefix_reward_against_bruteforce_reference(qwen):
         pred = text[:end]
         expected = 1.0 if len(pred.encode()) in boundaries else 0.0
         assert prefix_match_reward(pred, tgt) == expected, pred
+
+
+def test_group_rewards_dense_and_conditional_by_hand():
+    correct = [1.0, 0.0, 0.0, 0.0]
+    probs = [0.9, 0.25, None, 0.5]  # None: that sample has no prediction
+    assert group_rewards("dense", correct, probs) == [1.0, 0.25, 0.0, 0.5]
+    assert group_rewards("conditional_dense", correct, probs) == [1.0, 0.25, 0.0, 0.5]
+    # No sample is right: conditional dense keeps the zeros, dense pays the wrong guesses.
+    assert group_rewards("conditional_dense", [0.0, 0.0], [0.3, 0.6]) == [0.0, 0.0]
+    assert group_rewards("dense", [0.0, 0.0], [0.3, 0.6]) == [0.3, 0.6]
+    with pytest.raises(ValueError, match="probability"):
+        group_rewards("dense", [0.0], [1.5])
+    with pytest.raises(ValueError, match="group_rewards is for"):
+        group_rewards("prefix", [0.0], [0.1])
+    with pytest.raises(ValueError, match="group"):
+        compute_reward("conditional_dense", "</think>\\boxed{a}", [b"a"])
+
+
+def test_raw_answer_format_honours_the_reward_kind(qwen):
+    tgt = target_of(qwen, " the paragraph")
+    # The raw continuation is the prediction; each kind scores it its own way.
+    assert compute_reward("prefix", " the cat", tgt, answer_format="raw") == 0.0
+    assert compute_reward("first_token", " the cat", tgt, answer_format="raw") == 1.0
+    assert compute_reward("dense", " a", tgt, answer_format="raw", first_token_prob=0.2) == pytest.approx(0.2)
+    assert prediction_of("</think>\\boxed{x}", "raw") == "</think>\\boxed{x}"
+    assert prediction_of("</think>\\boxed{x}", "boxed") == "x"
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("</think>\\boxed{\\}", "\\"),  # no escapes: the backslash is plain, so this closes the box
+    ("</think>\\boxed{\\{}}", "\\{}"),  # and \\{ opens a group
+    ("</think>\\boxed{\\{}", None),
+    ("</think>\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+])
+def test_extract_prediction_without_escapes(response, expected):
+    assert extract_prediction(response, escapes=False) == expected
+
+
+@pytest.mark.parametrize("tokens, escapes, expected", [
+    ([b"}", b" x"], True, None),  # a box can never hold a leading closing brace
+    ([b"}", b" x"], False, None),
+    ([b" \\", b"frac"], True, 2),  # " \\" alone would escape the closing brace; " \\frac" is fine
+    ([b" \\", b"frac"], False, 1),  # without the escape rule the backslash is plain
+    ([b"{", b"x", b"}"], True, 3),  # balanced only after three tokens
+    ([b"\\{", b"x"], True, 1),  # an escaped brace does not open a group
+    ([b"\\{", b"x"], False, None),  # without escapes it does, and never closes here
+    ([b"\xe4\xbd", b"\xa0"], True, 2),  # half a character is not text
+    ([b" x", b"}"], True, 1),
+    ([b"</", b"think>"], True, 1),
+    ([b"a</think>", b"b"], True, None),  # the response's last </think> would be inside the box
+])
+def test_writable_prefix_tokens_by_hand(tokens, escapes, expected):
+    assert writable_prefix_tokens(tokens, "boxed", escapes) == expected
+
+
+def test_writable_prefix_tokens_raw_format():
+    assert writable_prefix_tokens([b"}", b" x"], "raw") == 1
+    assert writable_prefix_tokens([b"\xe4\xbd", b"\xa0"], "raw") == 2
+    assert writable_prefix_tokens([b"\xe4\xbd"], "raw") is None
+
+
+def _brute_force_writable(tokens: list[bytes], escapes: bool) -> int | None:
+    """The first k whose prefix comes back from the real extractor, written as a boxed answer."""
+    for k in range(1, len(tokens) + 1):
+        try:
+            text = b"".join(tokens[:k]).decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if extract_prediction("</think>\\boxed{" + text + "}", escapes=escapes) == text:
+            return k
+    return None
+
+
+def test_writable_prefix_tokens_against_the_extractor(qwen, shared):
+    """Every position of a few OmniMATH documents (LaTeX-heavy): the scan agrees with the extractor."""
+    import json
+
+    from megatron_rpt.data.tokenizer import encode_document, token_bytes
+
+    rows = [json.loads(line) for line in shared("data/omni_math_rule.jsonl").read_text().splitlines()[:6]]
+    checked = unwritable = 0
+    for row in rows:
+        table = token_bytes(qwen, encode_document(qwen, row["problem"] + "\n\n" + row["solution"]))
+        for t in range(len(table)):
+            window = table[t:t + 12]
+            for escapes in (True, False):
+                got = writable_prefix_tokens(window, "boxed", escapes)
+                assert got == _brute_force_writable(window, escapes), (window, escapes)
+                unwritable += got != 1
+                checked += 1
+    assert checked > 1000 and unwritable > 0
+
+
+def test_rollout_score_honours_rl_reward_with_raw_answers(qwen):
+    """The trainer's scorer: rl.answer_format=raw used to ignore rl.reward (always prefix)."""
+    from types import SimpleNamespace
+
+    from megatron_rpt.config import Config
+    from megatron_rpt.trainer.rollout_phase import score
+
+    cfg = Config()
+    cfg.rl.answer_format, cfg.rl.require_think = "raw", False
+    problem = SimpleNamespace(target_token_bytes=target_of(qwen, " the paragraph"))
+    cfg.rl.reward = "first_token"
+    assert score(cfg, " the cat", problem) == 1.0
+    cfg.rl.reward = "prefix"
+    assert score(cfg, " the cat", problem) == 0.0
+    cfg.rl.reward = "dense"  # the rollout phase scores correctness; the trainer adds P(y0 | x<t)
+    assert score(cfg, " the cat", problem) == 0.0
+    assert score(cfg, " the", problem) == 1.0

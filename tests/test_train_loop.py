@@ -210,6 +210,15 @@ def test_main_job_config_on_tiny_model(shared, tmp_path):
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000002"
     assert (tmp_path / "ckpt" / "iter_0000002" / "complete.json").is_file()
     assert "megatron-rpt: 2 steps done" in proc.stdout
+    # The run records the model auto:tiny-qwen2 resolved to; tools/plot.py counts it from there.
+    from megatron_rpt.model.hf_config import load_hf_config
+
+    recorded = json.loads((run / "model.json").read_text())
+    assert recorded["num_parameters"] == load_hf_config(recorded["hf_dir"]).num_parameters()
+    plot = subprocess.run([sys.executable, "tools/plot.py", "--run", str(run)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert plot.returncode == 0 and (run / "plots" / "training_curves.png").is_file(), plot.stderr
+    assert "no held-out accuracy" in plot.stderr  # the main job logs no val/*: no silent training-accuracy fit
 
 
 def test_async_checkpoints_finalize_and_resume(toy_dir, tmp_path):

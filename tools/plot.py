@@ -3,10 +3,12 @@
 
 Writes into ``--out`` (default: ``DIR/plots``):
   * ``training_curves.png``: reward, accuracy by difficulty, response length (and val/* metrics);
-  * ``scaling.png`` + ``scaling.json``: accuracy vs cumulative training compute (FLOPs: training
-    6*N*trained tokens + rollout 2*N*generated tokens, N from the model config) with the fit
-    P(C) = A / C^alpha + P* and its R^2 per difficulty bucket. ``--points FILE`` fits a JSON
-    list of (compute, accuracy) points instead of the run's metrics.
+  * ``scaling.png`` + ``scaling.json``: held-out accuracy (``val/*``, logged every
+    ``train.eval_interval`` steps) vs cumulative training compute (FLOPs: training 6*N*trained
+    tokens + rollout 2*N*generated tokens, N of the model the run trained, from its ``model.json``)
+    with the fit P(C) = A / C^alpha + P* and its R^2 per difficulty bucket; the plot and the JSON
+    name the metric. Training accuracy is fitted only when asked (``--metric 'accuracy/{bucket}'``).
+    ``--points FILE`` fits a JSON list of (compute, accuracy) points instead of the run's metrics.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import sys
 from pathlib import Path
 
 from megatron_rpt.eval.plots import (
+    NoHeldOutAccuracy,
+    default_metric,
+    describe_metric,
     fit_series,
     load_points,
     plot_scaling,
@@ -54,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out) if args.out else Path(args.run) / "plots"
     written: list[Path] = []
+    metric = None
     try:
         rows = read_metrics_file(args.run) if args.run else None
         if rows is not None:
@@ -61,15 +67,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.points:
             points, source = load_points(args.points), str(args.points)
         else:
+            metric = args.metric or default_metric(rows)
             model = run_compute_model(args.run, args.num_params, args.hf_config, args.data_parallel)
-            points = scaling_points(rows, model, args.metric)
+            points = scaling_points(rows, model, metric)
             source = f"{args.run}/metrics.jsonl (N={model.num_params:,}, data-parallel={model.data_parallel})"
+    except NoHeldOutAccuracy as exc:  # the curves are written; the fit is refused, not silently swapped
+        for path in written:
+            print(f"wrote {path}")
+        print(f"no scaling fit: {exc}", file=sys.stderr)
+        return 0
     except (FileNotFoundError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     fits = fit_series(points)
-    written.append(plot_scaling(points, fits, out / "scaling.png"))
-    summary = {"source": source, "series": {}}
+    if metric is not None:
+        print(f"fitting {metric}: {describe_metric(metric)}")
+    written.append(plot_scaling(points, fits, out / "scaling.png", metric=metric))
+    summary = {"source": source, "metric": metric, "metric_meaning": describe_metric(metric) if metric else None,
+               "series": {}}
     for name, fit in fits.items():
         entry = {"points": [list(p) for p in points[name]]}
         if isinstance(fit, PowerLawFit):

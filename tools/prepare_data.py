@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
                        text_separator=args.text_separator, max_docs=args.max_docs, shard_size=args.shard_size,
                        threshold=args.threshold, difficulty_thresholds=args.difficulty_thresholds,
                        progress=not args.no_progress)
-    print(json.dumps({k: manifest[k] for k in ("num_docs", "num_tokens", "counts", "bad_rows")}, indent=2))
+    print(json.dumps({k: manifest[k] for k in ("num_docs", "num_tokens", "counts", "unwinnable", "bad_rows")},
+                     indent=2))
     print(f"wrote {len(manifest['shards'])} shard(s) and manifest.json to {args.out}")
     return manifest
 

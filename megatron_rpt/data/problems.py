@@ -12,10 +12,11 @@ Where documents come from, in order of preference:
    file order.
 
 Which positions: positions ``t >= data.min_context_tokens`` whose token starts a UTF-8 character
-(a context must be text; a prediction can never be half a character) and, when scored, whose
-entropy is above ``data.entropy_threshold``. Up to ``data.max_positions_per_doc`` of them are drawn
-with a generator seeded by (``data.seed``, epoch, doc id) -- the CPU default with no proxy draws
-uniformly. The train split re-draws every epoch; the validation split always uses epoch 0.
+(a context must be text; a prediction can never be half a character). The train split keeps, when
+scored, those whose entropy is above ``data.entropy_threshold`` and draws up to
+``data.max_positions_per_doc`` of them with a generator seeded by (``data.seed``, epoch, doc id) --
+the CPU default with no proxy draws uniformly -- re-drawn every epoch. The validation split keeps
+every position, unfiltered (evaluation picks and buckets them, :mod:`megatron_rpt.eval.runner`).
 
 The context is the document up to ``t``, cut from the left on a token (and character) boundary so
 that the whole rendered prompt fits ``data.max_prompt_tokens``. The held-out split is the
@@ -46,7 +47,7 @@ from megatron_rpt.data.corpus import CorpusStream, heldout_doc_ids, open_sources
 from megatron_rpt.data.entropy_filter import ProxyScorer, difficulty_label, difficulty_splits
 from megatron_rpt.data.shards import PreparedCorpus, ScoredDoc, is_prepared_dir, load_manifest
 from megatron_rpt.data.templates import render_prompt
-from megatron_rpt.data.tokenizer import encode_document, token_byte_table, vocab_hash
+from megatron_rpt.data.tokenizer import default_prefix_ids, encode_document, token_byte_table, vocab_hash
 
 __all__ = ["Problem", "ProblemStream", "build_problem", "candidate_positions"]
 
@@ -65,7 +66,7 @@ class Problem:
     context_text: str  # document text before ``position`` (left-truncated to fit the prompt)
     prompt_text: str  # what the policy reads (template + chat template)
     prompt_ids: list[int]
-    target_ids: list[int]  # the next ``data.target_tokens`` tokens (fewer at the end of a document)
+    target_ids: list[int]  # the next ``data.target_tokens`` tokens (default: the rest of the document)
     target_token_bytes: list[bytes]  # their exact bytes: what the reward compares against
     entropy: float | None = None  # proxy top-k entropy (nats) at ``position``; None when unscored
     difficulty: str | None = None  # hardest split the position belongs to ("easy" < "medium" < "hard")
@@ -114,7 +115,7 @@ def candidate_positions(token_bytes: list[bytes], entropy: np.ndarray | None, mi
 
 def build_problem(tokenizer: Any, doc_id: str, ids: list[int], token_bytes: list[bytes], position: int,
                   *, entropy: float | None, thresholds: list[float], template: str, use_chat_template: bool,
-                  max_prompt_tokens: int, target_tokens: int, context_budget: int) -> Problem | None:
+                  max_prompt_tokens: int, target_tokens: int | None, context_budget: int) -> Problem | None:
     """The problem at ``position``; None when the context cannot be made to fit or is not text."""
     t = position
     start = max(0, t - context_budget)
@@ -128,6 +129,8 @@ def build_problem(tokenizer: Any, doc_id: str, ids: list[int], token_bytes: list
             return None
         prompt = render_prompt(context, tokenizer, template, use_chat_template)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if template == "raw" and not use_chat_template:  # the bare context, as the LM reads text (BOS)
+            prompt_ids = default_prefix_ids(tokenizer) + prompt_ids
         excess = len(prompt_ids) - max_prompt_tokens
         if excess <= 0:
             break
@@ -138,7 +141,7 @@ def build_problem(tokenizer: Any, doc_id: str, ids: list[int], token_bytes: list
         return None
     if not context:
         return None
-    tgt = slice(t, t + target_tokens)
+    tgt = slice(t, None if target_tokens is None else t + target_tokens)  # None: the whole continuation
     ent = None if entropy is None or not math.isfinite(entropy) else float(entropy)
     return Problem(doc_id=doc_id, position=t, context_text=context, prompt_text=prompt, prompt_ids=list(prompt_ids),
                    target_ids=list(ids[tgt]), target_token_bytes=list(token_bytes[tgt]), entropy=ent,
@@ -290,25 +293,54 @@ class ProblemStream(torch.utils.data.IterableDataset):
         entropy = self.proxy.score([ids])[0] if self.proxy is not None else None
         return ScoredDoc(item.doc_id, ids, entropy)
 
-    def problems_for(self, doc: ScoredDoc, epoch: int | None = None) -> list[Problem]:
-        """Every problem this stream makes from ``doc`` (deterministic in seed, epoch and doc id)."""
+    def positions(self, doc: ScoredDoc) -> list[int]:
+        """The candidate positions of ``doc``. The train split keeps those whose proxy entropy is above
+        ``data.entropy_threshold``; the held-out split keeps every one: evaluation buckets positions by
+        its own scorer, so the training proxy must not pick which ones it sees (no selection bias)."""
         cfg = self.cfg
-        epoch = self.epoch if epoch is None else epoch
         tb = [self._table[i] for i in doc.token_ids]
-        cands = candidate_positions(tb, doc.entropy, cfg.min_context_tokens, cfg.entropy_threshold)
-        draw_epoch = epoch if self.split == "train" else 0
-        rng = random.Random(f"{cfg.seed}:{draw_epoch}:{doc.doc_id}")
-        chosen = sorted(rng.sample(cands, min(cfg.max_positions_per_doc, len(cands))))
-        out = []
-        for t in chosen:
-            p = build_problem(self.tokenizer, doc.doc_id, doc.token_ids, tb, t,
-                              entropy=None if doc.entropy is None else float(doc.entropy[t]),
-                              thresholds=list(cfg.difficulty_thresholds), template=cfg.template,
-                              use_chat_template=cfg.use_chat_template, max_prompt_tokens=cfg.max_prompt_tokens,
-                              target_tokens=cfg.target_tokens, context_budget=self._context_budget)
-            if p is not None:
-                out.append(p)
-        return out
+        entropy = doc.entropy if self.split == "train" else None
+        return candidate_positions(tb, entropy, cfg.min_context_tokens, cfg.entropy_threshold)
+
+    def problem_at(self, doc: ScoredDoc, t: int) -> Problem | None:
+        """The problem at position ``t`` of ``doc`` (None when its context cannot be made to fit)."""
+        cfg = self.cfg
+        return build_problem(self.tokenizer, doc.doc_id, doc.token_ids, [self._table[i] for i in doc.token_ids], t,
+                             entropy=None if doc.entropy is None else float(doc.entropy[t]),
+                             thresholds=list(cfg.difficulty_thresholds), template=cfg.template,
+                             use_chat_template=cfg.use_chat_template, max_prompt_tokens=cfg.max_prompt_tokens,
+                             target_tokens=cfg.target_tokens, context_budget=self._context_budget)
+
+    def next_document(self) -> ScoredDoc:
+        """The next whole document of this stream, epochs rolling over on the train split (the
+        next-token-prediction baseline trains on every token of the documents RPT draws positions
+        from). ``state_dict`` then resumes right after it."""
+        while True:
+            doc = self._next_doc()
+            if doc is not None:
+                self._epoch_problems += 1
+                return doc
+            if self.split == "val":
+                raise StopIteration
+            if self._epoch_problems == 0:
+                raise ConfigError(self._no_problems_message())
+            self._reset(self.epoch + 1)
+
+    def documents(self) -> Iterator[ScoredDoc]:
+        """One pass over this stream's documents from the start (the held-out ones for split="val")."""
+        self._reset(epoch=0)
+        while (doc := self._next_doc()) is not None:
+            yield doc
+
+    def problems_for(self, doc: ScoredDoc, epoch: int | None = None) -> list[Problem]:
+        """Every problem this stream makes from ``doc`` (deterministic in seed, epoch and doc id): the
+        train split draws ``data.max_positions_per_doc`` of its positions, the held-out split takes all."""
+        epoch = self.epoch if epoch is None else epoch
+        chosen = self.positions(doc)
+        if self.split == "train":
+            rng = random.Random(f"{self.cfg.seed}:{epoch}:{doc.doc_id}")
+            chosen = sorted(rng.sample(chosen, min(self.cfg.max_positions_per_doc, len(chosen))))
+        return [p for t in chosen if (p := self.problem_at(doc, t)) is not None]
 
     def __iter__(self) -> "ProblemStream":
         info = torch.utils.data.get_worker_info()

@@ -13,6 +13,7 @@ directory without ``manifest.json`` is an unfinished run and is refused.
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import json
 import os
 import random
@@ -27,7 +28,8 @@ from megatron_rpt.atomic import atomic_output_dir, write_json_atomic
 from megatron_rpt.config import ConfigError
 from megatron_rpt.data.corpus import CorpusStream, open_sources
 from megatron_rpt.data.entropy_filter import ProxyScorer, split_names
-from megatron_rpt.data.tokenizer import encode_document, tokenizer_hash, vocab_hash
+from megatron_rpt.data.tokenizer import encode_document, token_byte_table, tokenizer_hash, vocab_hash
+from megatron_rpt.reward import writable_prefix_tokens
 
 __all__ = ["FORMAT", "VERSION", "ScoredDoc", "prepare", "load_manifest", "PreparedCorpus", "write_json_atomic",
            "is_prepared_dir"]
@@ -90,6 +92,32 @@ def _add_counts(counts: dict[str, int], entropy: np.ndarray, threshold: float, t
         counts[name] = counts.get(name, 0) + int((vals > th).sum())
 
 
+# How a boxed answer is read (rl.box_escapes): both rules are counted so that the choice is informed.
+_BOX_RULES = (("boxed_escapes", True), ("boxed_no_escapes", False))
+
+
+def _add_unwinnable(acc: dict[str, Any], token_bytes: Sequence[bytes], entropy: np.ndarray,
+                    thresholds: Sequence[float]) -> None:
+    """Count the scored positions whose ground truth (the rest of the document) no boxed answer can
+    win, and those its first token alone cannot, per split and brace rule (reward.writable_prefix_tokens)."""
+    names = split_names(thresholds)
+    for t in range(1, len(token_bytes)):
+        if not np.isfinite(entropy[t]):
+            continue
+        where = ["all"] + [n for n, th in zip(names, thresholds) if entropy[t] > th]
+        for rule, escapes in _BOX_RULES:
+            writable = writable_prefix_tokens(itertools.islice(token_bytes, t, None), "boxed", escapes)
+            for kind, hit in (("never", writable is None), ("not_first_token", writable != 1)):
+                if hit:
+                    for name in where:
+                        acc[rule][kind][name] += 1
+
+
+def _unwinnable_acc(thresholds: Sequence[float]) -> dict[str, Any]:
+    zero = lambda: {n: 0 for n in ("all", *split_names(thresholds))}  # noqa: E731
+    return {rule: {"never": zero(), "not_first_token": zero()} for rule, _ in _BOX_RULES}
+
+
 def prepare(inputs: Sequence[str | os.PathLike], tokenizer: Any, tokenizer_dir: str | os.PathLike,
             proxy: ProxyScorer, out_dir: str | os.PathLike, text_fields: Sequence[str] = ("problem", "solution"),
             text_separator: str = "\n\n", max_docs: int | None = None, shard_size: int = 1024,
@@ -128,6 +156,8 @@ def _prepare_into(out: Path, sources: list[Any], tokenizer: Any, tokenizer_dir: 
     shards: list[dict[str, Any]] = []
     pending: list[ScoredDoc] = []
     counts: dict[str, int] = {"scored": 0, "kept": 0, **{n: 0 for n in split_names(difficulty_thresholds)}}
+    unwinnable = _unwinnable_acc(difficulty_thresholds)
+    table = token_byte_table(tokenizer)
     num_docs = num_tokens = 0
 
     def flush() -> None:
@@ -142,6 +172,7 @@ def _prepare_into(out: Path, sources: list[Any], tokenizer: Any, tokenizer_dir: 
         for (doc_id, ids), ent in zip(batch, proxy.score([ids for _, ids in batch])):
             pending.append(ScoredDoc(doc_id, ids, ent))
             _add_counts(counts, ent, threshold, difficulty_thresholds)
+            _add_unwinnable(unwinnable, [table[i] for i in ids], ent, difficulty_thresholds)
             if len(pending) >= shard_size:
                 flush()
 
@@ -178,6 +209,10 @@ def _prepare_into(out: Path, sources: list[Any], tokenizer: Any, tokenizer_dir: 
         "counts": counts,
         "counts_note": "positions (tokens after the first of each document) with entropy above each threshold; "
                        "splits are nested (every hard position is also medium and easy)",
+        "unwinnable": unwinnable,
+        "unwinnable_note": "scored positions (as in counts) whose ground truth, the rest of the document, no "
+                           "\\boxed{} answer can win (never) or the first token alone cannot (not_first_token), "
+                           "with rl.box_escapes=true (boxed_escapes) and false; rl.answer_format=raw can win all",
         "threshold": threshold,
         "difficulty_thresholds": list(difficulty_thresholds),
         "top_k": proxy.top_k,

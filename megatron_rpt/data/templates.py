@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from megatron_rpt.config import ConfigError
 
-__all__ = ["TEMPLATES", "render_instruction", "render_prompt"]
+__all__ = ["TEMPLATES", "render_instruction", "render_prompt", "render_chat"]
 
 _NOTE = ("(note: the token may begin with a space, e.g., \\boxed{ para} or \\boxed{ =}; "
          "do not use \\text{})")
@@ -94,7 +94,12 @@ def render_prompt(context: str, tokenizer: PreTrainedTokenizerBase | None, templ
     With ``use_chat_template`` the instruction becomes one user turn of the tokenizer's chat
     template with the generation prompt appended (for R1-Distill that opens ``<think>``).
     """
-    instruction = render_instruction(context, template)
+    return render_chat(render_instruction(context, template), tokenizer, use_chat_template)
+
+
+def render_chat(instruction: str, tokenizer: PreTrainedTokenizerBase | None, use_chat_template: bool = True) -> str:
+    """``instruction`` as one user turn of the tokenizer's chat template plus the generation prompt
+    (or unchanged without ``use_chat_template``)."""
     if not use_chat_template:
         return instruction
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):

@@ -277,6 +277,19 @@ def encode_document(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def default_prefix_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special tokens the tokenizer puts before any text by default (R1-Distill: its BOS; Qwen2.5 and
+    SmolLM2: none). Documents are tokenised without them (:func:`encode_document`); a model reading
+    plain text as a language model (standard next-token prediction, the raw template) gets them back."""
+    probe = "a"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return [int(i) for i in full[:start]]
+    return []
+
+
 # ----------------------------------------------------------------------------- hashes
 
 

@@ -1,8 +1,10 @@
 """Standard next-token prediction: is the argmax of the model's next-token distribution the truth?
 
 Owns: :class:`DecoderLogits` (last-position logits of many contexts through the plain-torch
-:class:`~megatron_rpt.rollout.torch_decoder.Decoder`, length-sorted and right-padded into
-batches of at most ``batch_tokens`` tokens), :func:`greedy_next_tokens` (the same answer through
+:class:`~megatron_rpt.rollout.torch_decoder.Decoder`: contexts that are prefixes of one another --
+the positions of one document -- share one forward pass of the longest (:func:`prefix_chains`);
+those rows are length-sorted and right-padded into batches of at most ``batch_tokens`` tokens),
+:func:`greedy_next_tokens` (the same answer through
 any rollout engine: one greedy token, for engines that expose no logits, e.g. vLLM),
 :func:`context_token_ids` (the raw context x_<t of a problem, without the prompt template) and
 :func:`standard_accuracy` (accuracy per difficulty bucket).
@@ -24,6 +26,7 @@ from megatron_rpt.rollout.base import SamplingParams
 
 __all__ = [
     "DecoderLogits",
+    "prefix_chains",
     "greedy_next_tokens",
     "context_token_ids",
     "standard_correct",
@@ -58,6 +61,27 @@ def context_token_ids(problem: Any, tokenizer: Any = None) -> list[int]:
     return ids
 
 
+def _is_prefix(a: Sequence[int], b: Sequence[int]) -> bool:
+    return len(a) <= len(b) and list(b[:len(a)]) == list(a)
+
+
+def prefix_chains(contexts: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Indices of ``contexts`` grouped so that every member of a group is a prefix of its last one.
+
+    In lexicographic order the contexts starting with ``c`` follow ``c`` directly, so ``c`` is a
+    prefix of some later context iff it is a prefix of the next one: one pass makes the chains.
+    """
+    order = sorted(range(len(contexts)), key=lambda i: tuple(contexts[i]))
+    chains: list[list[int]] = []
+    current: list[int] = []
+    for k, i in enumerate(order):
+        current.append(i)
+        if k + 1 == len(order) or not _is_prefix(contexts[i], contexts[order[k + 1]]):
+            chains.append(current)
+            current = []
+    return chains
+
+
 class DecoderLogits:
     """``logits(contexts) -> [len(contexts), vocab]`` float32 logits after each context's last token."""
 
@@ -71,26 +95,32 @@ class DecoderLogits:
     def __call__(self, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
         if any(len(c) == 0 for c in contexts):
             raise ValueError("every context needs at least one token")
-        order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
+        # One row per chain: its longest context; every member is read at its own last index.
+        chains = sorted(prefix_chains(contexts), key=lambda ch: len(contexts[ch[-1]]))
         device = self.decoder.device
         out: list[torch.Tensor | None] = [None] * len(contexts)
         start = 0
-        while start < len(order):
+        while start < len(chains):
             # Grow the batch while (rows x longest row) fits the token budget; sorted by length,
             # so the last row added is the longest.
             end = start + 1
-            while end < len(order) and (end + 1 - start) * len(contexts[order[end]]) <= self.batch_tokens:
+            while end < len(chains) and (end + 1 - start) * len(contexts[chains[end][-1]]) <= self.batch_tokens:
                 end += 1
-            rows = order[start:end]
-            width = len(contexts[rows[-1]])
+            rows = chains[start:end]
+            width = len(contexts[rows[-1][-1]])
+            reads = max(len(ch) for ch in rows)
             tokens = torch.zeros(len(rows), width, dtype=torch.long)
-            for b, i in enumerate(rows):
-                tokens[b, : len(contexts[i])] = torch.as_tensor(list(contexts[i]), dtype=torch.long)
-            last = torch.tensor([len(contexts[i]) - 1 for i in rows], device=device)
-            # Right padding is safe: attention is causal and each row is read at its own last token.
-            logits = self.decoder(tokens.to(device), logits_index=last).float().cpu()
-            for b, i in enumerate(rows):
-                out[i] = logits[b]
+            index = torch.zeros(len(rows), reads, dtype=torch.long)
+            for b, ch in enumerate(rows):
+                head = contexts[ch[-1]]
+                tokens[b, : len(head)] = torch.as_tensor(list(head), dtype=torch.long)
+                lasts = [len(contexts[i]) - 1 for i in ch]
+                index[b] = torch.tensor(lasts + [lasts[-1]] * (reads - len(ch)))  # padded reads are ignored
+            # Right padding is safe: attention is causal and each context is read at its own last token.
+            logits = self.decoder(tokens.to(device), logits_index=index.to(device)).float().cpu()
+            for b, ch in enumerate(rows):
+                for k, i in enumerate(ch):
+                    out[i] = logits[b, k]
             start = end
         return torch.stack(out)  # type: ignore[arg-type]
 
@@ -109,17 +139,18 @@ def standard_correct(predicted_ids: Sequence[int], problems: Sequence[Any]) -> l
     return [1.0 if int(p) == int(prob.target_ids[0]) else 0.0 for p, prob in zip(predicted_ids, problems)]
 
 
-def standard_accuracy(correct: Sequence[float], entropies: Sequence[float | None],
-                      thresholds: Sequence[float]) -> BucketAccumulator:
+def standard_accuracy(correct: Sequence[float], entropies: Sequence[float | None], thresholds: Sequence[float],
+                      docs: Sequence[Any] | None = None) -> BucketAccumulator:
+    """Accuracy per bucket; ``docs`` (each position's document) clusters the confidence interval."""
     acc = BucketAccumulator(thresholds)
-    for c, e in zip(correct, entropies, strict=True):
-        acc.add(e, c)
+    for i, (c, e) in enumerate(zip(correct, entropies, strict=True)):
+        acc.add(e, c, None if docs is None else docs[i])
     return acc
 
 
 def argmax_and_entropy(logits_fn: Callable[[Sequence[Sequence[int]]], torch.Tensor],
                        contexts: Sequence[Sequence[int]], top_k: int = 16,
-                       chunk: int = 64) -> tuple[list[int], list[float]]:
+                       chunk: int = 256) -> tuple[list[int], list[float]]:
     """(argmax next-token id, top-``top_k`` entropy in nats) of each context.
 
     The entropy is the data pipeline's difficulty measure (:func:`megatron_rpt.data.entropy_filter.topk_entropy`),

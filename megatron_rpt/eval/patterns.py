@@ -1,18 +1,22 @@
 """Reasoning-pattern analysis of next-token-reasoning responses (RPT paper, section 4.5).
 
-Owns: the six keyword groups of the paper's analysis (transition, reflection, breakdown,
-hypothesis, divergent thinking, deduction), counting them in responses, the fraction of
-responses that use each pattern, the relative change between two sets of responses (early vs
-late training steps, or two models), and ``python -m megatron_rpt.eval.patterns``.
+Owns: the six keyword groups of the paper's analysis (its appendix E, table 9: transition,
+reflection, breakdown, hypothesis, divergent thinking, deduction), counting them in responses,
+the fraction of responses that use each pattern, the relative change between two sets of
+responses (early vs late training steps, or two models), and ``python -m megatron_rpt.eval.patterns``.
 
-The keyword lists: the paper defines the six groups but its exact lists were not available to
-us, so these are our own, written from the group definitions. They favour phrases over single
-common words so that a pattern is not "used" by every response ("so", "if" and "step" would
-be): a response uses a pattern when at least one of its keywords occurs as whole words,
-case-insensitively. Pass ``--keywords FILE`` (JSON ``{group: [phrases]}``) to use other lists.
+Matching: a response uses a pattern when at least one of its keywords occurs as whole words,
+case-insensitively (``etc.`` ends in a dot, so only its start must be a word boundary). Pass
+``--keywords FILE`` (JSON ``{group: [phrases]}``) to use other lists.
+
+The paper compares the next-token-reasoning responses of a model with its *problem-solving*
+responses on OmniMATH; ``python -m megatron_rpt.eval.solve`` writes the latter, then
+
+    python -m megatron_rpt.eval.patterns --rollouts runs/rpt_14b/rollouts --compare runs/solve/responses.jsonl
 
 Input: the trainer's rollout files ``<logging.dir>/rollouts/step_XXXXXX_dpYYY.jsonl`` (rows with
-``step`` and ``response``; other fields are ignored).
+``step`` and ``response``), ``eval.solve``'s ``responses.jsonl``, or ``evaluate --save-responses``'s
+``positions.jsonl`` (rows with a ``responses`` list); other fields are ignored.
 """
 
 from __future__ import annotations
@@ -41,37 +45,15 @@ __all__ = [
     "main",
 ]
 
+# The paper's appendix E, table 9, verbatim.
 PATTERN_KEYWORDS: dict[str, tuple[str, ...]] = {
-    # Switching to another strategy or line of thought.
-    "transition": (
-        "alternatively", "on the other hand", "another approach", "another way", "another possibility",
-        "instead", "think differently", "let me try", "switch to", "different approach",
-    ),
-    # Checking or revisiting what was already said.
-    "reflection": (
-        "wait", "let me check", "double-check", "double check", "verify", "re-examine", "reconsider",
-        "let me re-read", "look back", "on second thought", "make sure", "hmm",
-    ),
-    # Decomposing the context / the problem into parts.
-    "breakdown": (
-        "break down", "break it down", "step by step", "first,", "second,", "next,", "finally,",
-        "let's look at", "let me look at", "the structure", "part of the", "piece by piece",
-    ),
-    # Proposing an assumption and testing it.
-    "hypothesis": (
-        "suppose", "assume", "assuming", "assumption", "hypothesis", "what if", "maybe", "perhaps",
-        "might be", "could be", "probably", "likely",
-    ),
-    # Listing several candidates / possibilities.
-    "divergent_thinking": (
-        "possibilities", "possible next", "options", "candidates", "candidate", "either", "several",
-        "multiple", "could also", "or maybe", "other possibilities", "list of",
-    ),
-    # Drawing a conclusion from what precedes.
-    "deduction": (
-        "therefore", "thus", "hence", "so the next", "which means", "it follows", "implies",
-        "consequently", "as a result", "conclude", "must be", "so it's",
-    ),
+    "transition": ("alternatively", "think differently"),
+    "reflection": ("wait", "initial answer", "original answer", "looking back", "thought process"),
+    "breakdown": ("break down", "break this down"),
+    "hypothesis": ("probably", "something like"),
+    "divergent_thinking": ("etc.", "or something", "either", "sometimes it refers", "otherwise", "exploring",
+                           "options"),
+    "deduction": ("summarize", "conclusion", "conclude", "finally", "logically", "consequently"),
 }
 
 DISPLAY_NAMES = {
@@ -194,8 +176,12 @@ def load_rollouts(path: str | os.PathLike) -> list[dict[str, Any]]:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{f}:{line_no} is not valid JSON ({exc}); is the file truncated?") from None
+                if isinstance(row, dict) and isinstance(row.get("responses"), list):  # evaluate's positions.jsonl
+                    rows.extend({**row, "response": r} for r in row["responses"] if isinstance(r, str))
+                    continue
                 if not isinstance(row, dict) or not isinstance(row.get("response"), str):
-                    raise ValueError(f"{f}:{line_no} has no 'response' string; not a rollout file")
+                    raise ValueError(f"{f}:{line_no} has no 'response' string (nor a 'responses' list); "
+                                     "not a rollout file")
                 rows.append(row)
     return rows
 

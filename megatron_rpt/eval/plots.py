@@ -23,7 +23,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from megatron_rpt.eval.scaling import ComputeModel, PowerLawFit, cumulative_compute, fit_power_law  # noqa: E402
+from megatron_rpt.eval.scaling import (  # noqa: E402
+    ComputeModel,
+    PowerLawFit,
+    cumulative_compute,
+    fit_power_law,
+    read_run_model,
+)
+from megatron_rpt.model.zoo import cached_model_dir  # noqa: E402
 
 __all__ = [
     "read_metrics_file",
@@ -135,12 +142,18 @@ def run_compute_model(run_dir: str | os.PathLike, num_params: int | None = None,
     if cfg_path.is_file():
         cfg = yaml.safe_load(cfg_path.read_text()) or {}
     model, parallel, rl = cfg.get("model") or {}, cfg.get("parallel") or {}, cfg.get("rl") or {}
+    recorded = read_run_model(run_dir) if num_params is None and hf_config is None else None
+    if recorded is not None:  # the trainer's record of the model it trained (auto:... resolved)
+        num_params = recorded["num_parameters"]
     if num_params is None:
         source = hf_config or model.get("hf_config") or model.get("hf_checkpoint")
+        if source and str(source).startswith("auto:"):
+            source = cached_model_dir(str(source), model.get("tokenizer") or None) or source
         if not source or str(source).startswith("auto:") or not Path(source).exists():
             raise ValueError(
-                f"cannot count the model's parameters: {cfg_path} names no readable model.hf_config"
-                f"{f' ({source})' if source else ''}; pass --hf-config CONFIG.json or --num-params N")
+                f"cannot count the model's parameters: {Path(run_dir) / 'model.json'} is missing and {cfg_path} "
+                f"names no readable model.hf_config{f' ({source})' if source else ''}; pass --hf-config "
+                "CONFIG.json or --num-params N")
         num_params = load_hf_config(source).num_parameters()
     if data_parallel is None:
         world = parallel.get("world_size")
@@ -151,12 +164,35 @@ def run_compute_model(run_dir: str | os.PathLike, num_params: int | None = None,
                         updates_per_batch=int(rl.get("updates_per_batch", 1) or 1))
 
 
+# What each accuracy series is, for the plot, the JSON and the console.
+METRIC_NAMES = {
+    "val/reasoning_random1_{bucket}": "held-out next-token reasoning accuracy (Random@1)",
+    "val/reasoning_passk_{bucket}": "held-out next-token reasoning accuracy (Pass@k)",
+    "val/standard_acc_{bucket}": "held-out standard next-token accuracy",
+    "accuracy/{bucket}": "TRAINING accuracy (the rollouts' reward on the training positions, not held-out)",
+}
+
+
+class NoHeldOutAccuracy(ValueError):
+    """The run logged no held-out accuracy, and training accuracy was not asked for."""
+
+
+def describe_metric(metric: str) -> str:
+    return METRIC_NAMES.get(metric, metric)
+
+
 def default_metric(rows: Sequence[dict[str, Any]]) -> str:
-    """The accuracy key template to fit: validation reasoning accuracy if logged, else training accuracy."""
-    for template in ("val/reasoning_random1_{bucket}", "val/standard_acc_{bucket}", "accuracy/{bucket}"):
+    """The held-out accuracy to fit: next-token reasoning if logged, else standard next-token accuracy.
+
+    Training accuracy is never picked silently (the paper's scaling curves are held-out accuracy):
+    fitting it needs ``--metric 'accuracy/{bucket}'``.
+    """
+    for template in ("val/reasoning_random1_{bucket}", "val/standard_acc_{bucket}"):
         if any(_series(rows, template.format(bucket=b))[0] for b in BUCKETS):
             return template
-    raise ValueError("the metrics hold no val/* or accuracy/* series to fit; pass --points or --metric")
+    raise NoHeldOutAccuracy(
+        "the metrics hold no held-out accuracy (val/*): set train.eval_interval (e.g. 100, the paper's "
+        "schedule) to log it, or pass --metric 'accuracy/{bucket}' to fit training accuracy instead")
 
 
 def scaling_points(rows: Sequence[dict[str, Any]], model: ComputeModel,
@@ -236,7 +272,8 @@ def fit_series(points: dict[str, list[tuple[float, float]]]) -> dict[str, PowerL
 
 
 def plot_scaling(points: dict[str, list[tuple[float, float]]], fits: dict[str, PowerLawFit | str],
-                 out_path: str | os.PathLike, title: str = "Next-token accuracy vs training compute") -> Path:
+                 out_path: str | os.PathLike, title: str = "Next-token accuracy vs training compute",
+                 metric: str | None = None) -> Path:
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -252,8 +289,8 @@ def plot_scaling(points: dict[str, list[tuple[float, float]]], fits: dict[str, P
                     label=f"{name}: A={fit.a:.3g}, α={fit.alpha:.3f}, P*={fit.p_star:.4f}, R²={fit.r2:.4f}")
     ax.set_xscale("log")
     ax.set_xlabel("training compute (FLOPs)")
-    ax.set_ylabel("next-token accuracy")
-    ax.set_title(f"{title}\nfit: P(C) = A / C^α + P*", fontsize=11)
+    ax.set_ylabel(describe_metric(metric) if metric else "next-token accuracy", fontsize=9)
+    ax.set_title(f"{title}\nfit: P(C) = A / C^α + P*" + (f"  [{metric}]" if metric else ""), fontsize=11)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()

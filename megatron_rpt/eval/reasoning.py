@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from megatron_rpt.config import Config
+from megatron_rpt.config import AnswerFormat, Config
 from megatron_rpt.eval.report import BucketAccumulator
-from megatron_rpt.reward import extract_prediction, prefix_match_reward
+from megatron_rpt.reward import prediction_of, prefix_match_reward
 from megatron_rpt.rollout.base import SamplingParams
 
 __all__ = [
@@ -44,19 +44,15 @@ def reasoning_params(cfg: Config) -> SamplingParams:
     )
 
 
-def score_response(response: str, target_token_bytes: Sequence[bytes], answer_format: str = "boxed",
-                   require_think: bool = True) -> float:
+def score_response(response: str, target_token_bytes: Sequence[bytes], answer_format: AnswerFormat = "boxed",
+                   require_think: bool = True, escapes: bool = True) -> float:
     """1.0 when the response's prediction is a token-boundary prefix of the ground truth."""
-    if answer_format == "raw":
-        return prefix_match_reward(response, target_token_bytes)
-    if answer_format != "boxed":
-        raise ValueError(f"rl.answer_format={answer_format!r} is not one of ['boxed', 'raw']")
-    return prefix_match_reward(extract_prediction(response, require_think=require_think), target_token_bytes)
+    return prefix_match_reward(prediction_of(response, answer_format, require_think, escapes), target_token_bytes)
 
 
-def generate_and_score(engine: Any, problems: Sequence[Any], params: SamplingParams, answer_format: str = "boxed",
-                       require_think: bool = True, chunk: int = 32,
-                       progress: bool = False) -> tuple[list[list[float]], list[list[str]], int]:
+def generate_and_score(engine: Any, problems: Sequence[Any], params: SamplingParams,
+                       answer_format: AnswerFormat = "boxed", require_think: bool = True, chunk: int = 32,
+                       progress: bool = False, escapes: bool = True) -> tuple[list[list[float]], list[list[str]], int]:
     """(rewards [problem][sample], texts [problem][sample], generated tokens) for ``problems``.
 
     Prompts go to the engine ``chunk`` at a time (each call batches their samples itself).
@@ -74,7 +70,7 @@ def generate_and_score(engine: Any, problems: Sequence[Any], params: SamplingPar
         outputs = engine.generate([list(p.prompt_ids) for p in batch], params)
         for problem, samples in zip(batch, outputs):
             texts.append([s.text for s in samples])
-            rewards.append([score_response(s.text, problem.target_token_bytes, answer_format, require_think)
+            rewards.append([score_response(s.text, problem.target_token_bytes, answer_format, require_think, escapes)
                             for s in samples])
             generated += sum(len(s.token_ids) for s in samples)
         if bar is not None:
@@ -85,13 +81,16 @@ def generate_and_score(engine: Any, problems: Sequence[Any], params: SamplingPar
 
 
 def reasoning_accuracy(rewards: Sequence[Sequence[float]], entropies: Sequence[float | None],
-                       thresholds: Sequence[float]) -> tuple[BucketAccumulator, BucketAccumulator]:
-    """(Random@1, Pass@k) accumulators over positions; each position weighs the same."""
+                       thresholds: Sequence[float],
+                       docs: Sequence[Any] | None = None) -> tuple[BucketAccumulator, BucketAccumulator]:
+    """(Random@1, Pass@k) accumulators over positions; each position weighs the same; ``docs`` (each
+    position's document) clusters the confidence interval."""
     random1, pass_k = BucketAccumulator(thresholds), BucketAccumulator(thresholds)
-    for samples, entropy in zip(rewards, entropies, strict=True):
+    for i, (samples, entropy) in enumerate(zip(rewards, entropies, strict=True)):
         if not samples:
             raise ValueError("a position has no samples; eval.pass_k must be >= 1")
         correct = [1.0 if r >= 1.0 else 0.0 for r in samples]
-        random1.add(entropy, sum(correct) / len(correct))
-        pass_k.add(entropy, 1.0 if any(correct) else 0.0)
+        doc = None if docs is None else docs[i]
+        random1.add(entropy, sum(correct) / len(correct), doc)
+        pass_k.add(entropy, 1.0 if any(correct) else 0.0, doc)
     return random1, pass_k

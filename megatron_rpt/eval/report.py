@@ -2,9 +2,18 @@
 
 Owns: the difficulty buckets (a position is *easy* / *medium* / *hard* when the scorer's entropy
 at it exceeds ``data.difficulty_thresholds`` = 0.5 / 1.0 / 1.5; the buckets are nested, as in the
-paper: every hard position is also medium and easy), :class:`BucketAccumulator`,
-:class:`EvalReport` (rows = model / mode / metric, columns = buckets with counts), the plain-text
-and Markdown tables, the flat ``val/...`` metric dict for the trainer, and atomic writes.
+paper: every hard position is also medium and easy), :class:`BucketAccumulator` with its 95 %
+confidence interval (:func:`clustered_interval`), :class:`EvalReport` (rows = model / mode /
+metric, columns = buckets with counts and intervals), the plain-text and Markdown tables, the flat
+``val/...`` metric dict for the trainer, and atomic writes.
+
+The interval: positions of one document are not independent (an easy document has many easy
+positions), so the standard error is clustered by document (CR0: the squared sum of each
+document's residuals, over n^2) and turned into an effective sample size
+n_eff = p(1 - p) / SE^2, at most n; the interval is Wilson's score interval at n_eff. With one
+position per document it is exactly Wilson's interval at n. Scores in [0, 1] that are not 0/1
+(Random@1, a mean over k samples) use the same formula; p(1 - p) bounds their variance, and n_eff
+is capped at n, so the interval errs wide.
 
 ``python -m megatron_rpt.eval.report A.json B.json ...`` merges several reports into one table
 (e.g. the base model and the RPT checkpoint, as in the paper's Table 1).
@@ -25,6 +34,8 @@ from typing import Any
 from megatron_rpt.atomic import write_text_atomic
 
 __all__ = [
+    "wilson_interval",
+    "clustered_interval",
     "bucket_names",
     "in_bucket",
     "BucketAccumulator",
@@ -39,6 +50,32 @@ __all__ = [
 ]
 
 _PAPER_NAMES = ("easy", "medium", "hard")
+Z95 = 1.959963984540054  # the two-sided 95 % normal quantile
+
+
+def wilson_interval(p: float, n: float, z: float = Z95) -> tuple[float, float]:
+    """Wilson's score interval of a proportion ``p`` observed over ``n`` (possibly effective) trials."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def clustered_interval(docs: dict[Any, list[float]]) -> tuple[float, int, float, float]:
+    """(mean, n, low, high) of per-position scores summed per document: ``{doc: [sum, count]}``.
+
+    See the module docstring: Wilson's interval at the document-clustered effective sample size.
+    """
+    n = int(sum(c for _, c in docs.values()))
+    if n == 0:
+        return float("nan"), 0, float("nan"), float("nan")
+    p = sum(s for s, _ in docs.values()) / n
+    var = sum((s - p * c) ** 2 for s, c in docs.values()) / (n * n)
+    n_eff = float(n) if var <= 0 or p * (1 - p) <= 0 else min(float(n), p * (1 - p) / var)
+    low, high = wilson_interval(p, n_eff)
+    return p, n, low, high
 
 
 def bucket_names(thresholds: Sequence[float]) -> list[str]:
@@ -56,37 +93,57 @@ def in_bucket(entropy: float | None, threshold: float) -> bool:
 class BucketResult:
     accuracy: float  # nan when the bucket is empty
     count: int
+    ci_low: float = float("nan")  # 95 % confidence interval (clustered by document)
+    ci_high: float = float("nan")
+    documents: int = 0  # documents the positions come from
 
 
 class BucketAccumulator:
-    """Sums of a per-position score (0/1 or a mean over samples) per difficulty bucket."""
+    """Per-document sums of a per-position score (0/1 or a mean over samples) per difficulty bucket."""
 
     def __init__(self, thresholds: Sequence[float]):
         if list(thresholds) != sorted(thresholds):
             raise ValueError(f"difficulty thresholds {list(thresholds)} must be increasing")
         self.thresholds = list(thresholds)
         self.names = bucket_names(self.thresholds)
-        self.sums = [0.0] * len(self.thresholds)
-        self.counts = [0] * len(self.thresholds)
-        self.all_sum, self.all_count = 0.0, 0
+        self.docs: list[dict[Any, list[float]]] = [{} for _ in self.thresholds]
+        self._anonymous = 0
 
-    def add(self, entropy: float | None, score: float) -> None:
-        self.all_sum += score
-        self.all_count += 1
+    def add(self, entropy: float | None, score: float, doc: Any = None) -> None:
+        """One position; ``doc`` names its document (None: a document of its own)."""
+        if doc is None:
+            self._anonymous += 1
+            doc = ("position", os.getpid(), id(self), self._anonymous)
         for i, t in enumerate(self.thresholds):
             if in_bucket(entropy, t):
-                self.sums[i] += score
-                self.counts[i] += 1
+                entry = self.docs[i].setdefault(doc, [0.0, 0])
+                entry[0] += score
+                entry[1] += 1
 
-    def merge_counts(self, sums: Sequence[float], counts: Sequence[int]) -> None:
-        """Add sums/counts gathered elsewhere (another data-parallel rank)."""
-        for i in range(len(self.thresholds)):
-            self.sums[i] += sums[i]
-            self.counts[i] += int(counts[i])
+    @property
+    def sums(self) -> list[float]:
+        return [sum(s for s, _ in d.values()) for d in self.docs]
+
+    @property
+    def counts(self) -> list[int]:
+        return [int(sum(c for _, c in d.values())) for d in self.docs]
+
+    def merge(self, other: BucketAccumulator) -> None:
+        """Add the positions another accumulator saw (another data-parallel rank's share)."""
+        if other.thresholds != self.thresholds:
+            raise ValueError(f"cannot merge buckets {other.thresholds} into {self.thresholds}")
+        for mine, theirs in zip(self.docs, other.docs):
+            for doc, (s, c) in theirs.items():
+                entry = mine.setdefault(doc, [0.0, 0])
+                entry[0] += s
+                entry[1] += c
 
     def result(self) -> dict[str, BucketResult]:
-        return {name: BucketResult(s / c if c else float("nan"), c)
-                for name, s, c in zip(self.names, self.sums, self.counts)}
+        out = {}
+        for name, docs in zip(self.names, self.docs):
+            p, n, low, high = clustered_interval(docs)
+            out[name] = BucketResult(p, n, low, high, len(docs))
+        return out
 
 
 @dataclass
@@ -116,7 +173,9 @@ class EvalReport:
             "thresholds": self.thresholds,
             "buckets": self.names,
             "rows": [{"model": r.model, "mode": r.mode, "metric": r.metric,
-                      "buckets": {k: {"accuracy": _finite_or_none(v.accuracy), "count": v.count}
+                      "buckets": {k: {"accuracy": _finite_or_none(v.accuracy), "count": v.count,
+                                      "ci95": [_finite_or_none(v.ci_low), _finite_or_none(v.ci_high)],
+                                      "documents": v.documents}
                                   for k, v in r.buckets.items()}} for r in self.rows],
             "meta": self.meta,
         }
@@ -125,9 +184,7 @@ class EvalReport:
     def from_dict(cls, data: dict[str, Any]) -> EvalReport:
         try:
             rows = [ReportRow(r["model"], r["mode"], r["metric"],
-                              {k: BucketResult(float("nan") if v["accuracy"] is None else float(v["accuracy"]),
-                                               int(v["count"])) for k, v in r["buckets"].items()})
-                    for r in data["rows"]]
+                              {k: _bucket_from_dict(v) for k, v in r["buckets"].items()}) for r in data["rows"]]
             return cls(list(data["thresholds"]), rows, dict(data.get("meta") or {}))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not an evaluation report (missing or bad field: {exc})") from None
@@ -137,10 +194,31 @@ def _finite_or_none(x: float) -> float | None:
     return x if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
+def _float(x: Any) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def _bucket_from_dict(v: dict[str, Any]) -> BucketResult:
+    low, high = v.get("ci95") or (None, None)  # reports written before the intervals have none
+    return BucketResult(_float(v["accuracy"]), int(v["count"]), _float(low), _float(high), int(v.get("documents", 0)))
+
+
 def _cell(b: BucketResult | None) -> str:
     if b is None or b.count == 0 or not math.isfinite(b.accuracy):
         return "-"
-    return f"{100 * b.accuracy:.2f}"
+    if not (math.isfinite(b.ci_low) and math.isfinite(b.ci_high)):
+        return f"{100 * b.accuracy:.2f}"
+    return f"{100 * b.accuracy:.2f} [{100 * b.ci_low:.1f}, {100 * b.ci_high:.1f}]"
+
+
+def _unwinnable_lines(report: EvalReport) -> list[str]:
+    """The positions no answer can win, per bucket (meta["unwinnable"], written by the evaluator)."""
+    info = report.meta.get("unwinnable")
+    if not isinstance(info, dict) or not info.get("buckets"):
+        return []
+    cells = [f"{name} {b['never']} never, {b['not_first_token']} not by the first token alone (of {b['positions']})"
+             for name, b in info["buckets"].items()]
+    return [f"Unwinnable positions ({info.get('rule', '')}): " + "; ".join(cells)]
 
 
 def _grid(report: EvalReport) -> tuple[list[str], list[list[str]]]:
@@ -168,10 +246,11 @@ def format_table(report: EvalReport) -> str:
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))
     rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
-    out = ["Next-token prediction accuracy (%) by difficulty: entropy > "
+    out = ["Next-token prediction accuracy (%) [95% CI] by difficulty: entropy > "
            + " / ".join(f"{t:g}" for t in report.thresholds), rule, line(header), rule]
     out += [line(r) for r in body]
     out.append(rule)
+    out += _unwinnable_lines(report)
     return "\n".join(out)
 
 
@@ -179,9 +258,11 @@ def to_markdown(report: EvalReport) -> str:
     header, body = _grid(report)
     lines = ["# Next-token prediction accuracy", "",
              "Accuracy (%) on held-out positions by difficulty (scorer entropy > "
-             + " / ".join(f"{t:g}" for t in report.thresholds) + "; buckets are nested).", "",
+             + " / ".join(f"{t:g}" for t in report.thresholds) + "; buckets are nested), with the 95 % "
+             "confidence interval clustered by document.", "",
              "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in body]
+    lines += ["", line] if (line := " ".join(_unwinnable_lines(report))) else []
     if report.meta:
         lines += ["", "## Setup", ""]
         lines += [f"- **{k}**: {v}" for k, v in report.meta.items() if not isinstance(v, (dict, list))]

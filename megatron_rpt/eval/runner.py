@@ -1,25 +1,39 @@
 """Evaluation orchestration: the validation positions, their difficulty, both modes, the report.
 
-Owns: :class:`ValidationSet` (held-out positions from ``ProblemStream(split="val")``, capped at
-``eval.max_positions``, with the plain contexts and the difficulty entropies), the choice of the
+Owns: :class:`ValidationSet` (the held-out positions, their plain-LM contexts, difficulty
+entropies and whether each can be won at all), :func:`select_positions` (the caps
+``eval.positions_per_doc`` / ``eval.max_positions``, both off by default), the choice of the
 difficulty scorer, :func:`evaluate_positions` (standard and/or reasoning mode on one engine),
 :func:`run_evaluation` (one model -> :class:`EvalReport`) and :func:`evaluate_during_training`
-(the trainer's hook: sharded over data-parallel ranks, reduced, flat ``val/...`` metrics).
+(the trainer's hook: sharded over data-parallel ranks, gathered, flat ``val/...`` metrics).
+
+Which positions (the paper's validation set, section 4.1): every position of the
+``data.val_documents`` held-out documents (200), as :class:`~megatron_rpt.data.ProblemStream`'s
+held-out split gives them -- never filtered by the training proxy's entropy, so the buckets hold
+what the scorer says and nothing the proxy chose. A cap, when set, is a seeded draw per document
+and/or over all documents (never "the first N", which would be the first few documents), and the
+report states it.
 
 Difficulty scorer, first match wins:
-  1. ``eval.scorer_model`` (an HF dir) when it differs from ``data.proxy_model``: every position
-     is re-scored with it (top-``data.entropy_top_k`` entropy, the data pipeline's formula);
-  2. the entropy the data pipeline attached to each problem (``data.proxy_model`` or the proxy
-     of prepared data) -- the paper's setting;
+  1. ``eval.scorer_model`` (an HF dir; the paper's is R1-Distill-Qwen-14B) when it differs from
+     ``data.proxy_model``: each held-out document is scored once (top-``data.entropy_top_k``
+     entropy, the data pipeline's formula) and each position takes the entropy at it;
+  2. the entropy the data pipeline attached to each position (``data.proxy_model`` or the proxy
+     of prepared data);
   3. none configured: the evaluated model itself, from the logits of the standard-mode pass.
      During training the entropies are taken from the model at the first evaluation and then
      kept, so later evaluations use the same buckets.
+
+The plain-LM context (standard mode, a scorer) starts with the tokens the tokenizer puts before
+any text by default (R1-Distill's BOS; :func:`~megatron_rpt.data.tokenizer.default_prefix_ids`):
+documents are tokenised without them, a language model reads text with them.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 import typing
 import weakref
@@ -31,7 +45,7 @@ from typing import Any
 import torch
 
 from megatron_rpt.config import Config, EvalMode
-from megatron_rpt.distributed import all_reduce_numbers
+from megatron_rpt.data.tokenizer import default_prefix_ids
 from megatron_rpt.eval.next_token import (
     DecoderLogits,
     argmax_and_entropy,
@@ -41,7 +55,8 @@ from megatron_rpt.eval.next_token import (
     standard_correct,
 )
 from megatron_rpt.eval.reasoning import generate_and_score, reasoning_accuracy, reasoning_params
-from megatron_rpt.eval.report import BucketAccumulator, EvalReport, ReportRow, flat_metrics
+from megatron_rpt.eval.report import BucketAccumulator, EvalReport, ReportRow, bucket_names, flat_metrics, in_bucket
+from megatron_rpt.reward import writable_prefix_tokens
 from megatron_rpt.rollout.handover import sleep_engine, wake_engine
 
 log = logging.getLogger(__name__)
@@ -51,7 +66,9 @@ MODES = typing.get_args(EvalMode)
 __all__ = [
     "MODES",
     "ValidationSet",
+    "select_positions",
     "load_validation_set",
+    "unwinnable_counts",
     "PositionResults",
     "evaluate_positions",
     "build_report",
@@ -66,38 +83,38 @@ __all__ = [
 @dataclass
 class ValidationSet:
     problems: list[Any]
-    contexts: list[list[int]]  # x_<t of each problem (no template)
+    contexts: list[list[int]]  # x_<t as a language model reads it (default prefix + context, no template)
     entropies: list[float | None] | None  # None: not scored yet (the evaluated model scores them)
     scorer: str  # how the entropies were (or will be) obtained, for the report
+    writable: list[int | None] = field(default_factory=list)  # writable_prefix_tokens of each position
+    selection: dict[str, Any] = field(default_factory=dict)  # documents, positions and caps, for the report
 
     def __len__(self) -> int:
         return len(self.problems)
 
     def shard(self, rank: int, size: int) -> ValidationSet:
         pick = lambda xs: None if xs is None else xs[rank::size]  # noqa: E731
-        return ValidationSet(self.problems[rank::size], self.contexts[rank::size], pick(self.entropies), self.scorer)
+        return ValidationSet(self.problems[rank::size], self.contexts[rank::size], pick(self.entropies), self.scorer,
+                             self.writable[rank::size], self.selection)
 
 
-def _problem_key(problem: Any) -> tuple[Any, Any, tuple[int, ...]]:
-    return (getattr(problem, "doc_id", None), getattr(problem, "position", None), tuple(problem.target_ids[:1]))
+def select_positions(candidates: Sequence[tuple[str, Sequence[int]]], per_doc: int | None, total: int | None,
+                     seed: int) -> list[tuple[int, int]]:
+    """``(document index, position)`` pairs to evaluate, in document order.
 
-
-def take_problems(stream: Any, limit: int) -> list[Any]:
-    """Up to ``limit`` distinct problems; stops at the end of a finite stream or when it wraps around."""
-    problems: list[Any] = []
-    seen: set[tuple[Any, Any, tuple[int, ...]]] = set()
-    iterator = iter(stream)
-    while len(problems) < limit:
-        try:
-            problem = next(iterator)
-        except StopIteration:
-            break
-        key = _problem_key(problem)
-        if key in seen and key[0] is not None:
-            break  # an endless stream started its next pass over the held-out documents
-        seen.add(key)
-        problems.append(problem)
-    return problems
+    ``candidates`` are (doc id, its positions). ``per_doc``: at most that many per document, drawn
+    with a generator seeded by (seed, doc id); ``total``: then at most that many in all, drawn
+    uniformly over every document. None: no cap (every position, the paper's set).
+    """
+    chosen: list[tuple[int, int]] = []
+    for index, (doc_id, positions) in enumerate(candidates):
+        positions = list(positions)
+        if per_doc is not None and len(positions) > per_doc:
+            positions = sorted(random.Random(f"{seed}:eval:{doc_id}").sample(positions, per_doc))
+        chosen.extend((index, t) for t in positions)
+    if total is not None and len(chosen) > total:
+        chosen = sorted(random.Random(f"{seed}:eval:all").sample(chosen, total))
+    return chosen
 
 
 def scorer_choice(cfg: Config) -> str | None:
@@ -108,43 +125,105 @@ def scorer_choice(cfg: Config) -> str | None:
     return None
 
 
-def _proxy_entropies(model_dir: str, contexts: Sequence[Sequence[int]], problems: Sequence[Any],
-                     top_k: int) -> list[float | None]:
+def _open_scorer(model_dir: str, top_k: int) -> Any:
     from megatron_rpt.data.entropy_filter import ProxyScorer
 
     if not Path(model_dir, "config.json").is_file():
         raise FileNotFoundError(f"eval.scorer_model={model_dir!r} is not a Hugging Face model directory "
                                 "(no config.json); fix the path or set it to null")
-    scorer = ProxyScorer(model_dir, top_k=top_k)
-    docs = [list(c) + [int(p.target_ids[0])] for c, p in zip(contexts, problems)]
-    scores = scorer.score(docs)
-    return [float(s[-1]) if math.isfinite(float(s[-1])) else None for s in scores]
+    return ProxyScorer(model_dir, top_k=top_k)
 
 
-def load_validation_set(cfg: Config, tokenizer: Any, max_positions: int | None = None,
-                        problems: Sequence[Any] | None = None) -> ValidationSet:
-    """The held-out positions (``ProblemStream(split="val")`` unless ``problems`` are given) and their scorer."""
-    limit = max_positions or cfg.eval.max_positions
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(float(x)) else None
+
+
+def _document_entropies(model_dir: str, docs: Sequence[Any], problems: Sequence[Any], prefix: list[int],
+                        top_k: int) -> list[float | None]:
+    """Each held-out document scored once (with the default prefix); each position takes its entropy."""
+    scorer = _open_scorer(model_dir, top_k)
+    wanted = {p.doc_id for p in problems}
+    docs = [d for d in docs if d.doc_id in wanted]
+    scores = scorer.score([prefix + list(d.token_ids) for d in docs])
+    by_doc = {d.doc_id: s[len(prefix):] for d, s in zip(docs, scores)}
+    del scorer  # a 14B scorer must not stay in memory for the rest of the run
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return [_finite(by_doc[p.doc_id][p.position]) for p in problems]
+
+
+def _context_entropies(model_dir: str, contexts: Sequence[Sequence[int]], problems: Sequence[Any],
+                       top_k: int) -> list[float | None]:
+    """Problems given without their documents: each context scored on its own."""
+    scorer = _open_scorer(model_dir, top_k)
+    scores = scorer.score([list(c) + [int(p.target_ids[0])] for c, p in zip(contexts, problems)])
+    return [_finite(s[-1]) for s in scores]
+
+
+def _heldout_problems(cfg: Config, tokenizer: Any) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """(problems, held-out documents, selection summary) of the validation split."""
+    from megatron_rpt.data import ProblemStream
+
+    stream = ProblemStream(cfg.data, tokenizer, dp_rank=0, dp_size=1, split="val")
+    docs = list(stream.documents())
+    candidates = [(d.doc_id, stream.positions(d)) for d in docs]
+    chosen = select_positions(candidates, cfg.eval.positions_per_doc, cfg.eval.max_positions, cfg.data.seed)
+    problems = [p for i, t in chosen if (p := stream.problem_at(docs[i], t)) is not None]
+    selection = {
+        "documents": len(docs),
+        "documents_evaluated": len({p.doc_id for p in problems}),
+        "candidate_positions": sum(len(c) for _, c in candidates),
+        "positions": len(problems),
+        "positions_skipped": len(chosen) - len(problems),  # contexts that cannot fit data.max_prompt_tokens
+        "positions_per_doc_cap": cfg.eval.positions_per_doc,
+        "max_positions_cap": cfg.eval.max_positions,
+    }
+    return problems, docs, selection
+
+
+def load_validation_set(cfg: Config, tokenizer: Any, problems: Sequence[Any] | None = None) -> ValidationSet:
+    """The held-out positions (every position of the held-out documents unless capped, or ``problems``
+    when given), their contexts, whether each can be won, and their difficulty scorer."""
+    docs = None
     if problems is None:
-        from megatron_rpt.data import ProblemStream
-
-        stream = ProblemStream(cfg.data, tokenizer, dp_rank=0, dp_size=1, split="val")
-        problems = take_problems(stream, limit)
-    problems = list(problems)[:limit]
+        problems, docs, selection = _heldout_problems(cfg, tokenizer)
+    else:
+        problems = list(problems)
+        selection = {"positions": len(problems), "given": "problems passed by the caller"}
     if not problems:
         raise ValueError("the validation split has no positions: raise data.val_documents or check data.paths")
-    contexts = [context_token_ids(p, tokenizer) for p in problems]
+    prefix = default_prefix_ids(tokenizer)
+    contexts = [prefix + context_token_ids(p, tokenizer) for p in problems]
+    writable = [writable_prefix_tokens(p.target_token_bytes, cfg.rl.answer_format, cfg.rl.box_escapes)
+                for p in problems]
     scorer = scorer_choice(cfg)
     if scorer is not None:
-        entropies = _proxy_entropies(scorer, contexts, problems, cfg.data.entropy_top_k)
-        return ValidationSet(problems, contexts, entropies, f"eval.scorer_model={scorer}")
+        top_k = cfg.data.entropy_top_k
+        entropies = (_document_entropies(scorer, docs, problems, prefix, top_k) if docs is not None
+                     else _context_entropies(scorer, contexts, problems, top_k))
+        return ValidationSet(problems, contexts, entropies, f"eval.scorer_model={scorer}", writable, selection)
     carried = [getattr(p, "entropy", None) for p in problems]
     if any(e is not None for e in carried):
         source = cfg.data.proxy_model or cfg.data.prepared or "data pipeline"
         return ValidationSet(problems, contexts, [None if e is None else float(e) for e in carried],
-                             f"data pipeline proxy ({source})")
+                             f"data pipeline proxy ({source})", writable, selection)
     return ValidationSet(problems, contexts, None,
-                         "the evaluated model itself (no eval.scorer_model or data.proxy_model configured)")
+                         "the evaluated model itself (no eval.scorer_model or data.proxy_model configured)",
+                         writable, selection)
+
+
+def unwinnable_counts(cfg: Config, val: ValidationSet) -> dict[str, dict[str, int]]:
+    """Per bucket: positions, those no prediction can win (``never``) and those the first token alone
+    cannot win (``not_first_token``), for the configured answer format and brace rule."""
+    writable = val.writable or [writable_prefix_tokens(p.target_token_bytes, cfg.rl.answer_format, cfg.rl.box_escapes)
+                                for p in val.problems]
+    out = {}
+    thresholds = cfg.data.difficulty_thresholds
+    for name, th in zip(bucket_names(thresholds), thresholds):
+        members = [w for w, e in zip(writable, val.entropies or []) if in_bucket(e, th)]
+        out[name] = {"positions": len(members), "never": sum(w is None for w in members),
+                     "not_first_token": sum(w != 1 for w in members)}
+    return out
 
 
 # ----------------------------------------------------------------------------- running one model
@@ -200,7 +279,7 @@ def evaluate_positions(cfg: Config, engine: Any, val: ValidationSet, modes: Sequ
         chosen = [i for i, e in enumerate(val.entropies) if e is not None and e > lowest]
         rewards, texts, generated = generate_and_score(
             engine, [val.problems[i] for i in chosen], reasoning_params(cfg), cfg.rl.answer_format,
-            cfg.rl.require_think, progress=progress)
+            cfg.rl.require_think, progress=progress, escapes=cfg.rl.box_escapes)
         out.rewards = [None] * len(val)
         out.responses = [None] * len(val)
         for i, r, t in zip(chosen, rewards, texts):
@@ -214,14 +293,23 @@ def accumulators(cfg: Config, val: ValidationSet, res: PositionResults) -> dict[
     th = cfg.data.difficulty_thresholds
     accs: dict[tuple[str, str], BucketAccumulator] = {}
     assert val.entropies is not None
+    docs = [getattr(p, "doc_id", None) for p in val.problems]  # positions of one document are clustered
     if res.standard is not None:
-        accs[("standard", "accuracy")] = standard_accuracy(res.standard, val.entropies, th)
+        accs[("standard", "accuracy")] = standard_accuracy(res.standard, val.entropies, th, docs)
     if res.rewards is not None:
-        kept = [(r, e) for r, e in zip(res.rewards, val.entropies) if r is not None]
-        random1, pass_k = reasoning_accuracy([r for r, _ in kept], [e for _, e in kept], th)
+        kept = [(r, e, d) for r, e, d in zip(res.rewards, val.entropies, docs) if r is not None]
+        random1, pass_k = reasoning_accuracy([r for r, _, _ in kept], [e for _, e, _ in kept], th,
+                                             [d for _, _, d in kept])
         accs[("reasoning", "random@1")] = random1
         accs[("reasoning", "pass@k")] = pass_k
     return accs
+
+
+def _unwinnable_meta(cfg: Config, buckets: dict[str, dict[str, int]]) -> dict[str, Any]:
+    rl = cfg.rl
+    rule = "raw continuation" if rl.answer_format == "raw" else (
+        "\\boxed{} with backslash escapes" if rl.box_escapes else "\\boxed{}, every brace counts")
+    return {"rule": rule, "target_tokens": cfg.data.target_tokens, "buckets": buckets}
 
 
 def build_report(cfg: Config, model_name: str, accs: dict[tuple[str, str], BucketAccumulator],
@@ -244,10 +332,12 @@ def run_evaluation(cfg: Config, engine: Any, tokenizer: Any, model_name: str, mo
     lowest = min(cfg.data.difficulty_thresholds, default=-math.inf)
     meta = {
         "model": model_name,
+        **val.selection,
         "positions": len(val),
         "positions_in_buckets": sum(1 for e in val.entropies or [] if e is not None and e > lowest),
         "difficulty_scorer": val.scorer,
         "entropy_top_k": cfg.data.entropy_top_k,
+        "unwinnable": _unwinnable_meta(cfg, unwinnable_counts(cfg, val)),
         "modes": ", ".join(modes),
         "seconds": round(time.perf_counter() - start, 2),
         **(extra_meta or {}),
@@ -294,14 +384,35 @@ def _unpack(trainer_or_parts: Any) -> tuple[Config, Any, Any, int, int, bool, An
     return cfg, engine, tokenizer, dp_rank, dp_size, contributes, None
 
 
+def _gather(local: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's evaluation share (ranks without an engine send an empty one)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [local]
+    gathered: list[dict[str, Any]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(gathered, local)
+    return gathered
+
+
+def _merge_unwinnable(parts: Sequence[dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for part in parts:
+        for name, counts in part.items():
+            mine = out.setdefault(name, {k: 0 for k in counts})
+            for k, v in counts.items():
+                mine[k] += v
+    return out
+
+
 def evaluate_during_training(trainer_or_parts: Any, step: int, modes: Sequence[str] | None = None,
                              validation_set: ValidationSet | None = None) -> dict[str, float]:
     """Validation metrics for the training loop: ``val/standard_acc_easy``, ``val/reasoning_random1_hard``,
     ``val/reasoning_passk_medium``, ``val/count_easy``, ... plus ``val/positions`` and ``val/time_s``.
 
     Pass the :class:`~megatron_rpt.trainer.loop.Trainer` (collective: call it on every rank; each
-    data-parallel rank evaluates its share of the ``eval.max_positions`` positions and the sums are
-    all-reduced) or ``(cfg, engine, tokenizer)`` (one process). Modes default to ``eval.modes``;
+    data-parallel rank evaluates its share of the held-out positions and the per-document sums are
+    gathered) or ``(cfg, engine, tokenizer)`` (one process). Modes default to ``eval.modes``;
     ``validation_set`` replaces the held-out positions (default: built once per config and cached).
     Rank 0 also writes ``<logging.dir>/eval/step_XXXXXX.{json,md}``.
     """
@@ -313,8 +424,7 @@ def evaluate_during_training(trainer_or_parts: Any, step: int, modes: Sequence[s
     keys = [("standard", "accuracy")] if "standard" in modes else []
     if "reasoning" in modes:
         keys += [("reasoning", "random@1"), ("reasoning", "pass@k")]
-    n_buckets = len(cfg.data.difficulty_thresholds)
-    local = [0.0] * (2 * n_buckets * len(keys) + 2)
+    local: dict[str, Any] = {"accs": {}, "positions": 0, "generated": 0, "unwinnable": {}, "selection": {}}
     if contributes:
         val = validation_set or _cached_validation_set(cfg, tokenizer)
         shard = val.shard(dp_rank, dp_size)
@@ -326,25 +436,27 @@ def evaluate_during_training(trainer_or_parts: Any, step: int, modes: Sequence[s
             entropies[dp_rank::dp_size] = shard.entropies
             val.entropies = entropies
         sleep_engine(engine, cfg.rollout.sleep_between_phases)
-        accs = accumulators(cfg, shard, res)
-        flat: list[float] = []
-        for key in keys:
-            flat += accs[key].sums + [float(c) for c in accs[key].counts]
-        local = flat + [float(len(shard)), float(res.generated_tokens)]
-    total = all_reduce_numbers(local)
+        local = {"accs": accumulators(cfg, shard, res), "positions": len(shard), "generated": res.generated_tokens,
+                 "unwinnable": unwinnable_counts(cfg, shard), "selection": val.selection}
+    parts = _gather(local)
     report_accs: dict[tuple[str, str], BucketAccumulator] = {}
-    for i, key in enumerate(keys):
+    for key in keys:
         acc = BucketAccumulator(cfg.data.difficulty_thresholds)
-        base = 2 * n_buckets * i
-        acc.merge_counts(total[base:base + n_buckets], [int(c) for c in total[base + n_buckets:base + 2 * n_buckets]])
+        for part in parts:
+            if key in part["accs"]:
+                acc.merge(part["accs"][key])
         report_accs[key] = acc
-    seconds = time.perf_counter() - start
-    meta = {"step": step, "positions": int(total[-2]), "generated_tokens": int(total[-1]), "modes": ", ".join(modes)}
+    positions = sum(p["positions"] for p in parts)
+    generated = sum(p["generated"] for p in parts)
+    selection = next((p["selection"] for p in parts if p["selection"]), {})
+    meta = {"step": step, **selection, "positions": positions, "generated_tokens": generated,
+            "unwinnable": _unwinnable_meta(cfg, _merge_unwinnable([p["unwinnable"] for p in parts])),
+            "modes": ", ".join(modes)}
     report = build_report(cfg, f"step {step}", report_accs, meta)
     metrics = flat_metrics(report)
-    metrics["val/positions"] = total[-2]
-    metrics["val/generated_tokens"] = total[-1]
-    metrics["val/time_s"] = seconds
+    metrics["val/positions"] = float(positions)
+    metrics["val/generated_tokens"] = float(generated)
+    metrics["val/time_s"] = time.perf_counter() - start
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             from megatron_rpt.eval.report import write_report

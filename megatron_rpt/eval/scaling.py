@@ -20,14 +20,19 @@ grows with compute has ``A < 0`` and ``P*`` is the asymptote it approaches from 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "RUN_MODEL_FILE",
+    "write_run_model",
+    "read_run_model",
     "training_flops",
     "rollout_flops",
     "ComputeModel",
@@ -36,6 +41,32 @@ __all__ = [
     "fit_power_law",
     "power_law",
 ]
+
+
+# Written by the trainer into logging.dir: which model the run trained (an auto:... spec resolved),
+# so that the compute axis of a finished run does not depend on what the cache holds today.
+RUN_MODEL_FILE = "model.json"
+
+
+def write_run_model(run_dir: str | Path, num_parameters: int, hf_dir: str | None, spec: str | None) -> Path:
+    from megatron_rpt.atomic import write_text_atomic
+
+    path = Path(run_dir) / RUN_MODEL_FILE
+    write_text_atomic(path, json.dumps({"num_parameters": int(num_parameters), "hf_dir": hf_dir, "spec": spec},
+                                       indent=2) + "\n")
+    return path
+
+
+def read_run_model(run_dir: str | Path) -> dict[str, Any] | None:
+    """The trainer's record of the run's model, or None for runs written before it existed."""
+    path = Path(run_dir) / RUN_MODEL_FILE
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); delete it and pass --num-params N") from None
+    return info if isinstance(info, dict) and isinstance(info.get("num_parameters"), int) else None
 
 
 def training_flops(num_params: int, tokens: float) -> float:

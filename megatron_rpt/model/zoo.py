@@ -115,6 +115,19 @@ def resolve_model_dir(spec: str, tokenizer_dir: str | None = None) -> Path:
     return path
 
 
+def cached_model_dir(spec: str, tokenizer_dir: str | None = None, cache: Path = CACHE) -> Path | None:
+    """The directory ``auto:smollm2`` / ``auto:tiny-qwen2`` resolved to, if it is already in the cache;
+    None otherwise. No download, conversion or fallback: for readers of a finished run (plots)."""
+    if spec == "auto:smollm2":
+        candidates = [cache / "smollm2-135m-instruct"]
+    elif spec == "auto:tiny-qwen2":
+        tok = tokenizer_dir or (str(SHARED_QWEN_TOKENIZER) if SHARED_QWEN_TOKENIZER.is_dir() else None)
+        candidates = [cache / f"tiny-qwen2-{Path(tok).name}-s0"] if tok else []
+    else:
+        candidates = [Path(spec)]
+    return next((c for c in candidates if (c / "config.json").is_file()), None)
+
+
 def describe(path: Path) -> str:
     cfg = json.loads((path / "config.json").read_text())
     return f"{cfg.get('architectures', ['?'])[0]} hidden={cfg.get('hidden_size')} layers={cfg.get('num_hidden_layers')}"

@@ -302,7 +302,8 @@ class Decoder(nn.Module):
         ``rows.start + b``; K/V of the new tokens are written into ``cache`` when given.
 
         Rows starting at 0 may be right-padded (padding only affects padded positions).
-        ``logits_index`` [B] picks one position per row -> [B, vocab]; else [B, T, vocab].
+        ``logits_index`` [B] picks one position per row -> [B, vocab], [B, K] K positions per row ->
+        [B, K, vocab]; else [B, T, vocab].
         """
         B, T = tokens.shape
         start_pos = [0] * B if start_pos is None else list(start_pos)
@@ -315,7 +316,8 @@ class Decoder(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, cache, plan)
         if logits_index is not None:
-            x = x[torch.arange(B, device=x.device), logits_index]
+            rows = torch.arange(B, device=x.device)
+            x = x[rows, logits_index] if logits_index.dim() == 1 else x[rows.unsqueeze(1), logits_index]
         x = self.norm(x)
         head = self.embed_weight if self.lm_head_weight is None else self.lm_head_weight
         return F.linear(x, head).float()

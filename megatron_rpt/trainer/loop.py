@@ -19,12 +19,16 @@ import torch.distributed as dist
 
 from megatron_rpt.config import Config, ConfigError, dump_yaml, validate
 from megatron_rpt.errors import TrainingDiverged
+from megatron_rpt.eval.scaling import write_run_model
 from megatron_rpt.trainer import checkpointing
 from megatron_rpt.trainer.resume import plan_resume
 from megatron_rpt.trainer.run_lock import lock_run_dirs
 from megatron_rpt.trainer.metrics import MetricsLogger, PhaseTimer
 from megatron_rpt.distributed import all_reduce_numbers
+from megatron_rpt.reward import POLICY_REWARDS
 from megatron_rpt.rollout.handover import sleep_engine, wake_engine
+from megatron_rpt.trainer.dense_reward import apply_policy_rewards
+from megatron_rpt.trainer.ntp import NTPStream, ntp_step
 from megatron_rpt.trainer.rollout_phase import (
     collect_step_groups,
     hosts_engine,
@@ -146,6 +150,8 @@ class Trainer:
                                    dtype=DTYPES[cfg.rollout.dtype])
         self.stream = ProblemStream(cfg.data, self.tokenizer, dp_rank=self.dp_rank, dp_size=self.dp_size,
                                     split="train")
+        if cfg.train.objective == "ntp":  # the baseline: every token of the same documents, LM loss
+            self.stream = NTPStream(cfg, self.tokenizer, dp_rank=self.dp_rank, dp_size=self.dp_size)
         self.step = 0
         self.resumed_from: str | None = None
         if self.plan.checkpoint is not None:
@@ -158,6 +164,8 @@ class Trainer:
         if self.rank == 0:
             Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.logging.dir) / "config.yaml").write_text(dump_yaml(cfg))
+            write_run_model(cfg.logging.dir, self.arch.num_parameters(), str(model_dir) if model_dir else None,
+                            cfg.model.hf_checkpoint or cfg.model.hf_config)  # what tools/plot.py counts
         self.stop = _StopFlag()
         self.timer = PhaseTimer()
         self.async_saves = checkpointing.new_async_queue() if cfg.checkpoint.async_save else None
@@ -217,12 +225,16 @@ class Trainer:
         from megatron_rpt.rl import build_micro_batches, dynamic_sampling_active, group_advantages
 
         cfg = self.cfg
+        if cfg.train.objective == "ntp":
+            return ntp_step(self)  # no rollouts; the engine is synced before an evaluation only
         dynamic = dynamic_sampling_active(self.step, cfg.rl.dynamic_sampling_from_step)
         seed = cfg.rollout.seed + 1_000_003 * self.step + 101 * self.dp_rank
         with self.timer("rollout"):
             wake_engine(self.engine)  # empties PyTorch's CUDA cache first: the engine needs that memory
             groups, metrics = collect_step_groups(cfg, self.engine, self.stream, self.prompts_per_rank, seed, dynamic)
             sleep_engine(self.engine, cfg.rollout.sleep_between_phases)
+        if cfg.rl.reward in POLICY_REWARDS:  # appendix A: P(y[0] | x<t) of the wrong predictions, from the policy
+            metrics.update(apply_policy_rewards(cfg, groups, self.policy, self.tokenizer))
         if cfg.logging.save_rollouts and self.engine is not None and self.rank == dist.get_global_rank(
                 self._mp_group(), 0):
             save_rollouts(cfg.logging.dir, self.step + 1, self.dp_rank, groups)  # 1-based, like metrics
@@ -277,6 +289,8 @@ class Trainer:
         """Validation metrics on the held-out split (collective: every rank calls it)."""
         from megatron_rpt.eval import evaluate_during_training
 
+        if self.cfg.train.objective == "ntp":
+            self.sync_weights()  # NTP steps leave the engine behind the policy
         with self.timer("eval"):
             return evaluate_during_training(self, self.step)
 

@@ -102,23 +102,28 @@ class MegatronPolicy:
             forward_only=forward_only,
         )
 
-    def _logprobs(self, mb: dict[str, torch.Tensor], logits: torch.Tensor,
-                  entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logprobs(self, mb: dict[str, torch.Tensor], logits: torch.Tensor, entropy_grad: bool = False,
+                  temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return vocab_parallel_logprobs_and_entropy(
-            logits, mb["labels"], temperature=self.temperature, true_vocab_size=self.arch.vocab_size,
+            logits, mb["labels"], temperature=temperature or self.temperature, true_vocab_size=self.arch.vocab_size,
             entropy_grad=entropy_grad,
         )
 
     # ------------------------------------------------------------------ public API
 
     @torch.no_grad()
-    def compute_logprobs(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor] | None:
-        """Per-token logprobs [b, s] of each micro-batch's labels (last pipeline stage; None elsewhere)."""
+    def compute_logprobs(self, micro_batches: list[dict[str, torch.Tensor]],
+                         temperature: float | None = None) -> list[torch.Tensor] | None:
+        """Per-token logprobs [b, s] of each micro-batch's labels (last pipeline stage; None elsewhere).
+
+        ``temperature``: default the rollout's (the policy ratio's); 1 for the language model's own
+        probabilities (the dense reward's P(y0 | x<t)).
+        """
         for chunk in self.model:
             chunk.eval()
 
         def loss_fn(mb, logits):
-            logprobs, _ = self._logprobs(mb, logits.float())
+            logprobs, _ = self._logprobs(mb, logits.float(), temperature=temperature)
             return logits.new_zeros(()), {"logprobs": logprobs.detach()}
 
         seqs = [mb["tokens"].shape[1] for mb in micro_batches]
@@ -139,10 +144,6 @@ class MegatronPolicy:
         multiplies it by the CP size) and DDP averages gradients over the dp*cp ranks; we multiply
         by ``grpo_loss_scale`` (micro-batches * dp) so that the product is exactly 1.
         """
-        for chunk in self.model:
-            chunk.train()
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
         scale = grpo_loss_scale(len(micro_batches), self.dp_size)
 
         def loss_fn(mb, logits):
@@ -160,6 +161,29 @@ class MegatronPolicy:
             )
             return loss * scale, metrics
 
+        return self._optimizer_step(micro_batches, loss_fn)
+
+    def lm_train_step(self, micro_batches: list[dict[str, torch.Tensor]], num_global_tokens: int) -> dict[str, float]:
+        """One optimizer step of the plain next-token (language-model) loss: the cross-entropy of
+        ``labels`` where ``loss_mask`` is 1, at temperature 1, averaged over the ``num_global_tokens``
+        tokens of the whole batch (all data-parallel ranks); scaled like :meth:`train_step`."""
+        scale = grpo_loss_scale(len(micro_batches), self.dp_size)
+
+        def loss_fn(mb, logits):
+            logprobs, _ = self._logprobs(mb, logits.float(), temperature=1.0)
+            mask = mb["loss_mask"].float()
+            loss = -(logprobs * mask).sum() / num_global_tokens
+            tokens = mask.sum()
+            return loss * scale, {"loss": loss.detach(), "num_tokens": tokens.detach(),
+                                  "cross_entropy": (-(logprobs.detach() * mask).sum() / tokens.clamp(min=1))}
+
+        return self._optimizer_step(micro_batches, loss_fn)
+
+    def _optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn) -> dict[str, float]:
+        for chunk in self.model:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
         try:
             outputs = self._run(micro_batches, loss_fn, forward_only=False)
         except RuntimeError as exc:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from megatron_rpt.config import Config
 from megatron_rpt.data.entropy_filter import split_names
-from megatron_rpt.reward import compute_reward, prefix_match_reward
+from megatron_rpt.reward import compute_reward, rollout_reward_kind
 from megatron_rpt.rl import filter_groups
 from megatron_rpt.rollout import SamplingParams
 
@@ -85,10 +85,10 @@ def generate_groups(cfg: Config, engine: Any, problems: list[Any], seed: int) ->
 
 
 def score(cfg: Config, text: str, problem: Any) -> float:
-    """The RPT reward of one response for ``problem``."""
-    if cfg.rl.answer_format == "raw":
-        return prefix_match_reward(text, problem.target_token_bytes)
-    return compute_reward(cfg.rl.reward, text, problem.target_token_bytes, require_think=cfg.rl.require_think)
+    """The RPT reward of one response for ``problem`` (a policy reward starts as the correctness)."""
+    rl = cfg.rl
+    return compute_reward(rollout_reward_kind(rl.reward), text, problem.target_token_bytes,
+                          require_think=rl.require_think, answer_format=rl.answer_format, escapes=rl.box_escapes)
 
 
 def collect_step_groups(cfg: Config, engine: Any, stream: Iterator[Any], num_prompts: int, seed: int,
