@@ -218,6 +218,7 @@ class Trainer:
         with self.timer("rollout"):
             wake_engine(self.engine)  # empties PyTorch's CUDA cache first: the engine needs that memory
             groups, metrics = collect_step_groups(cfg, self.engine, self.stream, self.prompts_per_rank, seed, dynamic)
+            metrics.update(self.stream.mixture_metrics())  # data.mixture: share of problems drawn per corpus
             sleep_engine(self.engine, cfg.rollout.sleep_between_phases)
         if cfg.logging.save_rollouts and self.engine is not None and self.rank == dist.get_global_rank(
                 self._mp_group(), 0):
