@@ -144,9 +144,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     from megatron_rpt.data.run_state import resolve_worker
     from megatron_rpt.data.scoring import ScoringSettings, prepare
     from megatron_rpt.data.tokenizer import load_tokenizer
+    from megatron_rpt.distributed import die_with_parent
 
     corpora, dedup, tok_dir, proxy_dir, top_k, threshold, thresholds = resolve_inputs(args)
     worker, workers, how = resolve_worker(args.worker_id, args.num_workers)
+    if how == "torchrun":  # torchrun starts workers in sessions of their own: kill -9 of it would orphan them
+        die_with_parent(os.getppid())
     settings = ScoringSettings(args.shard_size, args.docs_per_batch, threshold, tuple(thresholds))
     settings.check()
     mixture = Mixture(corpora, dedup, args.max_docs)

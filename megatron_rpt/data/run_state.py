@@ -32,7 +32,7 @@ from megatron_rpt.errors import UserError
 from megatron_rpt.trainer.ckpt_manifest import file_digest
 from megatron_rpt.trainer.run_lock import DirLock
 
-__all__ = ["RUN_FILE", "resolve_worker", "fingerprint_files", "claim_output", "lock_worker", "append_progress",
+__all__ = ["RUN_FILE", "resolve_worker", "fingerprint", "fingerprint_files", "claim_output", "lock_worker", "append_progress",
            "read_progress", "progress_path", "RunMismatch", "differences"]
 
 RUN_FILE = "run.json"
@@ -72,15 +72,20 @@ def resolve_worker(worker_id: int | None = None, num_workers: int | None = None)
     return w, n, how
 
 
-def fingerprint_files(paths: list[str | Path]) -> dict[str, list[Any]]:
-    """``{resolved path: [size, sha256]}`` of every file under ``paths`` (hidden files skipped)."""
-    out: dict[str, list[Any]] = {}
+def fingerprint(path: Path) -> dict[str, Any]:
+    size, sha = file_digest(path)
+    return {"bytes": size, "sha256": sha}
+
+
+def fingerprint_files(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
+    """``{resolved path: {bytes, sha256}}`` of every file under ``paths`` (hidden files skipped)."""
+    out: dict[str, dict[str, Any]] = {}
     for raw in paths:
         p = Path(raw).resolve()
         files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and not any(
             part.startswith(".") for part in f.relative_to(p).parts))
         for f in files:
-            out[str(f)] = file_digest(f)
+            out[str(f)] = fingerprint(f)
     return out
 
 
@@ -152,8 +157,13 @@ def lock_worker(out: Path, worker: int) -> DirLock:
 def append_progress(path: Path, record: Mapping[str, Any]) -> None:
     """One line, flushed to disk: after it the shard counts as done."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+    with open(path, "a+b") as f:
+        torn = False
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        # A line torn by a kill stays a line of its own, so it cannot swallow this record.
+        f.write((b"\n" if torn else b"") + (json.dumps(record, sort_keys=True) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())
 

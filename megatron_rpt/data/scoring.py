@@ -40,6 +40,7 @@ from megatron_rpt.data.mixture import Mixture, mixture_spec
 from megatron_rpt.data.run_state import (
     append_progress,
     claim_output,
+    fingerprint,
     fingerprint_files,
     lock_worker,
     progress_path,
@@ -90,7 +91,7 @@ def run_identity(mixture: Mixture, proxy: ProxyScorer, tokenizer: Any, tokenizer
     return {
         "mixture": {**mixture_spec(mixture.corpora, mixture.dedup), "max_docs": mixture.max_docs},
         "inputs": fingerprint_files([p for c in mixture.corpora for p in c.paths]),
-        "proxy": {"files": {f.name: file_digest(f) for f in proxy_files}, "dtype": str(proxy.dtype),
+        "proxy": {"files": {f.name: fingerprint(f) for f in proxy_files}, "dtype": str(proxy.dtype),
                   "device": proxy.device.type, "top_k": proxy.top_k, "max_seq_len": proxy.max_seq_len,
                   "rows_per_batch": proxy.rows_per_batch, "packing": proxy.packing},
         "tokenizer": {"hash": tokenizer_hash(tokenizer_dir), "vocab_hash": vocab_hash(tokenizer)},
