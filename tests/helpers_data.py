@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -76,12 +77,13 @@ def progress_records(out: Path) -> list[dict]:
     return recs
 
 
-def wait_for_shards(out: Path, n: int, done: callable, timeout: float = 300.0, what: str = "") -> None:
-    """Until ``n`` shards are recorded; fails if the run ends (``done()``) first."""
+def wait_for_shards(out: Path, n: int, done: Callable[[], bool], timeout: float = 300.0,
+                    what: Callable[[], str] = str) -> None:
+    """Until ``n`` shards are recorded; fails if the run ends (``done()``) first (``what()``: its log)."""
     deadline = time.monotonic() + timeout
     while len(progress_records(out)) < n:
-        assert not done(), f"the run ended before {n} shards were done {what}"
-        assert time.monotonic() < deadline, f"no {n} shards after {timeout:.0f}s {what}"
+        assert not done(), f"the run ended before {n} shards were done\n{what()}"
+        assert time.monotonic() < deadline, f"no {n} shards after {timeout:.0f}s\n{what()}"
         time.sleep(0.05)
 
 

@@ -10,6 +10,7 @@ trains on the prepared mixture and reports the mixture it consumed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -205,7 +206,7 @@ def test_two_torchrun_workers_killed_halfway_then_rerun(env, tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
-        wait_for_shards(out, 3, lambda: proc.poll() is not None, what="(first torchrun)")
+        wait_for_shards(out, 3, lambda: proc.poll() is not None, what=lambda: "(first torchrun)")
         workers = psutil.Process(proc.pid).children(recursive=True)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun's group; its workers lead sessions of their own
@@ -253,3 +254,42 @@ def test_trainer_trains_on_the_prepared_mixture(env, tmp_path):
             assert row[f"mixture/{corpus}/problems"] == drawn.get(corpus, 0), (step, corpus, row)
             assert row[f"mixture/{corpus}/share"] == pytest.approx(drawn.get(corpus, 0) / total)
     assert sum(drawn.values()) == 8
+
+
+def test_on_the_fly_and_prepared_paths_read_the_same_mixture(env):
+    """data.mixture scored on the fly gives the problems the prepared directory gives (same documents,
+    positions, targets; entropies equal up to packing), and the per-corpus counts resume exactly."""
+    from megatron_rpt.config import load_config
+    from megatron_rpt.data import ProblemStream, load_tokenizer
+    from megatron_rpt.data.entropy_filter import ProxyScorer
+    from megatron_rpt.data.mixture import Mixture
+    from megatron_rpt.data.shards import ScoredDoc
+
+    cfg = load_config(env["config"], ["data.val_documents=0", "data.max_positions_per_doc=2"], validate_paths=False)
+    tok = load_tokenizer(cfg.model.tokenizer)
+    fly = ProblemStream(cfg.data, tok, proxy=ProxyScorer(env["proxy"], device="cpu"))
+    problems = [next(fly) for _ in range(12)]
+    ids = [d.doc_id for n, d in Mixture.from_config(cfg.data) if n < MAX_DOCS]
+    assert list(dict.fromkeys(p.doc_id for p in problems)) == ids[:len({p.doc_id for p in problems})]
+    prepared = {r["doc_id"]: r for r in read_rows(env["ref"])}
+    assert list(prepared) == ids  # the prepared shards hold the first MAX_DOCS documents, in sequence order
+    cfg.data.prepared = str(env["ref"])
+    reader = ProblemStream(cfg.data, tok)  # data.mixture next to data.prepared: checked to be the same mixture
+
+    for p in problems:
+        row = prepared[p.doc_id]
+        doc = ScoredDoc(p.doc_id, row["token_ids"], np.asarray(row["entropy"], dtype=np.float32), row["corpus"])
+        (same,) = [q for q in reader.problems_for(doc) if q.position == p.position]
+        assert (same.target_ids, same.prompt_ids, same.corpus) == (p.target_ids, p.prompt_ids, p.corpus)
+        assert same.entropy == pytest.approx(p.entropy, abs=2e-4) and p.corpus == p.doc_id.split("/")[0]
+    # The counts the trainer logs, against an independent count, and after a resume.
+    counted = {c: sum(p.corpus == c for p in problems) for c in ("omni_math", "gsm8k", "math")}
+    metrics = fly.mixture_metrics()
+    assert {c: metrics[f"mixture/{c}/problems"] for c in counted} == counted
+    state = json.loads(json.dumps(fly.state_dict()))
+    more = [next(fly) for _ in range(3)]
+    resumed = ProblemStream(dataclasses.replace(cfg.data, prepared=None), tok,
+                            proxy=ProxyScorer(env["proxy"], device="cpu"))
+    resumed.load_state_dict(state)
+    assert [next(resumed) for _ in range(3)] == more
+    assert resumed.mixture_metrics() == fly.mixture_metrics()
