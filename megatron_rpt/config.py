@@ -147,6 +147,37 @@ class ParallelConfig(Section):
 
 
 @dataclass
+class CorpusConfig(Section):
+    name: str = ""
+    """Name of the corpus: prefixes its document ids (name/file:row) and labels it in the manifest and metrics."""
+    paths: list[str] = field(default_factory=list)
+    """JSONL / Parquet files or directories of them."""
+    weight: PosFloat = 1.0
+    """Sampling weight: the corpus's share of the mixture's documents is weight / (sum of the weights)."""
+    text_fields: list[str] = field(default_factory=lambda: ["text"])
+    """Row fields joined (in this order) into a document's text."""
+    text_separator: str = "\n\n"
+    """String placed between the text fields."""
+    min_chars: NonNegInt = 0
+    """Documents with fewer characters are dropped (length filter)."""
+    max_chars: PosInt | None = None
+    """Documents with more characters are dropped (length filter); null: no upper limit."""
+
+    def check(self) -> None:
+        if not self.name or any(c in self.name for c in "/:") or self.name != self.name.strip():
+            raise ConfigError(f"data.mixture: corpus name {self.name!r} must be non-empty, without '/', ':' or "
+                              "surrounding spaces (it prefixes document ids), e.g. name: gsm8k")
+        if not self.paths:
+            raise ConfigError(f"data.mixture corpus {self.name!r} has no paths; list its JSONL/Parquet files")
+        if not self.text_fields:
+            raise ConfigError(f"data.mixture corpus {self.name!r}: text_fields is empty; name the row field(s) "
+                              "holding the text, e.g. [text]")
+        if self.max_chars is not None and self.max_chars < self.min_chars:
+            raise ConfigError(f"data.mixture corpus {self.name!r}: max_chars={self.max_chars} is below "
+                              f"min_chars={self.min_chars}; raise max_chars or lower min_chars")
+
+
+@dataclass
 class DataConfig(Section):
     paths: list[str] = field(default_factory=list)
     """JSONL / Parquet files, directories of them, or one prepared directory (with manifest.json)."""
@@ -186,8 +217,19 @@ class DataConfig(Section):
     """Documents held out for validation; the train split never sees them."""
     seed: int = 1234
     """Seed of position sampling, shuffling and the held-out split."""
+    mixture: list[CorpusConfig] = field(default_factory=list)
+    """Several corpora sampled by weight, instead of data.paths (the same list for prepare_data and on the fly)."""
+    dedup: bool = True
+    """Drop exact duplicate documents of data.mixture (same text, by sha256) after their first occurrence."""
 
     def check(self) -> None:
+        if self.mixture and (self.paths or self.hf_dataset):
+            raise ConfigError("data.mixture replaces data.paths / data.hf_dataset: list every corpus under "
+                              "data.mixture and leave data.paths empty and data.hf_dataset null")
+        names = [c.name for c in self.mixture]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"data.mixture names corpus {dup[0]!r} twice; give every corpus its own name")
         if sorted(self.difficulty_thresholds) != self.difficulty_thresholds:
             raise ConfigError(f"data.difficulty_thresholds={self.difficulty_thresholds} must be increasing, "
                               "e.g. [0.5, 1.0, 1.5]")
@@ -474,6 +516,11 @@ def _validate_paths(cfg: Config) -> None:
     for i, value in enumerate(cfg.data.paths):
         if not Path(value).exists():
             raise ConfigError(f"data.paths[{i}]={value!r} does not exist; fix the path")
+    for corpus in cfg.data.mixture:
+        for i, value in enumerate(corpus.paths):
+            if not Path(value).exists():
+                raise ConfigError(f"data.mixture corpus {corpus.name!r}: paths[{i}]={value!r} does not exist; "
+                                  "fix the path")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -152,6 +152,11 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 return [value]
             raise ConfigError(f"{key}: expected a list of {type_text(item_tp)}, got {value!r}")
         return [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):  # an item of a list of sections (data.mixture)
+        item = value if isinstance(value, tp) else build(tp, value, key)
+        check_fields(item, key)
+        item.check()
+        return item
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -326,13 +331,18 @@ def iter_fields(cls: type, prefix: str = "") -> Iterator[FieldInfo]:
         if dataclasses.is_dataclass(hints[f.name]):
             yield from iter_fields(hints[f.name], key)
             continue
+        item = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) is list else None
+        if dataclasses.is_dataclass(item):  # list of sections: the list, then the fields of one item
+            yield FieldInfo(key, type_text(hints[f.name]), [], docs.get(f.name, ""))
+            yield from iter_fields(item, f"{key}[]")
+            continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         yield FieldInfo(key, type_text(hints[f.name]), default, docs.get(f.name, ""))
 
 
 def explain(cls: type, key: str | None = None) -> str:
     """Text describing every field under ``key`` (a section, a field, or everything)."""
-    fields = [f for f in iter_fields(cls) if key is None or f.key == key or f.key.startswith(key + ".")]
+    fields = [f for f in iter_fields(cls) if key is None or f.key == key or f.key.startswith((key + ".", key + "[]"))]
     if not fields:
         sections = sorted({f.key.split(".")[0] for f in iter_fields(cls)})
         raise ConfigError(f"no config key {key!r}; sections are {', '.join(sections)} "

@@ -192,11 +192,19 @@ def test_cli_rejects_bad_arguments(env, tmp_path):
     base = ["--tokenizer", str(env["tok_dir"]), "--proxy", str(env["proxy"])]
     with pytest.raises(SystemExit, match="--input .*does not exist"):
         prepare_data.main(["--input", str(tmp_path / "nope.jsonl"), *base, "--out", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match="not an empty directory"):
-        prepare_data.main(["--input", str(env["omni"]), *base, "--out", str(env["out"])])
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not prepare_data's")
+    with pytest.raises(SystemExit, match="not an empty directory or an unfinished prepare_data run"):
+        prepare_data.main(["--input", str(env["omni"]), *base, "--out", str(foreign)])
+    # The finished output of other settings (here: both text fields) is not resumed into.
+    with pytest.raises(prepare_data.UserError, match=r"holds a run with other inputs or settings \(mixture.corpora"
+                                                     r"\[0\].text_fields: \[\"problem\"\] there, \[\"problem\", \"solution\"\] here\)"):
+        prepare_data.main(["--input", str(env["omni"]), *base, "--out", str(env["out"]), "--max-docs", str(MAX_DOCS),
+                           "--shard-size", "3", "--batch-tokens", "4096", "--device", "cpu"])
     with pytest.raises(SystemExit, match="--max-docs=0"):
         prepare_data.main(["--input", str(env["omni"]), *base, "--out", str(tmp_path / "o"), "--max-docs", "0"])
-    with pytest.raises(SystemExit, match="no config.json"):
+    with pytest.raises(ConfigError, match="no config.json"):
         prepare_data.main(["--input", str(env["omni"]), "--tokenizer", str(env["tok_dir"]), "--proxy",
                            str(tmp_path), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="increasing"):
@@ -206,20 +214,4 @@ def test_cli_rejects_bad_arguments(env, tmp_path):
     with pytest.raises(ValueError, match="no usable documents"):
         prepare_data.main(["--input", str(env["omni"]), *base, "--out", str(bad_fields), "--max-docs", "2",
                            "--text-fields", "nonexistent", "--no-progress"])
-    assert not list(tmp_path.glob("o2*"))  # nothing half-written, no temporary directory left
-
-
-def test_two_runs_into_one_output_leave_one_result(env, tmp_path):
-    """prepare_data twice into the same --out at once: one result, one clear error, no leftovers."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    out = tmp_path / "shared_out"
-    args = ["--input", str(env["omni"]), "--tokenizer", str(env["tok_dir"]), "--proxy", str(env["proxy"]),
-            "--out", str(out), "--max-docs", "2", "--text-fields", *FIELDS, "--device", "cpu", "--no-progress"]
-    with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(prepare_data.main, list(args)) for _ in range(2)]
-    errors = [f.exception() for f in futures if f.exception() is not None]
-    assert len(errors) == 1 and isinstance(errors[0], FileExistsError), errors
-    assert str(out) in str(errors[0])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared_out"]
-    assert json.loads((out / "manifest.json").read_text())["num_docs"] == 2
+    assert not list(tmp_path.glob("o*"))  # nothing half-written, no temporary directory left

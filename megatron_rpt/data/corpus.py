@@ -52,6 +52,7 @@ PARQUET_SUFFIXES = (".parquet",)
 class Document:
     doc_id: str
     text: str
+    corpus: str = ""  # the data.mixture corpus it was drawn from ("" outside a mixture)
 
 
 # ----------------------------------------------------------------------------- bad rows

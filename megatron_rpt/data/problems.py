@@ -7,9 +7,14 @@ Where documents come from, in order of preference:
 
 1. ``data.prepared`` (or a ``data.paths`` entry holding a ``manifest.json``): documents already
    tokenised and scored by ``tools/prepare_data.py``; shuffled per epoch (shard order and rows);
-2. raw JSONL / Parquet / ``datasets`` (``data.paths`` / ``data.hf_dataset``), tokenised here and,
-   when a proxy model is given (``proxy=`` or ``data.proxy_model``), scored on the fly; read in
-   file order.
+   a ``data.mixture`` next to it must be the one it was prepared from;
+2. raw JSONL / Parquet / ``datasets`` (``data.paths`` / ``data.hf_dataset``), or the document
+   sequence of ``data.mixture`` (:mod:`megatron_rpt.data.mixture`), tokenised here and, when a
+   proxy model is given (``proxy=`` or ``data.proxy_model``), scored on the fly; read in order.
+
+A mixture's documents carry their corpus; the stream counts the problems it hands out per corpus
+(:meth:`ProblemStream.mixture_metrics`, resumed exactly) so the trainer can log the mixture it
+actually consumed.
 
 Which positions: positions ``t >= data.min_context_tokens`` whose token starts a UTF-8 character
 (a context must be text; a prediction can never be half a character). The train split keeps, when
@@ -33,7 +38,7 @@ import logging
 import math
 import os
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +49,23 @@ import torch
 
 from megatron_rpt.config import ConfigError, DataConfig
 from megatron_rpt.data.corpus import CorpusStream, heldout_doc_ids, open_sources
-from megatron_rpt.data.entropy_filter import ProxyScorer, difficulty_label, difficulty_splits
-from megatron_rpt.data.shards import PreparedCorpus, ScoredDoc, is_prepared_dir, load_manifest
+from megatron_rpt.data.entropy_filter import (
+    ProxyScorer,
+    difficulty_label,
+    difficulty_splits,
+)
+from megatron_rpt.data.mixture import (
+    Mixture,
+    MixtureStream,
+    check_same_mixture,
+    mixture_metrics,
+)
+from megatron_rpt.data.shards import (
+    PreparedCorpus,
+    ScoredDoc,
+    is_prepared_dir,
+    load_manifest,
+)
 from megatron_rpt.data.templates import render_prompt
 from megatron_rpt.data.tokenizer import default_prefix_ids, encode_document, token_byte_table, vocab_hash
 
@@ -74,6 +94,7 @@ class Problem:
     # The document's own token ids of the context (ids[start:position]): the exact plain-LM context
     # (re-tokenising context_text can differ at the left cut).
     context_ids: list[int] = field(default_factory=list)
+    corpus: str = ""  # the data.mixture corpus of the document ("" outside a mixture)
 
     @property
     def target_text(self) -> str:
@@ -153,6 +174,8 @@ def _fingerprint(cfg: DataConfig) -> str:
     keys = ("text_fields", "text_separator", "entropy_threshold", "max_positions_per_doc", "min_context_tokens",
             "max_prompt_tokens", "target_tokens", "template", "use_chat_template", "val_documents", "seed")
     blob = json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True)
+    if cfg.mixture:  # appended only when set, so the fingerprint of a plain data.paths run is unchanged
+        blob += json.dumps([dataclasses.asdict(c) for c in cfg.mixture] + [cfg.dedup], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -186,23 +209,31 @@ class ProblemStream(torch.utils.data.IterableDataset):
         self.prepared_dir = self._prepared_dir(cfg)
         self.manifest: dict[str, Any] | None = None
         self._sources = None
+        self._mixture: Mixture | None = None
         if self.prepared_dir is not None:
             self.manifest = load_manifest(self.prepared_dir)
             self._check_tokenizer()
+            if cfg.mixture:
+                check_same_mixture(cfg, self.manifest, str(self.prepared_dir))
             all_ids: Any = PreparedCorpus(self.prepared_dir, manifest=self.manifest).doc_ids()
             self.proxy = None
             if proxy is not None:
                 logger.warning("data.prepared is set: documents are already scored, the proxy is not used")
         else:
-            self._sources = open_sources(cfg.paths, cfg.hf_dataset, cfg.hf_split, cfg.hf_streaming)
-            all_ids = self._sources
+            if cfg.mixture:
+                self._mixture = Mixture.from_config(cfg)
+                self._mixture.check_usable()
+                all_ids = self._mixture.doc_ids()
+            else:
+                self._sources = open_sources(cfg.paths, cfg.hf_dataset, cfg.hf_split, cfg.hf_streaming)
+                all_ids = self._sources
             if proxy is None and cfg.proxy_model:
                 proxy = cfg.proxy_model
             if isinstance(proxy, (str, os.PathLike)):
                 proxy = ProxyScorer(proxy, top_k=cfg.entropy_top_k)
             self.proxy = proxy
         self.heldout = heldout_doc_ids(all_ids, cfg.val_documents, cfg.seed)
-        sizes = [len(all_ids)] if self.prepared_dir is not None else [s.num_rows() for s in all_ids]
+        sizes = [len(all_ids)] if self._sources is None else [s.num_rows() for s in all_ids]
         total = None if None in sizes else sum(sizes)
         if total == 0:
             raise ConfigError(f"the corpus is empty: {self._describe_sources()} hold no rows; point data.paths "
@@ -214,12 +245,16 @@ class ProblemStream(torch.utils.data.IterableDataset):
         self.scored = self.proxy is not None or self.prepared_dir is not None
         self._context_budget = self._compute_context_budget()
         self._fingerprint = _fingerprint(cfg)
+        self.corpus_names = self._corpus_names()
+        self._corpus_problems: Counter[str] = Counter()  # problems handed out per corpus, over all epochs
         self._reset(epoch=0)
 
     # -- setup helpers
     def _describe_sources(self) -> str:
         if self.prepared_dir is not None:
             return f"data.prepared={str(self.prepared_dir)!r}"
+        if self._mixture is not None:
+            return f"data.mixture={self._mixture.names}"
         return f"data.paths={self.cfg.paths}" if self.cfg.paths else f"data.hf_dataset={self.cfg.hf_dataset!r}"
 
     @staticmethod
@@ -233,6 +268,13 @@ class ProblemStream(torch.utils.data.IterableDataset):
         if len(prepared) > 1:
             raise ConfigError("data.paths lists several prepared directories; merge them with one prepare_data run")
         return Path(prepared[0]) if prepared else None
+
+    def _corpus_names(self) -> list[str]:
+        """The corpora of a mixture (configured or prepared); [] for plain data."""
+        if self._mixture is not None:
+            return self._mixture.names
+        drawn = (self.manifest or {}).get("mixture") or {}
+        return [c["name"] for c in drawn.get("corpora", [])]
 
     def _check_tokenizer(self) -> None:
         prepared_with = self.manifest["tokenizer"]  # type: ignore[index]
@@ -265,6 +307,8 @@ class ProblemStream(torch.utils.data.IterableDataset):
             self._docs_src: Any = PreparedCorpus(self.prepared_dir, self.shard, self.num_shards, self._keep,
                                                  seed=self.cfg.seed, epoch=epoch, shuffle=self.split == "train",
                                                  manifest=self.manifest)
+        elif self._mixture is not None:
+            self._docs_src = MixtureStream(self._mixture, self.shard, self.num_shards, self._keep)
         else:
             self._docs_src = CorpusStream(self._sources or [], self.cfg.text_fields, self.cfg.text_separator,
                                           self.shard, self.num_shards, self._keep)
@@ -291,7 +335,7 @@ class ProblemStream(torch.utils.data.IterableDataset):
             return item
         ids = encode_document(self.tokenizer, item.text)
         entropy = self.proxy.score([ids])[0] if self.proxy is not None else None
-        return ScoredDoc(item.doc_id, ids, entropy)
+        return ScoredDoc(item.doc_id, ids, entropy, item.corpus)
 
     def positions(self, doc: ScoredDoc) -> list[int]:
         """The candidate positions of ``doc``. The train split keeps those whose proxy entropy is above
@@ -305,11 +349,14 @@ class ProblemStream(torch.utils.data.IterableDataset):
     def problem_at(self, doc: ScoredDoc, t: int) -> Problem | None:
         """The problem at position ``t`` of ``doc`` (None when its context cannot be made to fit)."""
         cfg = self.cfg
-        return build_problem(self.tokenizer, doc.doc_id, doc.token_ids, [self._table[i] for i in doc.token_ids], t,
-                             entropy=None if doc.entropy is None else float(doc.entropy[t]),
-                             thresholds=list(cfg.difficulty_thresholds), template=cfg.template,
-                             use_chat_template=cfg.use_chat_template, max_prompt_tokens=cfg.max_prompt_tokens,
-                             target_tokens=cfg.target_tokens, context_budget=self._context_budget)
+        problem = build_problem(self.tokenizer, doc.doc_id, doc.token_ids, [self._table[i] for i in doc.token_ids], t,
+                                entropy=None if doc.entropy is None else float(doc.entropy[t]),
+                                thresholds=list(cfg.difficulty_thresholds), template=cfg.template,
+                                use_chat_template=cfg.use_chat_template, max_prompt_tokens=cfg.max_prompt_tokens,
+                                target_tokens=cfg.target_tokens, context_budget=self._context_budget)
+        if problem is not None:
+            problem.corpus = doc.corpus  # the mixture's corpus, counted by mixture_metrics
+        return problem
 
     def next_document(self) -> ScoredDoc:
         """The next whole document of this stream, epochs rolling over on the train split (the
@@ -365,7 +412,13 @@ class ProblemStream(torch.utils.data.IterableDataset):
             self._pending = deque(problems[self._consumed:])
         self._consumed += 1
         self._epoch_problems += 1
-        return self._pending.popleft()
+        problem = self._pending.popleft()
+        self._corpus_problems[problem.corpus] += 1
+        return problem
+
+    def mixture_metrics(self) -> dict[str, float]:
+        """``mixture/<corpus>/share`` and ``/problems`` of the problems handed out so far ({} without a mixture)."""
+        return mixture_metrics(self._corpus_problems, self.corpus_names) if self.corpus_names else {}
 
     def _no_problems_message(self) -> str:
         bad = self.bad_rows
@@ -387,7 +440,8 @@ class ProblemStream(torch.utils.data.IterableDataset):
             doc_state, consumed = self._doc_state, self._consumed
         return {"version": STATE_VERSION, "split": self.split, "epoch": self.epoch, "doc_state": doc_state,
                 "consumed": consumed, "epoch_problems": self._epoch_problems, "shard": self.shard,
-                "num_shards": self.num_shards, "fingerprint": self._fingerprint}
+                "num_shards": self.num_shards, "fingerprint": self._fingerprint,
+                "corpus_problems": dict(self._corpus_problems)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
@@ -404,9 +458,10 @@ class ProblemStream(torch.utils.data.IterableDataset):
         self._docs_src.load_state_dict(state["doc_state"])
         self._skip = int(state["consumed"])
         self._epoch_problems = int(state.get("epoch_problems", 0))
+        self._corpus_problems = Counter({str(k): int(v) for k, v in state.get("corpus_problems", {}).items()})
 
     @property
     def bad_rows(self) -> dict[str, int]:
         """Rows skipped so far in this epoch, by reason (raw corpora only)."""
         src = self._docs_src
-        return src.bad_rows.state_dict() if isinstance(src, CorpusStream) else {}
+        return src.bad_rows.state_dict() if isinstance(src, (CorpusStream, MixtureStream)) else {}

@@ -1,19 +1,18 @@
 """Prepared data: scored documents in Parquet shards plus a ``manifest.json``.
 
-Owns the on-disk format written by ``tools/prepare_data.py`` (:func:`prepare`) and read back by
-:class:`PreparedCorpus`. A shard row is one *document*: its token ids and the proxy's top-k
-entropy at every position (NaN at position 0). Problems are cut from it at load time, so the
-prompt template, context length, entropy threshold and positions per document can change without
-re-scoring; only the tokenizer is fixed (checked through ``vocab_hash``).
+Owns the on-disk format written by ``tools/prepare_data.py`` (through
+:mod:`megatron_rpt.data.scoring`) and read back by :class:`PreparedCorpus`. A shard row is one
+*document*: its id, the mixture corpus it came from (v2; "" outside a mixture), its token ids and
+the proxy's top-k entropy at every position (NaN at position 0). Problems are cut from it at load
+time, so the prompt template, context length, entropy threshold and positions per document can
+change without re-scoring; only the tokenizer is fixed (checked through ``vocab_hash``).
 
-Everything is written to a temporary name and renamed; the manifest is written last, so a
+Every shard is written to a temporary name and renamed; the manifest is written last, so a
 directory without ``manifest.json`` is an unfinished run and is refused.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import itertools
 import json
 import os
 import random
@@ -24,18 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from megatron_rpt.atomic import atomic_output_dir, write_json_atomic
+from megatron_rpt.atomic import write_json_atomic
 from megatron_rpt.config import ConfigError
-from megatron_rpt.data.corpus import CorpusStream, open_sources
-from megatron_rpt.data.entropy_filter import ProxyScorer, split_names
-from megatron_rpt.data.tokenizer import encode_document, token_byte_table, tokenizer_hash, vocab_hash
-from megatron_rpt.reward import writable_prefix_tokens
 
-__all__ = ["FORMAT", "VERSION", "ScoredDoc", "prepare", "load_manifest", "PreparedCorpus", "write_json_atomic",
-           "is_prepared_dir"]
+__all__ = ["FORMAT", "VERSION", "ScoredDoc", "write_shard", "load_manifest", "PreparedCorpus", "write_json_atomic",
+           "is_prepared_dir", "MANIFEST"]
 
 FORMAT = "megatron-rpt-prepared"
-VERSION = 1
+VERSION = 2  # 2: a corpus column, mixture and per-shard sha256 in the manifest; 1 is still read
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 
 
@@ -44,20 +40,26 @@ class ScoredDoc:
     doc_id: str
     token_ids: list[int]
     entropy: np.ndarray | None  # float32 per position, NaN at 0; None = not scored
+    corpus: str = ""  # the data.mixture corpus ("" outside a mixture)
 
 
-def _write_shard(path: Path, docs: Sequence[ScoredDoc]) -> None:
+def write_shard(path: Path, docs: Sequence[ScoredDoc]) -> None:
+    """One Parquet shard, through a temporary sibling and one rename (removed when writing fails)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.table({
         "doc_id": pa.array([d.doc_id for d in docs], pa.string()),
+        "corpus": pa.array([d.corpus for d in docs], pa.string()),
         "token_ids": pa.array([d.token_ids for d in docs], pa.list_(pa.int32())),
         "entropy": pa.array([d.entropy.astype(np.float32) for d in docs], pa.list_(pa.float32())),
     })
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def is_prepared_dir(path: str | os.PathLike) -> bool:
@@ -75,159 +77,12 @@ def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
         manifest = json.loads(m.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{m} is not valid JSON ({exc}); re-run tools/prepare_data.py") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE_VERSIONS:
         raise ConfigError(f"{m} is not a {FORMAT} v{VERSION} manifest (got {manifest.get('format')} "
                          f"v{manifest.get('version')}); re-run tools/prepare_data.py")
     for s in manifest["shards"]:
         if not (d / s["file"]).is_file():
             raise ConfigError(f"shard {s['file']} listed in {m} is missing; re-run tools/prepare_data.py")
-    return manifest
-
-
-def _add_counts(counts: dict[str, int], entropy: np.ndarray, threshold: float, thresholds: Sequence[float]) -> None:
-    vals = entropy[np.isfinite(entropy)]
-    counts["scored"] = counts.get("scored", 0) + int(vals.size)
-    counts["kept"] = counts.get("kept", 0) + int((vals > threshold).sum())
-    for name, th in zip(split_names(thresholds), thresholds):
-        counts[name] = counts.get(name, 0) + int((vals > th).sum())
-
-
-# How a boxed answer is read (rl.box_escapes): both rules are counted so that the choice is informed.
-_BOX_RULES = (("boxed_escapes", True), ("boxed_no_escapes", False))
-
-
-def _add_unwinnable(acc: dict[str, Any], token_bytes: Sequence[bytes], entropy: np.ndarray,
-                    thresholds: Sequence[float]) -> None:
-    """Count the scored positions whose ground truth (the rest of the document) no boxed answer can
-    win, and those its first token alone cannot, per split and brace rule (reward.writable_prefix_tokens)."""
-    names = split_names(thresholds)
-    for t in range(1, len(token_bytes)):
-        if not np.isfinite(entropy[t]):
-            continue
-        where = ["all"] + [n for n, th in zip(names, thresholds) if entropy[t] > th]
-        for rule, escapes in _BOX_RULES:
-            writable = writable_prefix_tokens(itertools.islice(token_bytes, t, None), "boxed", escapes)
-            for kind, hit in (("never", writable is None), ("not_first_token", writable != 1)):
-                if hit:
-                    for name in where:
-                        acc[rule][kind][name] += 1
-
-
-def _unwinnable_acc(thresholds: Sequence[float]) -> dict[str, Any]:
-    zero = lambda: {n: 0 for n in ("all", *split_names(thresholds))}  # noqa: E731
-    return {rule: {"never": zero(), "not_first_token": zero()} for rule, _ in _BOX_RULES}
-
-
-def prepare(inputs: Sequence[str | os.PathLike], tokenizer: Any, tokenizer_dir: str | os.PathLike,
-            proxy: ProxyScorer, out_dir: str | os.PathLike, text_fields: Sequence[str] = ("problem", "solution"),
-            text_separator: str = "\n\n", max_docs: int | None = None, shard_size: int = 1024,
-            threshold: float = 0.5, difficulty_thresholds: Sequence[float] = (0.5, 1.0, 1.5),
-            docs_per_batch: int = 32, progress: bool = True) -> dict[str, Any]:
-    """Tokenise and score ``inputs``; write Parquet shards and the manifest to ``out_dir``.
-
-    Returns the manifest. ``out_dir`` must be absent or empty; it appears only when complete.
-    """
-    final = Path(out_dir)
-    if final.exists() and (not final.is_dir() or any(final.iterdir())):
-        raise FileExistsError(f"output directory {final} is not empty; choose a new --out or delete it")
-    if shard_size < 1:
-        raise ValueError(f"--shard-size={shard_size} must be >= 1")
-    if max_docs is not None and max_docs < 1:
-        raise ValueError(f"--max-docs={max_docs} must be >= 1")
-    sources = open_sources(list(inputs))
-    # Built in a sibling directory renamed into place at the very end (atomic_output_dir).
-    with atomic_output_dir(final) as out:
-        return _prepare_into(out, sources, tokenizer, tokenizer_dir, proxy, text_fields, text_separator,
-                             max_docs, shard_size, threshold, difficulty_thresholds, docs_per_batch, progress)
-
-
-def _prepare_into(out: Path, sources: list[Any], tokenizer: Any, tokenizer_dir: str | os.PathLike,
-                  proxy: ProxyScorer, text_fields: Sequence[str], text_separator: str, max_docs: int | None,
-                  shard_size: int, threshold: float, difficulty_thresholds: Sequence[float], docs_per_batch: int,
-                  progress: bool) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    corpus = CorpusStream(sources, text_fields, text_separator)
-    known = [s.num_rows() for s in sources]
-    total = sum(known) if all(k is not None for k in known) else None  # type: ignore[misc]
-    if max_docs is not None:
-        total = min(total, max_docs) if total is not None else max_docs
-
-    shards: list[dict[str, Any]] = []
-    pending: list[ScoredDoc] = []
-    counts: dict[str, int] = {"scored": 0, "kept": 0, **{n: 0 for n in split_names(difficulty_thresholds)}}
-    unwinnable = _unwinnable_acc(difficulty_thresholds)
-    table = token_byte_table(tokenizer)
-    num_docs = num_tokens = 0
-
-    def flush() -> None:
-        if not pending:
-            return
-        name = f"shard-{len(shards):05d}.parquet"
-        _write_shard(out / name, pending)
-        shards.append({"file": name, "docs": len(pending), "tokens": int(sum(len(d.token_ids) for d in pending))})
-        pending.clear()
-
-    def score(batch: list[tuple[str, list[int]]]) -> None:
-        for (doc_id, ids), ent in zip(batch, proxy.score([ids for _, ids in batch])):
-            pending.append(ScoredDoc(doc_id, ids, ent))
-            _add_counts(counts, ent, threshold, difficulty_thresholds)
-            _add_unwinnable(unwinnable, [table[i] for i in ids], ent, difficulty_thresholds)
-            if len(pending) >= shard_size:
-                flush()
-
-    batch: list[tuple[str, list[int]]] = []
-    bar = tqdm(total=total, desc="scoring documents", unit="doc", disable=not progress)
-    for doc in corpus:
-        ids = encode_document(tokenizer, doc.text)
-        batch.append((doc.doc_id, ids))
-        num_docs += 1
-        num_tokens += len(ids)
-        if len(batch) >= docs_per_batch:
-            score(batch)
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{proxy.tokens_scored / max(proxy.seconds, 1e-9):.0f}")
-            batch = []
-        if max_docs is not None and num_docs >= max_docs:
-            break
-    if batch:
-        score(batch)
-        bar.update(len(batch))
-    bar.close()
-    flush()
-    if num_docs == 0:
-        raise ValueError(f"no usable documents in {[s.name for s in sources]} (bad rows: "
-                         f"{corpus.bad_rows.state_dict()}); check --text-fields")
-
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "num_docs": num_docs,
-        "num_tokens": num_tokens,
-        "shards": shards,
-        "counts": counts,
-        "counts_note": "positions (tokens after the first of each document) with entropy above each threshold; "
-                       "splits are nested (every hard position is also medium and easy)",
-        "unwinnable": unwinnable,
-        "unwinnable_note": "scored positions (as in counts) whose ground truth, the rest of the document, no "
-                           "\\boxed{} answer can win (never) or the first token alone cannot (not_first_token), "
-                           "with rl.box_escapes=true (boxed_escapes) and false; rl.answer_format=raw can win all",
-        "threshold": threshold,
-        "difficulty_thresholds": list(difficulty_thresholds),
-        "top_k": proxy.top_k,
-        "entropy_unit": "nats",
-        "proxy": {"path": str(proxy.path), "config_hash": proxy.config_hash,
-                  "dtype": str(proxy.dtype).replace("torch.", ""), "max_seq_len": proxy.max_seq_len},
-        "tokenizer": {"path": str(tokenizer_dir), "hash": tokenizer_hash(tokenizer_dir),
-                      "vocab_hash": vocab_hash(tokenizer)},
-        "sources": [s.describe() for s in sources],
-        "text_fields": list(text_fields),
-        "text_separator": text_separator,
-        "bad_rows": corpus.bad_rows.state_dict(),
-        "max_docs": max_docs,
-    }
-    write_json_atomic(out / MANIFEST, manifest)
     return manifest
 
 
@@ -298,5 +153,6 @@ class PreparedCorpus:
                     continue
                 ids = table.column("token_ids")[r].as_py()
                 ent = np.asarray(table.column("entropy")[r].values.to_numpy(zero_copy_only=False), dtype=np.float32)
-                yield ScoredDoc(doc_id, ids, ent)
+                corpus = table.column("corpus")[r].as_py() if "corpus" in table.column_names else ""
+                yield ScoredDoc(doc_id, ids, ent, corpus)
             self._cursor = {"order_pos": k + 1, "row_pos": 0}

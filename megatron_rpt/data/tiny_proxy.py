@@ -31,3 +31,12 @@ def make_tiny_proxy(out_dir: str | os.PathLike, vocab_size: int = 151665, hidden
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m megatron_rpt.data.tiny_proxy OUT_DIR  (a tiny random Qwen2 proxy, "
+                         "Qwen2.5 vocabulary)")
+    print(make_tiny_proxy(sys.argv[1]))

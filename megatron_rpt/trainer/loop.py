@@ -232,6 +232,7 @@ class Trainer:
         with self.timer("rollout"):
             wake_engine(self.engine)  # empties PyTorch's CUDA cache first: the engine needs that memory
             groups, metrics = collect_step_groups(cfg, self.engine, self.stream, self.prompts_per_rank, seed, dynamic)
+            metrics.update(self.stream.mixture_metrics())  # data.mixture: share of problems drawn per corpus
             sleep_engine(self.engine, cfg.rollout.sleep_between_phases)
         if cfg.rl.reward in POLICY_REWARDS:  # appendix A: P(y[0] | x<t) of the wrong predictions, from the policy
             metrics.update(apply_policy_rewards(cfg, groups, self.policy, self.tokenizer))

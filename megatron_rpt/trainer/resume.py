@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 IDENTITY_KEYS = (
     "model.hf_config", "model.hf_checkpoint", "model.load", "model.random_init", "model.tokenizer",
     "data.paths", "data.hf_dataset", "data.hf_split", "data.prepared", "data.text_fields", "data.seed",
+    "data.mixture", "data.dedup",
     "train.seed", "rl.reward", "rl.answer_format",
     "rl.box_escapes", "train.objective",
 )

@@ -65,9 +65,10 @@ def _pid_alive(pid: int) -> bool:
 class DirLock:
     """Exclusive use of ``directory`` by this process (``what`` names it in messages)."""
 
-    def __init__(self, directory: str | os.PathLike, what: str):
+    def __init__(self, directory: str | os.PathLike, what: str, holder: str = "another trainer runs there"):
         self.dir = Path(directory)
         self.what = what
+        self.holder = holder  # who the other process is, in the refusal
         self.path = self.dir / LOCK_NAME
         self._fd: int | None = None
 
@@ -134,8 +135,8 @@ class DirLock:
         if holder.get("host") == socket.gethostname() and pid > 0 and not _pid_alive(pid):
             return ConfigError(f"{self.what}={str(self.dir)!r} is locked by a leftover child process of pid {pid} "
                                f"(which is gone) on this host; stop it (fuser -v {self.path} names it) and retry")
-        return ConfigError(f"{self.what}={str(self.dir)!r} is in use by {_describe(holder)}: another trainer runs "
-                           "there; wait for it to finish or stop it, or give this run another directory")
+        return ConfigError(f"{self.what}={str(self.dir)!r} is in use by {_describe(holder)}: {self.holder}; "
+                           "wait for it to finish or stop it, or give this run another directory")
 
     def _take_over(self, previous: dict[str, Any]) -> None:
         if previous:

@@ -1,0 +1,93 @@
+"""Shared by the data-at-scale tests: a small config over ../shared's three math corpora, the
+prepare_data command line, reading an output directory back, and waiting for a run to be halfway."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import shared_path
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_DOCS = 24
+SHARD_SIZE = 3  # 8 shards: enough to be killed halfway through
+
+
+def mixture_data_dir() -> Path:
+    return shared_path("data")
+
+
+def mixture_config(root: Path, data: Path | None = None) -> Path:
+    """configs/math_mixture_cpu.yaml with short documents (one text field per corpus) and absolute paths."""
+    data = data or mixture_data_dir()
+    tree = {
+        "base": str(REPO / "configs/math_mixture_cpu.yaml"),
+        "model": {"tokenizer": str(shared_path("tokenizers/r1_distill_qwen"))},
+        "data": {"val_documents": 2, "max_prompt_tokens": 256, "mixture": [
+            {"name": "omni_math", "paths": [str(data / "omni_math_rule.jsonl")], "weight": 0.5,
+             "text_fields": ["problem"]},
+            {"name": "gsm8k", "paths": [str(data / "gsm8k_train.jsonl")], "weight": 0.3, "text_fields": ["question"]},
+            {"name": "math", "paths": [str(data / "math_test_5000.jsonl")], "weight": 0.2, "text_fields": ["problem"],
+             "min_chars": 64},
+        ]},
+    }
+    path = root / f"math_mixture_test_{len(list(root.glob('math_mixture_test*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def prepare_args(config: Path, proxy: Path, out: Path, *extra: str) -> list[str]:
+    return ["--config", str(config), "--proxy", str(proxy), "--out", str(out), "--max-docs", str(MAX_DOCS),
+            "--shard-size", str(SHARD_SIZE), "--threads", "1", "--device", "cpu", "--no-progress", *extra]
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def torchrun_prepare(args: list[str], nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            str(REPO / "tools/prepare_data.py"), *args]
+
+
+def output_bytes(out: Path) -> dict[str, bytes]:
+    """The result of a run: every shard and the manifest (run.json and workers/ are bookkeeping)."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name.startswith("shard-")
+            or p.name == "manifest.json"}
+
+
+def progress_records(out: Path) -> list[dict]:
+    """Every complete progress line of every worker (torn lines skipped)."""
+    recs = []
+    for path in sorted(out.glob("workers/w*/progress.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return recs
+
+
+def wait_for_shards(out: Path, n: int, done: Callable[[], bool], timeout: float = 300.0,
+                    what: Callable[[], str] = str) -> None:
+    """Until ``n`` shards are recorded; fails if the run ends (``done()``) first (``what()``: its log)."""
+    deadline = time.monotonic() + timeout
+    while len(progress_records(out)) < n:
+        assert not done(), f"the run ended before {n} shards were done\n{what()}"
+        assert time.monotonic() < deadline, f"no {n} shards after {timeout:.0f}s\n{what()}"
+        time.sleep(0.05)
+
+
+def run_quiet(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
