@@ -37,3 +37,30 @@ def require_vllm():
             pytest.fail(f"{reason} (RPT_REQUIRE_VLLM / CI demand the real-vLLM tests)", pytrace=False)
         pytest.skip(reason)
     return vllm
+
+
+# Test files whose outcome cannot depend on the megatron-core version: they never build a Megatron model
+# (data, rewards, configs, plots, plans, the plain-torch engine), or test the launch around a trainer that
+# the other files test on both versions (the SLURM scripts, process hygiene). The test
+# command runs every file on the newest megatron-core and, on the oldest supported one, only the rest
+# (RPT_TEST_SCOPE=mcore), which keeps CI within its budget without dropping a version-dependent test.
+VERSION_INDEPENDENT = {
+    "test_config.py", "test_data_corpus.py", "test_data_entropy.py", "test_data_prepare.py", "test_data_problems.py",
+    "test_data_scale.py", "test_data_slurm.py", "test_data_tokenizer.py", "test_eval_patterns.py",
+    "test_eval_report.py", "test_eval_scaling.py", "test_eval_solve.py", "test_gpu_script.py",
+    "test_install_vllm_cpu.py", "test_plan.py", "test_plot.py", "test_preflight.py", "test_reward.py",
+    "test_process_hygiene.py", "test_rl_advantages.py", "test_rl_dynamic_sampling.py", "test_rollout_builtin.py",
+    "test_rollout_decoder.py", "test_slurm.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    scope = os.environ.get("RPT_TEST_SCOPE", "all")
+    if scope not in ("all", "mcore"):
+        raise pytest.UsageError(f"RPT_TEST_SCOPE={scope!r}: use 'all' (every test) or 'mcore' (the tests whose "
+                                "outcome depends on the megatron-core version)")
+    if scope == "all":
+        return
+    keep = [item for item in items if item.path.name not in VERSION_INDEPENDENT]
+    config.hook.pytest_deselected(items=[item for item in items if item.path.name in VERSION_INDEPENDENT])
+    items[:] = keep
