@@ -80,7 +80,7 @@ def test_unknown_key_in_yaml(tmp_path):
 def test_parallel_layout_against_the_architecture(tmp_path):
     hf = _hf_config(tmp_path)
     ok = load_config(None, [f"model.hf_config={hf}", "parallel.tensor_parallel=2", "parallel.pipeline_parallel=3",
-                            "parallel.world_size=12"], validate_paths=False)
+                            "parallel.world_size=12", "rl.prompts_per_step=24"], validate_paths=False)
     assert ok.parallel.tensor_parallel == 2
     with pytest.raises(ConfigError, match=r"parallel\.tensor_parallel=4 does not divide the model's "
                                           r"num_attention_heads=6; use one of \[1, 2, 3, 6\]"):
@@ -176,7 +176,7 @@ def test_numbers_are_read_as_python_reads_them(tmp_path):
     ("model.fp8=e5m2", r"model\.fp8='e5m2' is not one of \['hybrid', 'e4m3'\] \(or null\)"),
     ("eval.modes=[standard, greedy]", r"eval\.modes\[1\]='greedy' is not one of \['standard', 'reasoning'\]"),
     ("data.template=v9", r"data\.template='v9' is not one of"),
-    ("rl.prompts_per_step=6", r"rl\.prompts_per_step=6 is not divisible by the data-parallel size 4"),
+    ("rl.prompts_per_step=6", r"rl\.prompts_per_step=6 is not divisible by the 4 rollout engines"),
 ])
 def test_out_of_range_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
