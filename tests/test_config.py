@@ -251,3 +251,40 @@ def test_world_size_rule_is_the_parallel_sections():
     with pytest.raises(ConfigError, match=r"world size 6 is not divisible"):
         layout.data_parallel_size(6)
     assert ParallelConfig(tensor_parallel=2).data_parallel_size(8) == 4
+
+
+def test_vllm_needs_a_model_directory_to_start_from(tmp_path, monkeypatch):
+    hf = _hf_config(tmp_path)  # a config.json without weights
+    base = [f"model.hf_config={hf}", "rollout.engine=vllm", "data.paths=[]"]
+    with pytest.raises(ConfigError, match=r"model\.hf_config='.*config\.json' has a config\.json but no weights .* "
+                                          r"and model\.load is empty"):
+        load_config(None, base)
+    ckpt = tmp_path / "mcore"
+    ckpt.mkdir()
+    # A Megatron checkpoint: vLLM starts from the config with dummy weights and receives Megatron's.
+    assert load_config(None, [*base, f"model.load={ckpt}"]).rollout.engine == "vllm"
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert load_config(None, base).rollout.engine == "vllm"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"rollout\.model_dir='.*empty' is not one \(no config\.json in it\): point "
+                                          r"rollout\.model_dir at the model's Hugging Face directory \(the GPU recipes "
+                                          r"read \$RPT_HF_DIR\), or set rollout\.engine=builtin"):
+        load_config(None, [*base, f"rollout.model_dir={tmp_path / 'empty'}"])
+
+
+def test_gpu_recipes_take_the_vllm_model_directory_from_the_environment(tmp_path, monkeypatch):
+    for name in ("RPT_CKPT", "RPT_TOKENIZER", "RPT_PROXY_MODEL"):
+        (tmp_path / name).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / name))
+    (tmp_path / "data.jsonl").write_text("")
+    monkeypatch.setenv("RPT_DATA", str(tmp_path / "data.jsonl"))
+    monkeypatch.setenv("RPT_HF_DIR", str(tmp_path / "missing"))
+    for recipe in ("rpt_14b", "rpt_32b", "rpt_72b", "rpt_moe_30b_a3b"):
+        with pytest.raises(ConfigError, match=r"rollout\.model_dir='.*missing' is not one \(no config\.json"):
+            load_config(f"configs/{recipe}.yaml")
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    _hf_config(hf_dir)
+    monkeypatch.setenv("RPT_HF_DIR", str(hf_dir))
+    for recipe in ("rpt_14b", "rpt_32b", "rpt_72b", "rpt_moe_30b_a3b"):
+        assert load_config(f"configs/{recipe}.yaml").rollout.model_dir == str(hf_dir)
