@@ -94,7 +94,6 @@ class Trainer:
         # Before anything is built: this run owns its directories, and what it resumes is verified.
         self.run_locks = lock_run_dirs(cfg)
         self.plan = plan_resume(cfg, resume, dist.get_world_size(), force=force_resume)
-        self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         # One engine per prompt stream: each draws its own prompts, its replica trains on them all.
         self.layout = RolloutLayout.build(cfg.parallel, cfg.rollout.tensor_parallel)
