@@ -1,7 +1,7 @@
 #!/bin/bash
 # RPT on DeepSeek-R1-Distill-Qwen-32B: 8 nodes x 8 H100 80GB (TP8, DP8).
 # Config: configs/rpt_32b.yaml. Submit from the repository root (trailing arguments go to
-# the trainer); set RPT_CKPT / RPT_TOKENIZER / RPT_PROXY_MODEL / RPT_DATA and RPT_RUNS_ROOT (or
+# the trainer); set RPT_CKPT / RPT_TOKENIZER / RPT_HF_DIR / RPT_PROXY_MODEL / RPT_DATA and RPT_RUNS_ROOT (or
 # SCRATCH: checkpoints go to $RPT_RUNS_ROOT/<job>-<id>, never into the repository) first:
 #   mkdir -p logs && sbatch examples/rpt_32b.sh [--set train.steps=10 ...]
 # Requeues itself at the time limit and resumes from the last checkpoint; launcher knobs

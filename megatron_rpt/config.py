@@ -260,7 +260,9 @@ class RolloutConfig(Section):
     bucket_mb: PosInt = 512
     """Weight-sync bucket size in MB: the peak extra memory of a sync is about one bucket."""
     tensor_parallel: PosInt = 1
-    """vLLM's tensor-parallel size (must divide the world size)."""
+    """Ranks per rollout engine (vLLM TP; builtin: 1): world / this many engines, each with its own prompts."""
+    model_dir: str = ""
+    """HF model directory vLLM starts from (config.json, tokenizer; weights unless model.load); empty: the model's."""
     gpu_memory_utilization: Fraction = 0.5
     """Fraction of GPU memory vLLM may take."""
     enforce_eager: bool = False
@@ -268,7 +270,12 @@ class RolloutConfig(Section):
     sleep_between_phases: bool = True
     """Release the engine's memory while the policy trains (vLLM sleep mode)."""
     seed: int = 0
-    """Base seed of sampling (combined with the step and the data-parallel rank)."""
+    """Base seed of sampling (combined with the step and the engine's index)."""
+
+    def check(self) -> None:
+        if self.engine == "builtin" and self.tensor_parallel != 1:
+            raise ConfigError(f"rollout.tensor_parallel={self.tensor_parallel} but the builtin engine runs one "
+                              "engine per rank: set rollout.tensor_parallel=1, or rollout.engine=vllm")
 
 
 @dataclass
@@ -469,16 +476,12 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Fal
     world = world_size if world_size is not None else p.world_size
     if world is not None:
         dp = p.data_parallel_size(world)
-        if cfg.rollout.engine == "vllm" and world % cfg.rollout.tensor_parallel:
-            raise ConfigError(f"rollout.tensor_parallel={cfg.rollout.tensor_parallel} must divide the world size "
-                              f"{world}")
         if cfg.train.objective == "ntp" and cfg.ntp.sequences_per_step % dp:
             raise ConfigError(f"ntp.sequences_per_step={cfg.ntp.sequences_per_step} is not divisible by the "
                               f"data-parallel size {dp}; make it a multiple of {dp}")
-        if cfg.rl.prompts_per_step % dp:
-            raise ConfigError(f"rl.prompts_per_step={cfg.rl.prompts_per_step} is not divisible by the data-parallel "
-                              f"size {dp} (world size {world} / model-parallel size {p.model_parallel_size}); make "
-                              f"it a multiple of {dp}")
+        from megatron_rpt.rollout.layout import check_rollout_layout  # keeps config import-light
+
+        check_rollout_layout(cfg, world)
     if cfg.model.hf_config or _is_local_dir(cfg.model.hf_checkpoint):
         _validate_against_architecture(cfg)
     elif check_paths and not cfg.model.hf_checkpoint:
@@ -521,6 +524,10 @@ def _validate_paths(cfg: Config) -> None:
             if not Path(value).exists():
                 raise ConfigError(f"data.mixture corpus {corpus.name!r}: paths[{i}]={value!r} does not exist; "
                                   "fix the path")
+    if cfg.rollout.engine == "vllm":
+        from megatron_rpt.rollout import check_vllm_start  # keeps config import-light
+
+        check_vllm_start(cfg)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -35,8 +35,10 @@ Memory model (bytes per GPU, worst pipeline stage):
 * rollout: vLLM claims ``gpu_memory_utilization * gpu memory`` for its weights and KV
   cache; the KV cache a full batch would need is ``seqs * (prompt+response) * layers * 2
   * kv_heads * head_dim * bytes / rollout TP`` (reported, and used to say how many
-  sequences decode concurrently). The built-in engine decodes on the training layout:
-  ``rollout.batch_size`` sequences of KV per data-parallel rank.
+  sequences decode concurrently). Engines are counted as the trainer places them
+  (:mod:`megatron_rpt.rollout.layout`): ``gpus / rollout TP``, each decoding its share. The
+  built-in engine is one engine per GPU (rollout TP 1) holding the whole model at the rollout
+  dtype and the KV of ``rollout.batch_size`` sequences.
 * bridge bucket: ``rollout.bucket_mb`` while weights are pushed to vLLM.
 * overhead: CUDA context, NCCL buffers and allocator fragmentation (``Hardware.overhead_gib``).
 
@@ -64,8 +66,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
-from megatron_rpt.config import Config, Recompute
+from megatron_rpt.config import Config, ParallelConfig, Recompute
 from megatron_rpt.model.hf_config import ArchConfig
+from megatron_rpt.rollout.layout import engine_count, engine_layout_problem
 
 GiB = float(2**30)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -411,7 +414,7 @@ def estimate_memory(arch: ArchConfig, work: Workload, layout: Layout, hw: Hardwa
         rbytes = DTYPE_BYTES[work.rollout_dtype]
         rollout_weights = arch.num_parameters() * rbytes / work.rollout_tp
         kv_token = kv_bytes_per_token(arch, work.rollout_tp, arch.num_layers, rbytes)
-        engines = max(1, hw.gpus // work.rollout_tp)
+        engines = engine_count(hw.gpus, work.rollout_tp)
         kv_needed = math.ceil(seqs / engines) * work.seq_len * kv_token
         kv_capacity = reserve - rollout_weights - 1.0 * GiB  # ~1 GiB of vLLM activations / graphs
         concurrent = max(0, int(kv_capacity // (work.seq_len * kv_token)))
@@ -424,9 +427,9 @@ def estimate_memory(arch: ArchConfig, work: Workload, layout: Layout, hw: Hardwa
         bucket = work.bucket_mb * 2**20
     else:
         rbytes = DTYPE_BYTES[work.rollout_dtype]
-        kv_token = kv_bytes_per_token(arch, layout.tp, arch.num_layers // layout.pp, rbytes)
+        kv_token = kv_bytes_per_token(arch, 1, arch.num_layers, rbytes)
         kv_needed = work.rollout_batch * work.seq_len * kv_token
-        rollout = kv_needed
+        rollout = arch.num_parameters() * rbytes + kv_needed
         concurrent = work.rollout_batch
 
     best: MemoryEstimate | None = None
@@ -540,6 +543,15 @@ def layout_problems(arch: ArchConfig, work: Workload, layout: Layout) -> list[st
     if per_mini % (layout.dp * work.micro_batch):
         out.append(f"a mini-batch of {per_mini:g} sequences is not divisible by DP*micro_batch = "
                    f"{layout.dp}*{work.micro_batch}")
+    if work.rollout_engine == "vllm" and layout.gpus % work.rollout_tp:
+        out.append(f"rollout TP={work.rollout_tp} must divide the {layout.gpus} GPUs")
+    elif work.rollout_engine == "vllm":
+        # A vLLM engine's ranks must train one data-parallel replica (rollout/layout.py).
+        parallel = ParallelConfig(tensor_parallel=layout.tp, pipeline_parallel=layout.pp,
+                                  context_parallel=layout.cp, expert_parallel=layout.ep)
+        problem = engine_layout_problem(parallel, layout.gpus, work.rollout_tp)
+        if problem:
+            out.append(problem)
     return out
 
 

@@ -45,7 +45,7 @@ def _model(out: Path, vocab_size: int, eos_id: int, seed: int) -> None:
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
         tie_word_embeddings=False, eos_token_id=eos_id, bos_token_id=eos_id,
     )
     Qwen2ForCausalLM(config).save_pretrained(out)

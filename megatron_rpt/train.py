@@ -41,6 +41,8 @@ def _quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=".*The .grad attribute of a Tensor that is not a leaf Tensor.*")
     for name in ("megatron", "megatron.core"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # vLLM logs every engine start-up detail and each weight reload at INFO; its warnings stay.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
 def summarize(result: dict, cfg: Config) -> str:

@@ -92,7 +92,7 @@ def logprob_gap(policy: Any, prompt_ids: list[list[int]], generations: list[list
                 temperature: float) -> dict[str, float] | None:
     """max / mean |engine - Megatron| log-prob over the sampled tokens, and the trainer's metric
     (``engine_vs_policy_logprob_diff``); None on ranks that are not the last pipeline stage."""
-    from megatron_rpt.trainer.loop import engine_vs_policy_logprob_diff
+    from megatron_rpt.trainer.mini_batches import engine_vs_policy_logprob_diff
 
     micro, engine = _micro_batches(prompt_ids, generations)
     policy.temperature = temperature

@@ -91,7 +91,7 @@ def test_unknown_key_in_yaml(tmp_path):
 def test_parallel_layout_against_the_architecture(tmp_path):
     hf = _hf_config(tmp_path)
     ok = load_config(None, [f"model.hf_config={hf}", "parallel.tensor_parallel=2", "parallel.pipeline_parallel=3",
-                            "parallel.world_size=12"], validate_paths=False)
+                            "parallel.world_size=12", "rl.prompts_per_step=24"], validate_paths=False)
     assert ok.parallel.tensor_parallel == 2
     with pytest.raises(ConfigError, match=r"parallel\.tensor_parallel=4 does not divide the model's "
                                           r"num_attention_heads=6; use one of \[1, 2, 3, 6\]"):
@@ -187,7 +187,7 @@ def test_numbers_are_read_as_python_reads_them(tmp_path):
     ("model.fp8=e5m2", r"model\.fp8='e5m2' is not one of \['hybrid', 'e4m3'\] \(or null\)"),
     ("eval.modes=[standard, greedy]", r"eval\.modes\[1\]='greedy' is not one of \['standard', 'reasoning'\]"),
     ("data.template=v9", r"data\.template='v9' is not one of"),
-    ("rl.prompts_per_step=6", r"rl\.prompts_per_step=6 is not divisible by the data-parallel size 4"),
+    ("rl.prompts_per_step=6", r"rl\.prompts_per_step=6 is not divisible by the 4 rollout engines"),
 ])
 def test_out_of_range_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -278,3 +278,40 @@ def test_a_missing_scorer_model_is_refused_at_load(tmp_path):
     with pytest.raises(ConfigError, match=r"eval\.scorer_model='.*nope' does not exist"):
         load_config(None, [f"eval.scorer_model={tmp_path / 'nope'}", "model.hf_checkpoint=auto:smollm2"],
                     validate_paths=True)
+
+
+def test_vllm_needs_a_model_directory_to_start_from(tmp_path, monkeypatch):
+    hf = _hf_config(tmp_path)  # a config.json without weights
+    base = [f"model.hf_config={hf}", "rollout.engine=vllm", "data.paths=[]"]
+    with pytest.raises(ConfigError, match=r"model\.hf_config='.*config\.json' has a config\.json but no weights .* "
+                                          r"and model\.load is empty"):
+        load_config(None, base)
+    ckpt = tmp_path / "mcore"
+    ckpt.mkdir()
+    # A Megatron checkpoint: vLLM starts from the config with dummy weights and receives Megatron's.
+    assert load_config(None, [*base, f"model.load={ckpt}"]).rollout.engine == "vllm"
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert load_config(None, base).rollout.engine == "vllm"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"rollout\.model_dir='.*empty' is not one \(no config\.json in it\): point "
+                                          r"rollout\.model_dir at the model's Hugging Face directory \(the GPU recipes "
+                                          r"read \$RPT_HF_DIR\), or set rollout\.engine=builtin"):
+        load_config(None, [*base, f"rollout.model_dir={tmp_path / 'empty'}"])
+
+
+def test_gpu_recipes_take_the_vllm_model_directory_from_the_environment(tmp_path, monkeypatch):
+    for name in ("RPT_CKPT", "RPT_TOKENIZER", "RPT_PROXY_MODEL"):
+        (tmp_path / name).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / name))
+    (tmp_path / "data.jsonl").write_text("")
+    monkeypatch.setenv("RPT_DATA", str(tmp_path / "data.jsonl"))
+    monkeypatch.setenv("RPT_HF_DIR", str(tmp_path / "missing"))
+    for recipe in ("rpt_14b", "rpt_32b", "rpt_72b", "rpt_moe_30b_a3b"):
+        with pytest.raises(ConfigError, match=r"rollout\.model_dir='.*missing' is not one \(no config\.json"):
+            load_config(f"configs/{recipe}.yaml")
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    _hf_config(hf_dir)
+    monkeypatch.setenv("RPT_HF_DIR", str(hf_dir))
+    for recipe in ("rpt_14b", "rpt_32b", "rpt_72b", "rpt_moe_30b_a3b"):
+        assert load_config(f"configs/{recipe}.yaml").rollout.model_dir == str(hf_dir)

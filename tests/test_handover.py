@@ -83,3 +83,21 @@ def test_trainer_releases_the_cache_around_the_rollout_phase(tmp_path):
     rollout = events[: events.index("sleep") + 2]
     assert rollout[:2] == ["release", "wake_up"], events
     assert "generate" in rollout and rollout[-2:] == ["sleep", "release"], events
+
+
+def test_engine_awake_puts_the_engine_back_to_sleep_when_the_rollout_raises(monkeypatch):
+    events: list[str] = []
+    monkeypatch.setattr(handover, "release_cuda_cache", lambda: events.append("release") or 0)
+    try:
+        with handover.engine_awake(_Recorder(events), sleep_after=True):
+            events.append("generate")
+            raise RuntimeError("a rollout failed")
+    except RuntimeError:
+        pass
+    with handover.engine_awake(_Recorder(events), sleep_after=False):  # rollout.sleep_between_phases=false
+        events.append("generate")
+    with handover.engine_awake(None, sleep_after=True):  # no engine: the cache is still handed back
+        events.append("nothing")
+    assert events == ["release", "wake_up", "generate", "sleep", "release",
+                      "release", "wake_up", "generate", "release",
+                      "release", "nothing", "release"]

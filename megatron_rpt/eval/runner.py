@@ -57,7 +57,7 @@ from megatron_rpt.eval.next_token import (
 from megatron_rpt.eval.reasoning import generate_and_score, reasoning_accuracy, reasoning_params
 from megatron_rpt.eval.report import BucketAccumulator, EvalReport, ReportRow, bucket_names, flat_metrics, in_bucket
 from megatron_rpt.reward import writable_prefix_tokens
-from megatron_rpt.rollout.handover import sleep_engine, wake_engine
+from megatron_rpt.rollout.handover import engine_awake
 
 log = logging.getLogger(__name__)
 
@@ -366,22 +366,15 @@ def _cached_validation_set(cfg: Config, tokenizer: Any) -> ValidationSet:
 
 
 def _unpack(trainer_or_parts: Any) -> tuple[Config, Any, Any, int, int, bool, Any]:
-    """(cfg, engine, tokenizer, dp_rank, dp_size, contributes, reduce group)."""
-    import torch.distributed as dist
-
+    """(cfg, engine, tokenizer, shard index, shards, contributes, reduce group)."""
     if isinstance(trainer_or_parts, tuple):
         cfg, engine, tokenizer = trainer_or_parts
         return cfg, engine, tokenizer, 0, 1, engine is not None, None
     t = trainer_or_parts
     cfg, engine, tokenizer = t.cfg, t.engine, t.tokenizer
-    dp_rank, dp_size = int(getattr(t, "dp_rank", 0)), int(getattr(t, "dp_size", 1))
-    contributes = engine is not None
-    if dist.is_initialized():
-        from megatron.core import parallel_state
-
-        # One engine per model-parallel group does the work (vLLM puts one on every rank).
-        contributes = contributes and dist.get_rank(parallel_state.get_model_parallel_group()) == 0
-    return cfg, engine, tokenizer, dp_rank, dp_size, contributes, None
+    # Every rollout engine evaluates its share (rollout/layout.py); its first rank reports it.
+    layout = t.layout
+    return cfg, engine, tokenizer, layout.engine, layout.engines, engine is not None and layout.leader, None
 
 
 def _gather(local: dict[str, Any]) -> list[dict[str, Any]]:
@@ -425,17 +418,17 @@ def evaluate_during_training(trainer_or_parts: Any, step: int, modes: Sequence[s
     if "reasoning" in modes:
         keys += [("reasoning", "random@1"), ("reasoning", "pass@k")]
     local: dict[str, Any] = {"accs": {}, "positions": 0, "generated": 0, "unwinnable": {}, "selection": {}}
-    if contributes:
+    if engine is not None:  # every rank of a vLLM engine generates, its first one reports
         val = validation_set or _cached_validation_set(cfg, tokenizer)
         shard = val.shard(dp_rank, dp_size)
-        wake_engine(engine)
-        res = evaluate_positions(cfg, engine, shard, modes)
+        with engine_awake(engine, cfg.rollout.sleep_between_phases):
+            res = evaluate_positions(cfg, engine, shard, modes)
         if val.entropies is None or any(e is None for e in val.entropies[dp_rank::dp_size]):
             # Self-scored: keep this evaluation's buckets for the later ones (this rank's share).
             entropies = list(val.entropies or [None] * len(val))
             entropies[dp_rank::dp_size] = shard.entropies
             val.entropies = entropies
-        sleep_engine(engine, cfg.rollout.sleep_between_phases)
+    if contributes:
         local = {"accs": accumulators(cfg, shard, res), "positions": len(shard), "generated": res.generated_tokens,
                  "unwinnable": unwinnable_counts(cfg, shard), "selection": val.selection}
     parts = _gather(local)

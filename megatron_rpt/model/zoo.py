@@ -75,7 +75,7 @@ def ensure_smollm2(cache: Path = CACHE, install: bool = True) -> Path | None:
 
 def ensure_tiny_random(tokenizer_dir: Path, cache: Path = CACHE, seed: int = 0) -> Path:
     """A randomly initialised 2-layer Qwen2 with ``tokenizer_dir``'s vocabulary."""
-    final = cache / f"tiny-qwen2-{Path(tokenizer_dir).name}-s{seed}"
+    final = cache / f"tiny-qwen2-hd32-{Path(tokenizer_dir).name}-s{seed}"
     if (final / "config.json").is_file():
         return final
 
@@ -87,7 +87,8 @@ def ensure_tiny_random(tokenizer_dir: Path, cache: Path = CACHE, seed: int = 0) 
         torch.manual_seed(seed)
         config = Qwen2Config(
             vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
+            # head dim 32: the smallest vLLM's CPU attention runs (the main job rolls out with vLLM)
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
         )
         Qwen2ForCausalLM(config).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

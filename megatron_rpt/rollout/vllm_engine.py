@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from megatron_rpt.errors import UserError
 from megatron_rpt.model.build import DTYPES
 from megatron_rpt.model.hf_config import ArchConfig
 from megatron_rpt.rollout.base import Generation, SamplingParams, check_hf_tensor, hf_parameter_shapes
@@ -55,6 +56,7 @@ MISSING_VLLM = (
     "bash tools/install_vllm_cpu.sh on a CPU one, or set rollout.engine=builtin"
 )
 CPU_BLOCK_SIZE = 128  # vLLM's CPU default; the KV-cache size is a whole number of blocks per sequence
+CPU_BATCHED_TOKENS = 4096  # vLLM's CPU default token budget of one scheduler step
 
 
 class WeightPush(Enum):
@@ -64,11 +66,19 @@ class WeightPush(Enum):
     LOAD_WEIGHTS = "load_weights"  # model.load_weights: copies into unprocessed parameters
 
 
+class VLLMUnavailable(UserError, ImportError):
+    """``import vllm`` fails here: the message is the fix (install it, or use the built-in engine)."""
+
+
 def import_vllm() -> Any:
+    """The ``vllm`` module, or :class:`VLLMUnavailable` with the install line (train.py prints it)."""
     try:
         import vllm
     except ImportError as exc:
-        raise ImportError(MISSING_VLLM) from exc
+        raise VLLMUnavailable(MISSING_VLLM) from exc
+    except Exception as exc:  # noqa: BLE001 - a broken install (e.g. a torchvision built for another torch)
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise VLLMUnavailable(f"{MISSING_VLLM} (`import vllm` fails: {type(exc).__name__}: {reason})") from exc
     return vllm
 
 
@@ -181,6 +191,12 @@ class VLLMEngine:
             load_format=load_format,
             enable_prefix_caching=True,
         )
+        if current_platform.is_cpu():
+            # A prefill split over two scheduler steps rewinds the request's seeded generator, which
+            # CPU generators cannot do ("CPU Generator does not use offset"): schedule whole prompts.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(max_model_len or arch.max_position_embeddings, max_num_seqs,
+                                                   CPU_BATCHED_TOKENS)
         if kv_cache_memory_bytes is None and not on_cuda and _engine_arg_exists("kv_cache_memory_bytes"):
             kv_cache_memory_bytes = kv_cache_bytes(arch, max_num_seqs, max_model_len or arch.max_position_embeddings,
                                                    DTYPES[dtype].itemsize)

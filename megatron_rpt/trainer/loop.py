@@ -1,8 +1,10 @@
 """The RPT training loop.
 
-One step: stream problems -> rollout -> extract + reward -> (dynamic sampling) ->
-advantages -> old logprobs -> GRPO update(s) on Megatron -> bridge sync -> metrics
-(-> checkpoint). Everything else lives in the modules this one composes.
+One step (:meth:`Trainer.train_step`): every rollout engine samples its own prompts ->
+reward (-> dynamic sampling) -> the samples of a data-parallel replica's engines gathered on
+its ranks -> advantages -> mini-batches -> old logprobs -> GRPO update(s) on Megatron ->
+bridge sync; then metrics and one save decision per step. Everything else lives in the
+modules this one composes (the rank layout of engines: rollout/layout.py).
 """
 
 from __future__ import annotations
@@ -18,55 +20,32 @@ import torch
 import torch.distributed as dist
 
 from megatron_rpt.config import Config, ConfigError, dump_yaml, validate
+from megatron_rpt.distributed import all_reduce_numbers
 from megatron_rpt.errors import TrainingDiverged
 from megatron_rpt.eval.scaling import write_run_model
-from megatron_rpt.trainer import checkpointing
-from megatron_rpt.trainer.resume import plan_resume
-from megatron_rpt.trainer.run_lock import lock_run_dirs
-from megatron_rpt.trainer.metrics import MetricsLogger, PhaseTimer
-from megatron_rpt.distributed import all_reduce_numbers
 from megatron_rpt.reward import POLICY_REWARDS
-from megatron_rpt.rollout.handover import sleep_engine, wake_engine
+from megatron_rpt.rollout.handover import engine_awake
+from megatron_rpt.rollout.layout import RolloutLayout
+from megatron_rpt.trainer import checkpointing
 from megatron_rpt.trainer.dense_reward import apply_policy_rewards
+from megatron_rpt.trainer.metrics import MetricsLogger, PhaseTimer
+from megatron_rpt.trainer.mini_batches import (
+    MiniBatch,
+    engine_vs_policy_logprob_diff,
+    merge_update_metrics,
+    split_mini_batches,
+)
 from megatron_rpt.trainer.ntp import NTPStream, ntp_step
+from megatron_rpt.trainer.resume import plan_resume
 from megatron_rpt.trainer.rollout_phase import (
-    collect_step_groups,
-    hosts_engine,
+    RolloutGroup,
+    gather_replica_batch,
+    sample_engine_share,
     save_rollouts,
 )
+from megatron_rpt.trainer.run_lock import lock_run_dirs
 
 log = logging.getLogger("megatron_rpt")
-
-
-def _split_evenly(n: int, parts: int) -> list[range]:
-    """``parts`` contiguous index ranges covering ``range(n)`` (sizes differ by at most one)."""
-    bounds = [round(i * n / parts) for i in range(parts + 1)]
-    return [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
-
-
-def engine_vs_policy_logprob_diff(micro_batches: list[dict[str, torch.Tensor]],
-                                  engine_logprobs: list[list[float]]) -> float:
-    """Mean |engine logprob - Megatron logprob| over response tokens, at every temperature.
-
-    The engine samples with the weights the bridge pushed; Megatron scores the same tokens with
-    the weights it trains. Both are ``log_softmax(logits / T)`` of the sampled token (see
-    rollout/base.py), so anything but float noise here means the weight sync is broken. With
-    ``rollout.top_p < 1`` vLLM reports the log-probability renormalised over the nucleus: the
-    metric then also holds the mean ``-log(nucleus mass)`` of the sampled positions (the
-    built-in engine reports the pre-top-p value at any top_p).
-    """
-    diffs = []
-    sample = 0
-    for mb in micro_batches:
-        for row in range(mb["loss_mask"].shape[0]):
-            mask = mb["loss_mask"][row].bool()
-            if not mask.any():
-                continue  # padding row added to keep micro-batch shapes equal
-            policy = mb["old_logprobs"][row][mask].double()
-            engine = torch.tensor(engine_logprobs[sample], dtype=torch.float64)
-            diffs.append((policy - engine).abs())
-            sample += 1
-    return float(torch.cat(diffs).mean()) if diffs else float("nan")
 
 
 class _StopFlag:
@@ -100,10 +79,13 @@ class Trainer:
         from megatron_rpt.model.hf_config import load_hf_config
         from megatron_rpt.model.zoo import resolve_model_dir
         from megatron_rpt.rollout import make_engine
+        from megatron_rpt.rollout.vllm_engine import import_vllm
         from megatron_rpt.trainer.optimizer import build_optimizer, wrap_ddp
         from megatron_rpt.trainer.policy import MegatronPolicy
 
         self.cfg = cfg
+        if cfg.rollout.engine == "vllm":
+            import_vllm()  # fail first, with the install line: nothing built, nothing written yet
         p = cfg.parallel
         if p.context_parallel > 1:  # needs TE attention and a CP-splittable loss aggregation
             from megatron_rpt.rl import check_context_parallel_config
@@ -118,7 +100,9 @@ class Trainer:
         self.plan = plan_resume(cfg, resume, dist.get_world_size(), force=force_resume)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
-        self.prompts_per_rank = cfg.rl.prompts_per_step // self.dp_size
+        # One engine per prompt stream: each draws its own prompts, its replica trains on them all.
+        self.layout = RolloutLayout.build(cfg.parallel, cfg.rollout.tensor_parallel)
+        self.prompts_per_engine = cfg.rl.prompts_per_step // self.layout.engines
 
         model_dir = None
         if cfg.model.hf_checkpoint:
@@ -145,11 +129,13 @@ class Trainer:
         optimizer, scheduler = build_optimizer(chunks, cfg)
         self.policy = MegatronPolicy(cfg, self.arch, chunks, optimizer, scheduler)
 
-        self.engine = make_engine(cfg, self.arch, self.tokenizer) if hosts_engine(cfg) else None
+        # Weights come from the bridge before the first rollout (run() syncs first).
+        self.engine = make_engine(cfg, self.arch, self.tokenizer, model_dir=model_dir, engine_index=self.layout.engine,
+                                  weights_from_bridge=True)
         self.bridge = WeightBridge(chunks, self.arch, bucket_mb=cfg.rollout.bucket_mb,
                                    dtype=DTYPES[cfg.rollout.dtype])
-        self.stream = ProblemStream(cfg.data, self.tokenizer, dp_rank=self.dp_rank, dp_size=self.dp_size,
-                                    split="train")
+        self.stream = ProblemStream(cfg.data, self.tokenizer, dp_rank=self.layout.engine,
+                                    dp_size=self.layout.engines, split="train")
         if cfg.train.objective == "ntp":  # the baseline: every token of the same documents, LM loss
             self.stream = NTPStream(cfg, self.tokenizer, dp_rank=self.dp_rank, dp_size=self.dp_size)
         self.step = 0
@@ -199,6 +185,16 @@ class Trainer:
         if self.rank == 0:
             log.info("resumed from %s (step %d, run %s)", path, self.step, self.plan.run_id)
 
+    def _save_due(self, stopping: bool) -> bool:
+        """Save after this step? Every ``checkpoint.save_interval`` steps, and once the run ends (its
+        last step, or a stop signal) when ``checkpoint.save_on_exit``."""
+        c = self.cfg.checkpoint
+        if not c.dir:
+            return False
+        on_interval = bool(c.save_interval) and self.step % c.save_interval == 0
+        ending = stopping or self.step >= self.cfg.train.steps
+        return on_interval or (ending and c.save_on_exit)
+
     def _save(self) -> None:
         if not self.cfg.checkpoint.dir:
             return
@@ -218,73 +214,73 @@ class Trainer:
 
     def sync_weights(self) -> dict[str, float]:
         with self.timer("sync"):
-            stats = self.bridge.sync(self.engine)  # ranks without an engine still join the collectives
+            stats = self.bridge.sync(self.engine)
         return {"sync/gb_per_s": float(getattr(stats, "gb_per_s", float("nan")))}
 
     def train_step(self) -> dict[str, float]:
-        from megatron_rpt.rl import build_micro_batches, dynamic_sampling_active, group_advantages
+        """One RPT step: rollouts (each engine its own prompts) -> this replica's batch -> group
+        advantages -> mini-batches -> old (and reference) logprobs -> one GRPO update per
+        mini-batch (``rl.updates_per_batch`` passes) -> weight sync into the engine."""
+        if self.cfg.train.objective == "ntp":
+            return ntp_step(self)  # no rollouts; the engine is synced before an evaluation only
+        groups, metrics = self._rollout()
+        if self.cfg.rl.reward in POLICY_REWARDS:  # appendix A: P(y[0] | x<t) of the wrong predictions, from the policy
+            metrics.update(apply_policy_rewards(self.cfg, groups, self.policy, self.tokenizer))
+        mini_batches = self._mini_batches(groups, metrics)
+        with self.timer("logprob"):
+            metrics.update(self._score_old_policy(mini_batches))
+        with self.timer("update"):
+            steps = [self.policy.train_step(mb.micro_batches, mb.global_tokens, mb.global_seqs)
+                     for _ in range(self.cfg.rl.updates_per_batch) for mb in mini_batches]
+        metrics.update({f"train/{k}": v for k, v in merge_update_metrics(steps).items()})
+        metrics.update(self.sync_weights())
+        return metrics
+
+    def _rollout(self) -> tuple[list[RolloutGroup], dict[str, float]]:
+        """This engine's share (dynamic sampling per engine), saved, then gathered into the replica's batch."""
+        from megatron_rpt.rl import dynamic_sampling_active
+
+        cfg, layout = self.cfg, self.layout
+        dynamic = dynamic_sampling_active(self.step, cfg.rl.dynamic_sampling_from_step)
+        seed = cfg.rollout.seed + 1_000_003 * self.step + 101 * layout.engine
+        with self.timer("rollout"):
+            with engine_awake(self.engine, cfg.rollout.sleep_between_phases):
+                share = sample_engine_share(cfg, self.engine, self.stream, self.prompts_per_engine, seed, dynamic)
+            groups = gather_replica_batch(layout, share.kept)
+        if cfg.logging.save_rollouts and layout.leader:
+            save_rollouts(cfg.logging.dir, self.step + 1, layout.engine, share)  # 1-based, like metrics
+        metrics = share.metrics(cfg)
+        metrics.update(self.stream.mixture_metrics())  # data.mixture: share of problems drawn per corpus
+        return groups, metrics
+
+    def _mini_batches(self, groups: list[RolloutGroup], metrics: dict[str, float]) -> list[MiniBatch]:
+        from megatron_rpt.rl import group_advantages
 
         cfg = self.cfg
-        if cfg.train.objective == "ntp":
-            return ntp_step(self)  # no rollouts; the engine is synced before an evaluation only
-        dynamic = dynamic_sampling_active(self.step, cfg.rl.dynamic_sampling_from_step)
-        seed = cfg.rollout.seed + 1_000_003 * self.step + 101 * self.dp_rank
-        with self.timer("rollout"):
-            wake_engine(self.engine)  # empties PyTorch's CUDA cache first: the engine needs that memory
-            groups, metrics = collect_step_groups(cfg, self.engine, self.stream, self.prompts_per_rank, seed, dynamic)
-            metrics.update(self.stream.mixture_metrics())  # data.mixture: share of problems drawn per corpus
-            sleep_engine(self.engine, cfg.rollout.sleep_between_phases)
-        if cfg.rl.reward in POLICY_REWARDS:  # appendix A: P(y[0] | x<t) of the wrong predictions, from the policy
-            metrics.update(apply_policy_rewards(cfg, groups, self.policy, self.tokenizer))
-        if cfg.logging.save_rollouts and self.engine is not None and self.rank == dist.get_global_rank(
-                self._mp_group(), 0):
-            save_rollouts(cfg.logging.dir, self.step + 1, self.dp_rank, groups)  # 1-based, like metrics
-
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
         advantages = group_advantages(rewards, normalize_std=cfg.rl.normalize_advantage_std).reshape(-1).tolist()
         samples = [(g.problem.prompt_ids, ids) for g in groups for ids in g.token_ids]
         engine_logprobs = [lp for g in groups for lp in g.engine_logprobs]
-        trained_tokens = sum(len(p) + len(r) for p, r in samples) * cfg.rl.updates_per_batch
-        global_trained, global_generated = all_reduce_numbers(
-            [trained_tokens, metrics["rollout/generated_tokens"]], group=self._dp_group())
-        # Global counts (identical on every rank) for the compute axis of the scaling fit.
-        metrics["compute/trained_tokens"] = global_trained
-        metrics["compute/generated_tokens"] = global_generated
+        # Global counts (identical on every rank) for the compute axis of the scaling fit: a
+        # replica's batch counted once (data-parallel group), an engine's work once (its first rank).
+        trained = sum(len(p) + len(r) for p, r in samples) * cfg.rl.updates_per_batch
+        (metrics["compute/trained_tokens"],) = all_reduce_numbers([trained], group=self._dp_group())
+        generated = metrics["rollout/generated_tokens"] if self.layout.leader else 0.0
+        (metrics["compute/generated_tokens"],) = all_reduce_numbers([generated])
+        return split_mini_batches(samples, advantages, engine_logprobs, cfg.rl, self._dp_group())
 
-        # Mini-batches: every one is an optimizer step whose loss is normalised over the tokens and
-        # sequences of that mini-batch across all data-parallel ranks.
-        mini_batches = []
-        for part in _split_evenly(len(samples), cfg.rl.mini_batches_per_step):
-            chunk = [samples[i] for i in part]
-            micro = build_micro_batches(chunk, [advantages[i] for i in part],
-                                        micro_batch_size=cfg.rl.micro_batch_size, pad_token_id=0)
-            tokens, seqs = all_reduce_numbers([sum(len(r) for _, r in chunk), len(chunk)], group=self._dp_group())
-            mini_batches.append((micro, int(tokens), int(seqs), [engine_logprobs[i] for i in part]))
-
-        with self.timer("logprob"):
-            diffs = []
-            for micro, _, _, engine_lp in mini_batches:
-                old = self.policy.compute_logprobs(micro)
-                for mb, lp in zip(micro, old or [torch.zeros_like(mb["loss_mask"], dtype=torch.float32)
-                                                 for mb in micro]):
-                    mb["old_logprobs"] = lp
-                if old is not None:
-                    diffs.append(engine_vs_policy_logprob_diff(micro, engine_lp))
-                if self.reference is not None:
-                    ref = self.reference.compute_logprobs(micro)
-                    for mb, lp in zip(micro, ref or [torch.zeros_like(mb["loss_mask"], dtype=torch.float32)
-                                                     for mb in micro]):
-                        mb["ref_logprobs"] = lp
-            if diffs:
-                metrics["rollout/engine_logprob_abs_diff"] = max(diffs)
-
-        with self.timer("update"):
-            for _ in range(cfg.rl.updates_per_batch):
-                for micro, tokens, seqs, _ in mini_batches:
-                    train_metrics = self.policy.train_step(micro, tokens, seqs)
-        metrics.update({f"train/{k}": v for k, v in train_metrics.items()})
-        metrics.update(self.sync_weights())
-        return metrics
+    def _score_old_policy(self, mini_batches: list[MiniBatch]) -> dict[str, float]:
+        """The behaviour policy's logprobs (and the reference's) on every micro-batch, and how far
+        the engine's own logprobs are from them (float noise when the weight sync works)."""
+        diffs = []
+        for mb in mini_batches:
+            old = self.policy.compute_logprobs(mb.micro_batches)  # None off the last pipeline stage
+            mb.attach("old_logprobs", old)
+            if old is not None:
+                diffs.append(engine_vs_policy_logprob_diff(mb.micro_batches, mb.engine_logprobs))
+            if self.reference is not None:
+                mb.attach("ref_logprobs", self.reference.compute_logprobs(mb.micro_batches))
+        return {"rollout/engine_logprob_abs_diff": max(diffs)} if diffs else {}
 
     def evaluate(self) -> dict[str, float]:
         """Validation metrics on the held-out split (collective: every rank calls it)."""
@@ -294,11 +290,6 @@ class Trainer:
             self.sync_weights()  # NTP steps leave the engine behind the policy
         with self.timer("eval"):
             return evaluate_during_training(self, self.step)
-
-    def _mp_group(self):
-        from megatron.core import parallel_state
-
-        return parallel_state.get_model_parallel_group()
 
     def _dp_group(self):
         from megatron.core import parallel_state
@@ -321,9 +312,10 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         if self.rank == 0:
-            log.info("model %s (%.1fM params), %d-way TP, %d-way PP, %d-way DP; %d steps from step %d",
-                     self.arch.hf_architecture, self.arch.num_parameters() / 1e6, cfg.parallel.tensor_parallel,
-                     cfg.parallel.pipeline_parallel, self.dp_size, cfg.train.steps, self.step)
+            log.info("model %s (%.1fM params), %d-way TP, %d-way PP, %d-way DP, %d %s rollout engine(s) of %d "
+                     "rank(s); %d steps from step %d", self.arch.hf_architecture, self.arch.num_parameters() / 1e6,
+                     cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, self.dp_size, self.layout.engines,
+                     cfg.rollout.engine, cfg.rollout.tensor_parallel, cfg.train.steps, self.step)
         self.sync_weights()
         self.timer.pop()
         progress = None
@@ -362,17 +354,12 @@ class Trainer:
                 progress.update(1)
                 progress.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
                                      len=f"{metrics.get('response_length/mean', 0):.0f}")
-            if self.stop.agreed():
+            stopping = self.stop.agreed()
+            if self._save_due(stopping):
+                self._save()
+            if stopping:
                 exit_reason = "signal"
-                if cfg.checkpoint.save_on_exit:
-                    self._save()
                 break
-            if cfg.checkpoint.dir and cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0:
-                self._save()
-        else:
-            if cfg.checkpoint.dir and cfg.checkpoint.save_on_exit and (
-                    not cfg.checkpoint.save_interval or self.step % cfg.checkpoint.save_interval):
-                self._save()
         self._finish_saves(blocking=True)
         if self.async_saves is not None:
             self.async_saves.close()

@@ -13,9 +13,10 @@ them for users):
   checkpoint under that directory. Rewinding inside ``checkpoint.dir`` sets the newer
   checkpoints aside as ``iter_X.superseded``; from another directory, ``checkpoint.dir`` must
   hold no checkpoints of its own.
-* The parallel layout (TP, PP, VP, CP, EP, DP) must be the checkpoint's: the optimizer state
-  is saved per data-parallel rank and is not resharded. The message says how to carry the
-  weights over instead (``model.load``, which reshards them).
+* The parallel layout (TP, PP, VP, CP, EP, DP and the number of rollout engines) must be the
+  checkpoint's: the optimizer state is saved per data-parallel rank and the data-stream state per
+  rollout engine (each engine reads its own shard), neither is resharded. The message says how to
+  carry the weights over instead (``model.load``, which reshards them).
 * Identity: a checkpoint records its run id and config. Resuming one's own ``checkpoint.dir``
   with a different model, tokenizer, data source or seed is another run and is refused unless
   forced; any other changed value is logged and applied (the optimizer schedule included).
@@ -36,6 +37,7 @@ import torch.distributed as dist
 from megatron_rpt.atomic import write_text_atomic
 from megatron_rpt.checkpoint.hf_io import CheckpointError
 from megatron_rpt.config import Config, ConfigError
+from megatron_rpt.rollout.layout import engine_count
 from megatron_rpt.trainer.checkpointing import candidates, iter_step, read_complete
 from megatron_rpt.trainer.ckpt_manifest import verify_manifest
 
@@ -94,13 +96,23 @@ def layout_of(cfg: Config, world_size: int) -> dict[str, Any]:
     return {"tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
             "virtual_pipeline": p.virtual_pipeline, "context_parallel": p.context_parallel,
             "expert_parallel": p.expert_parallel, "data_parallel": p.data_parallel_size(world_size),
-            "world_size": world_size}
+            "rollout_engines": engine_count(world_size, cfg.rollout.tensor_parallel), "world_size": world_size}
 
 
 def _layout_text(layout: dict[str, Any]) -> str:
     return (f"TP={layout.get('tensor_parallel')} PP={layout.get('pipeline_parallel')} "
             f"VP={layout.get('virtual_pipeline')} CP={layout.get('context_parallel')} "
-            f"EP={layout.get('expert_parallel')} DP={layout.get('data_parallel')} ({layout.get('world_size')} ranks)")
+            f"EP={layout.get('expert_parallel')} DP={layout.get('data_parallel')} "
+            f"with {layout.get('rollout_engines')} rollout engines ({layout.get('world_size')} ranks)")
+
+
+def _saved_layout(meta: dict[str, Any]) -> dict[str, Any]:
+    """The layout a checkpoint records; one written before rollout engines were recorded read its
+    data stream per data-parallel rank, i.e. with one engine per replica."""
+    layout = dict(meta.get("layout") or {})
+    if layout and "rollout_engines" not in layout:
+        layout["rollout_engines"] = layout.get("data_parallel")
+    return layout
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -132,11 +144,12 @@ def _unusable(path: Path, layout: dict[str, Any]) -> str | None:
         return "no complete.json: it was interrupted mid-save or damaged"
     if not isinstance(meta.get("files"), dict):
         return "complete.json has no checksums (written by an older megatron-rpt, or damaged)"
-    if meta.get("layout") != layout:
+    if _saved_layout(meta) != layout:
         raise CheckpointError(
-            f"checkpoint {path} was written at {_layout_text(meta.get('layout') or {})}; this run is "
+            f"checkpoint {path} was written at {_layout_text(_saved_layout(meta))}; this run is "
             f"{_layout_text(layout)}. A training checkpoint resumes only at its own parallel layout (the optimizer "
-            "state is saved per data-parallel rank and is not resharded). Relaunch with the checkpoint's layout, "
+            "state is saved per data-parallel rank and the data stream per rollout engine = world size / "
+            "rollout.tensor_parallel; neither is resharded). Relaunch with the checkpoint's layout, "
             f"or carry its weights over to this layout with a fresh optimizer: --set model.load={path}/dist and a "
             "new checkpoint.dir")
     return verify_manifest(path, meta["files"])

@@ -1,9 +1,18 @@
-"""The rollout phase of one RPT step: problems -> samples -> rewards -> GRPO groups.
+"""The rollout phase of one RPT step: each engine's prompts -> samples -> rewards -> its replica's groups.
 
-Owns: generating ``rollout.samples_per_prompt`` responses per problem on the ranks that
-host an engine and sharing them with the rest of the model-parallel group, scoring them
-with the RPT reward, dynamic sampling (drop all-0 / all-1 groups, refill from the stream),
-and the per-step rollout metrics (reward, accuracy by difficulty, response length).
+Owns: generating ``rollout.samples_per_prompt`` responses per problem on every rollout engine (each
+engine its own prompts and seed: :mod:`megatron_rpt.rollout.layout`), scoring them with the RPT
+reward, dynamic sampling per engine, gathering the engines' groups into the batch of their
+data-parallel replica (every rank of the replica gets the same groups, in engine order), saving
+each engine's rollouts, and the per-step rollout metrics.
+
+Dynamic sampling (DAPO, from step ``rl.dynamic_sampling_from_step``): a group whose rewards are
+all equal carries no gradient and is dropped; the engine keeps sampling until its share of
+``rl.prompts_per_step`` is full of informative groups. Every refill round asks for the missing
+count divided by the keep rate observed so far in this step (floored at 0.1:
+:func:`~megatron_rpt.rl.refill_prompt_count`), and at most ``rl.max_refill_rounds`` refill rounds
+run; a share still short then trains on what it kept, and ``dynamic/fill_fraction`` (logged every
+step) says how full the batch was.
 """
 
 from __future__ import annotations
@@ -18,8 +27,9 @@ import torch.distributed as dist
 from megatron_rpt.config import Config
 from megatron_rpt.data.entropy_filter import split_names
 from megatron_rpt.reward import compute_reward, rollout_reward_kind
-from megatron_rpt.rl import filter_groups
+from megatron_rpt.rl import filter_groups, refill_prompt_count
 from megatron_rpt.rollout import SamplingParams
+from megatron_rpt.rollout.layout import RolloutLayout
 
 
 @dataclass
@@ -34,20 +44,27 @@ class RolloutGroup:
     finish_reasons: list[str] = field(default_factory=list)
 
 
-def _model_parallel_src_and_group() -> tuple[int, Any]:
-    from megatron.core import parallel_state
+@dataclass
+class EngineRollout:
+    """What one engine produced in one step: its share of the batch and everything it generated."""
 
-    group = parallel_state.get_model_parallel_group()
-    return dist.get_global_rank(group, 0), group
+    kept: list[RolloutGroup]  # the engine's share of the training batch, in generation order
+    generated: list[RolloutGroup]  # every group generated this step (kept, dropped, beyond the share)
+    target: int  # the engine's share: rl.prompts_per_step / engines
+    rounds: int  # generation rounds (1 + refill rounds)
+    informative: int  # kept groups that carry a learning signal (all of them without dynamic sampling)
+    dropped: int  # generated groups dynamic sampling dropped (all rewards equal)
 
-
-def hosts_engine(cfg: Config) -> bool:
-    """Built-in engine: the first rank of each model-parallel group generates; vLLM: every rank."""
-    if cfg.rollout.engine == "vllm":
-        return True
-    from megatron.core import parallel_state
-
-    return dist.get_rank(parallel_state.get_model_parallel_group()) == 0
+    def metrics(self, cfg: Config) -> dict[str, float]:
+        out = rollout_metrics(cfg, self.generated)
+        out.update({
+            "dynamic/rounds": float(self.rounds),
+            "dynamic/kept_groups": float(len(self.kept)),
+            "dynamic/dropped_groups": float(self.dropped),
+            "dynamic/fill_fraction": self.informative / self.target,
+            "rollout/prompts": float(len(self.generated)),
+        })
+        return out
 
 
 def sampling_params(cfg: Config, seed: int) -> SamplingParams:
@@ -59,28 +76,19 @@ def sampling_params(cfg: Config, seed: int) -> SamplingParams:
 
 
 def generate_groups(cfg: Config, engine: Any, problems: list[Any], seed: int) -> list[RolloutGroup]:
-    """Generate and score; every rank of the model-parallel group returns the same groups."""
-    groups: list[RolloutGroup] | None = None
-    if engine is not None:
-        outputs = engine.generate([p.prompt_ids for p in problems], sampling_params(cfg, seed))
-        groups = []
-        for problem, samples in zip(problems, outputs):
-            texts = [s.text for s in samples]
-            groups.append(RolloutGroup(
-                problem=problem,
-                token_ids=[list(s.token_ids) for s in samples],
-                texts=texts,
-                rewards=[score(cfg, t, problem) for t in texts],
-                engine_logprobs=[list(s.logprobs) for s in samples],
-                finish_reasons=[s.finish_reason for s in samples],
-            ))
-    if cfg.rollout.engine != "vllm":
-        src, group = _model_parallel_src_and_group()
-        if dist.get_world_size(group) > 1:
-            box = [groups]
-            dist.broadcast_object_list(box, src=src, group=group)
-            groups = box[0]
-    assert groups is not None
+    """Generate and score on this rank's engine (every rank of a vLLM engine returns the same groups)."""
+    outputs = engine.generate([p.prompt_ids for p in problems], sampling_params(cfg, seed))
+    groups = []
+    for problem, samples in zip(problems, outputs):
+        texts = [s.text for s in samples]
+        groups.append(RolloutGroup(
+            problem=problem,
+            token_ids=[list(s.token_ids) for s in samples],
+            texts=texts,
+            rewards=[score(cfg, t, problem) for t in texts],
+            engine_logprobs=[list(s.logprobs) for s in samples],
+            finish_reasons=[s.finish_reason for s in samples],
+        ))
     return groups
 
 
@@ -91,34 +99,38 @@ def score(cfg: Config, text: str, problem: Any) -> float:
                           require_think=rl.require_think, answer_format=rl.answer_format, escapes=rl.box_escapes)
 
 
-def collect_step_groups(cfg: Config, engine: Any, stream: Iterator[Any], num_prompts: int, seed: int,
-                        dynamic: bool) -> tuple[list[RolloutGroup], dict[str, float]]:
-    """``num_prompts`` groups for this data-parallel rank, refilled when dynamic sampling drops some."""
-    kept: list[RolloutGroup] = []
+def sample_engine_share(cfg: Config, engine: Any, stream: Iterator[Any], target: int, seed: int,
+                        dynamic: bool) -> EngineRollout:
+    """``target`` groups from this engine's stream; with ``dynamic``, informative ones, refilled
+    (see the module docstring). Round ``r`` samples with seed ``seed + 7919 * r``."""
     generated: list[RolloutGroup] = []
-    rounds = 0
-    dropped = 0
+    informative: list[RolloutGroup] = []
+    rounds, ask = 0, target
     while True:
-        need = num_prompts - len(kept)
-        problems = [next(stream) for _ in range(need)]
-        batch = generate_groups(cfg, engine, problems, seed + 7919 * rounds)
-        generated.extend(batch)
-        if dynamic:
-            survivors, n_dropped = filter_groups(batch, key=lambda g: g.rewards)
-            dropped += n_dropped
-            kept.extend(survivors)
-        else:
-            kept.extend(batch)
+        batch = generate_groups(cfg, engine, [next(stream) for _ in range(ask)], seed + 7919 * rounds)
         rounds += 1
-        if len(kept) >= num_prompts or not dynamic or rounds > cfg.rl.max_refill_rounds:
+        generated.extend(batch)
+        if not dynamic:
+            return EngineRollout(batch, generated, target, rounds, informative=len(batch), dropped=0)
+        informative.extend(filter_groups(batch, key=lambda g: g.rewards)[0])
+        if len(informative) >= target or rounds > cfg.rl.max_refill_rounds:
             break
-    if dynamic and not kept:
-        kept = generated[:num_prompts]  # nothing informative: train on zero-advantage groups (no-op update)
-    kept = kept[:num_prompts]
-    metrics = rollout_metrics(cfg, generated)
-    metrics.update({"dynamic/dropped_groups": float(dropped), "dynamic/rounds": float(rounds),
-                    "dynamic/kept_groups": float(len(kept))})
-    return kept, metrics
+        ask = refill_prompt_count(len(informative), target, keep_rate=len(informative) / len(generated))
+    kept = informative[:target]
+    # Nothing informative: train on zero-advantage groups (no policy gradient) rather than on nothing.
+    return EngineRollout(kept or generated[:target], generated, target, rounds, informative=len(kept),
+                         dropped=len(generated) - len(informative))
+
+
+def gather_replica_batch(layout: RolloutLayout, kept: list[RolloutGroup]) -> list[RolloutGroup]:
+    """Collective over the replica: the groups of every engine in this rank's data-parallel replica,
+    in engine order (each engine's first rank sends them), on every rank of the replica."""
+    if layout.replica_group is None:
+        return kept
+    parts: list[Any] = [None] * dist.get_world_size(layout.replica_group)
+    dist.all_gather_object(parts, (layout.engine, kept if layout.leader else None), group=layout.replica_group)
+    by_engine = {engine: groups for engine, groups in parts if groups is not None}
+    return [g for engine in layout.replica_engines for g in by_engine[engine]]
 
 
 def rollout_metrics(cfg: Config, groups: list[RolloutGroup]) -> dict[str, float]:
@@ -141,19 +153,25 @@ def rollout_metrics(cfg: Config, groups: list[RolloutGroup]) -> dict[str, float]
     return out
 
 
-def save_rollouts(log_dir: str | Path, step: int, dp_rank: int, groups: list[RolloutGroup]) -> None:
-    out_dir = Path(log_dir) / "rollouts"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / f"step_{step:06d}_dp{dp_rank:03d}.jsonl"
+def rollout_file(log_dir: str | Path, step: int, engine: int) -> Path:
+    """Where engine ``engine`` saves the rollouts of (1-based) step ``step``."""
+    return Path(log_dir) / "rollouts" / f"step_{step:06d}_engine{engine:04d}.jsonl"
+
+
+def save_rollouts(log_dir: str | Path, step: int, engine: int, rollout: EngineRollout) -> None:
+    """Every group the engine generated this step, one row per sample (``kept``: in the batch)."""
+    final = rollout_file(log_dir, step, engine)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    kept = {id(g) for g in rollout.kept}
     tmp = final.with_suffix(".tmp")
     with open(tmp, "w") as f:
-        for g in groups:
+        for g in rollout.generated:
             p = g.problem
+            target = b"".join(p.target_token_bytes).decode("utf-8", "replace")
             for text, reward in zip(g.texts, g.rewards):
                 f.write(json.dumps({
-                    "step": step, "doc_id": getattr(p, "doc_id", None), "position": getattr(p, "position", None),
-                    "entropy": None if p.entropy is None else float(p.entropy), "target": b"".join(p.target_token_bytes).decode("utf-8", "replace"),
-                    "response": text, "reward": reward,
+                    "step": step, "engine": engine, "doc_id": getattr(p, "doc_id", None),
+                    "position": getattr(p, "position", None), "entropy": None if p.entropy is None else float(p.entropy),
+                    "target": target, "response": text, "reward": reward, "kept": id(g) in kept,
                 }) + "\n")
     tmp.replace(final)
-
