@@ -24,6 +24,7 @@ from megatron_rpt.trainer.resume import plan_resume
 from megatron_rpt.trainer.run_lock import lock_run_dirs
 from megatron_rpt.trainer.metrics import MetricsLogger, PhaseTimer
 from megatron_rpt.distributed import all_reduce_numbers
+from megatron_rpt.rl import response_values
 from megatron_rpt.rollout.handover import sleep_engine, wake_engine
 from megatron_rpt.trainer.rollout_phase import (
     collect_step_groups,
@@ -51,17 +52,8 @@ def engine_vs_policy_logprob_diff(micro_batches: list[dict[str, torch.Tensor]],
     metric then also holds the mean ``-log(nucleus mass)`` of the sampled positions (the
     built-in engine reports the pre-top-p value at any top_p).
     """
-    diffs = []
-    sample = 0
-    for mb in micro_batches:
-        for row in range(mb["loss_mask"].shape[0]):
-            mask = mb["loss_mask"][row].bool()
-            if not mask.any():
-                continue  # padding row added to keep micro-batch shapes equal
-            policy = mb["old_logprobs"][row][mask].double()
-            engine = torch.tensor(engine_logprobs[sample], dtype=torch.float64)
-            diffs.append((policy - engine).abs())
-            sample += 1
+    policy = response_values(micro_batches, [mb["old_logprobs"] for mb in micro_batches])
+    diffs = [(p.double() - torch.tensor(e, dtype=torch.float64)).abs() for p, e in zip(policy, engine_logprobs)]
     return float(torch.cat(diffs).mean()) if diffs else float("nan")
 
 
@@ -244,7 +236,8 @@ class Trainer:
         for part in _split_evenly(len(samples), cfg.rl.mini_batches_per_step):
             chunk = [samples[i] for i in part]
             micro = build_micro_batches(chunk, [advantages[i] for i in part],
-                                        micro_batch_size=cfg.rl.micro_batch_size, pad_token_id=0)
+                                        micro_batch_size=cfg.rl.micro_batch_size, pad_token_id=0,
+                                        packing=self.policy.packing)
             tokens, seqs = all_reduce_numbers([sum(len(r) for _, r in chunk), len(chunk)], group=self._dp_group())
             mini_batches.append((micro, int(tokens), int(seqs), [engine_logprobs[i] for i in part]))
 
