@@ -22,7 +22,7 @@ from megatron_rpt.errors import TrainingDiverged
 from megatron_rpt.trainer import checkpointing
 from megatron_rpt.trainer.resume import plan_resume
 from megatron_rpt.trainer.run_lock import lock_run_dirs
-from megatron_rpt.trainer.metrics import MetricsLogger, PhaseTimer
+from megatron_rpt.trainer.metrics import MemoryReport, MetricsLogger, PhaseTimer
 from megatron_rpt.distributed import all_reduce_numbers
 from megatron_rpt.rl import response_values
 from megatron_rpt.rollout.handover import sleep_engine, wake_engine
@@ -132,6 +132,7 @@ class Trainer:
         chunks = wrap_ddp(chunks, cfg)
         optimizer, scheduler = build_optimizer(chunks, cfg)
         self.policy = MegatronPolicy(cfg, self.arch, chunks, optimizer, scheduler)
+        self.memory = MemoryReport(cfg, self.arch, dist.get_world_size())  # planned vs measured, every step
 
         self.engine = make_engine(cfg, self.arch, self.tokenizer) if hosts_engine(cfg) else None
         self.bridge = WeightBridge(chunks, self.arch, bucket_mb=cfg.rollout.bucket_mb,
@@ -325,6 +326,7 @@ class Trainer:
             step_time = time.perf_counter() - start
             metrics.update({f"time/{k}": v for k, v in self.timer.pop().items()})
             metrics["time/step"] = step_time
+            metrics.update(self.memory.metrics())
             metrics["throughput/generated_tokens_per_s"] = metrics.get("rollout/generated_tokens", 0.0) / max(
                 metrics.get("time/rollout", step_time), 1e-9)
             if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 and not diverged:
