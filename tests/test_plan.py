@@ -31,7 +31,8 @@ from megatron_rpt.plan import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPES = ["configs/rpt_14b.yaml", "configs/rpt_32b.yaml", "configs/rpt_72b.yaml", "configs/rpt_moe_30b_a3b.yaml"]
+RECIPES = ["configs/rpt_14b.yaml", "configs/rpt_32b.yaml", "configs/rpt_72b.yaml", "configs/rpt_moe_30b_a3b.yaml",
+           "configs/rpt_qwen3_235b_a22b.yaml"]
 HF_CONFIGS = ["r1_distill_qwen_14b", "r1_distill_qwen_32b", "qwen2_5_72b", "qwen3_30b_a3b"]
 
 
