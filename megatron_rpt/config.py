@@ -285,7 +285,13 @@ class RLConfig(Section):
     mini_batches_per_step: PosInt = 1
     """Optimizer steps per training step: the step's samples are split into this many mini-batches."""
     micro_batch_size: PosInt = 4
-    """Sequences per forward/backward pass."""
+    """Sequences per forward/backward pass without packing; with packing it sizes the default token budget."""
+    sequence_packing: bool = True
+    """Pack samples into token budgets (THD: Transformer Engine on GPU, block-diagonal mask on CPU); false: pad rows."""
+    micro_batch_tokens: PosInt | None = None
+    """Token budget of a packed micro-batch; null: micro_batch_size x (data.max_prompt_tokens + max_response_tokens)."""
+    logprob_chunk_tokens: NonNegInt = 1024
+    """Tokens per chunk of the log-prob / entropy pass (no float32 copy of the logits); 0: all at once."""
     updates_per_batch: PosInt = 1
     """Passes over the step's samples (PPO epochs)."""
     clip_low: Annotated[float, Range(ge=0, lt=1)] = 0.2
@@ -482,6 +488,11 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Fal
         from megatron_rpt.rollout.layout import check_rollout_layout  # keeps config import-light
 
         check_rollout_layout(cfg, world)
+    longest = cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens
+    if cfg.rl.sequence_packing and cfg.rl.micro_batch_tokens is not None and cfg.rl.micro_batch_tokens < longest:
+        raise ConfigError(f"rl.micro_batch_tokens={cfg.rl.micro_batch_tokens} is below the longest sample, "
+                          f"data.max_prompt_tokens + rollout.max_response_tokens = {longest}; raise it to at least "
+                          f"{longest} (a sample is never split over micro-batches)")
     if cfg.model.hf_config or _is_local_dir(cfg.model.hf_checkpoint):
         _validate_against_architecture(cfg)
     elif check_paths and not cfg.model.hf_checkpoint:

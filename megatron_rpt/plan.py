@@ -30,8 +30,9 @@ Memory model (bytes per GPU, worst pipeline stage):
   recompute keeps only each layer's input (2*sbh, /TP with SP) plus one layer's working
   set. CP splits the sequence. With 1F1B the first stage holds PP micro-batches in
   flight (x(1 + (PP-1)/(PP*VP)) with interleaving), the last holds one but also the
-  output layer: logits ``s*b*V/TP`` at 6 bytes (bf16 logits + fp32 softmax kept for the
-  log-prob backward).
+  output layer: logits ``s*b*V/TP`` at 4 bytes (bf16 logits and their gradient) plus 18
+  bytes per element of one ``rl.logprob_chunk_tokens`` chunk (float32 temporaries); 22
+  bytes per element unchunked (:func:`logit_bytes`, measured by ``bench_logprobs.py``).
 * rollout: vLLM claims ``gpu_memory_utilization * gpu memory`` for its weights and KV
   cache; the KV cache a full batch would need is ``seqs * (prompt+response) * layers * 2
   * kv_heads * head_dim * bytes / rollout TP`` (reported, and used to say how many
@@ -72,7 +73,10 @@ from megatron_rpt.rollout.layout import engine_count, engine_layout_problem
 
 GiB = float(2**30)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-LOGIT_BYTES = 6  # bf16 logits + fp32 softmax saved for the log-prob backward
+# Log-prob pass, bytes per logit element, as measured by benchmarks/bench_logprobs.py (RESULTS.md):
+LOGIT_BYTES_FULL = 22  # rl.logprob_chunk_tokens=0: bf16 logits + 20 B/elt of float32 copies and temporaries
+LOGIT_BYTES_CHUNKED = 4  # bf16 logits + their bf16 gradient (rl.logprob_chunk_tokens > 0) ...
+CHUNK_TEMP_BYTES = 18  # ... + float32 temporaries per element of one chunk x V/TP
 RECOMPUTE_CHOICES = (None, *typing.get_args(Recompute))
 
 
@@ -121,6 +125,7 @@ class Workload:
     gpu_memory_utilization: float = 0.5
     sleep_between_phases: bool = True
     bucket_mb: int = 512
+    logprob_chunk_tokens: int = 1024
     flash_attention: bool = True
     make_vocab_size_divisible_by: int = 128
 
@@ -147,6 +152,7 @@ class Workload:
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
             sleep_between_phases=cfg.rollout.sleep_between_phases,
             bucket_mb=cfg.rollout.bucket_mb,
+            logprob_chunk_tokens=cfg.rl.logprob_chunk_tokens,
             flash_attention=flash_attention,
             make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
         )
@@ -387,8 +393,15 @@ def _stage_activations(shape: LayerShape, arch: ArchConfig, work: Workload, layo
     if stage == layout.pp - 1:
         sp = layout.tp if layout.sequence_parallel else 1
         total += seq * b * (2 * 2 * arch.hidden_size) / sp  # final norm input, output-layer input
-        total += seq * b * vocab / layout.tp * LOGIT_BYTES
+        total += logit_bytes(seq * b, vocab / layout.tp, work.logprob_chunk_tokens)
     return total
+
+
+def logit_bytes(tokens: float, vocab_per_gpu: float, chunk_tokens: int) -> float:
+    """The log-prob pass's logits and temporaries (``rl.logprob_chunk_tokens``; 0: unchunked)."""
+    if chunk_tokens <= 0:
+        return tokens * vocab_per_gpu * LOGIT_BYTES_FULL
+    return tokens * vocab_per_gpu * LOGIT_BYTES_CHUNKED + min(chunk_tokens, tokens) * vocab_per_gpu * CHUNK_TEMP_BYTES
 
 
 def kv_bytes_per_token(arch: ArchConfig, tp: int, layers: int, dtype_bytes: int) -> float:

@@ -31,7 +31,8 @@ from megatron_rpt.plan import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPES = ["configs/rpt_14b.yaml", "configs/rpt_32b.yaml", "configs/rpt_72b.yaml", "configs/rpt_moe_30b_a3b.yaml"]
+RECIPES = ["configs/rpt_14b.yaml", "configs/rpt_32b.yaml", "configs/rpt_72b.yaml", "configs/rpt_moe_30b_a3b.yaml",
+           "configs/rpt_qwen3_235b_a22b.yaml"]
 HF_CONFIGS = ["r1_distill_qwen_14b", "r1_distill_qwen_32b", "qwen2_5_72b", "qwen3_30b_a3b"]
 
 
@@ -146,7 +147,8 @@ def test_1b_model_tp2_dp4_by_hand(distributed_optimizer):
     per_token_layer = (8 * 2048 + (4 * 2048 + 4 * 512 + 8 * 8192)) / 2  # (replicated + sharded) / TP
     activations = 16 * tokens * per_token_layer  # 1,509,949,440
     activations += tokens * 4 * 2048 / 2  # final-norm and output-layer inputs (SP)
-    activations += tokens * vocab / 2 * 6  # logits: bf16 + fp32 softmax
+    activations += tokens * vocab / 2 * 4  # logits: bf16 logits + their bf16 gradient
+    activations += 1024 * vocab / 2 * 18  # float32 temporaries of one 1024-token log-prob chunk
     # --- rollout: vLLM claims 25% of 80 GiB, plus one 512 MiB weight-sync bucket; 2 GiB overhead
     rollout, bucket, overhead = 0.25 * 80 * 2**30, 512 * 2**20, 2 * 2**30
     train_phase = weights + grads + optimizer + overhead + activations
@@ -167,6 +169,10 @@ def test_1b_model_tp2_dp4_by_hand(distributed_optimizer):
     assert mem.peak == pytest.approx(max(train_phase, rollout_phase), rel=1e-12)
     # distributed: 1.03 + 2.06 + 1.54 + 2 + 20.5 GiB (rollout phase); plain Adam: +4.63 GiB optimizer
     assert mem.peak / GiB == pytest.approx(27.13 if distributed_optimizer else 31.76, abs=0.01)
+    # unchunked log-probs (rl.logprob_chunk_tokens=0): 22 bytes per logit element (bench_logprobs.py)
+    full = estimate_memory(arch, dataclasses.replace(work, logprob_chunk_tokens=0), lay, hw)
+    unchunked = activations - (tokens * 4 + 1024 * 18) * vocab / 2 + tokens * vocab / 2 * 22
+    assert full.activations == pytest.approx(unchunked, rel=1e-12)
 
 
 def test_pipeline_first_stage_holds_pp_microbatches():

@@ -188,10 +188,16 @@ def test_context_parallel_config_errors():
     from megatron_rpt.trainer.loop import Trainer
 
     check_context_parallel_config(_cfg("parallel.context_parallel=1"))
+    # packing (the default) with CP is refused whatever the machine
+    with pytest.raises(ConfigError, match=r"rl.sequence_packing=true is not supported with "
+                                          r"parallel.context_parallel=2.*set rl.sequence_packing=false"):
+        check_context_parallel_config(_cfg("parallel.context_parallel=2"))
+    unpacked = "rl.sequence_packing=false"
     with pytest.raises(ConfigError, match="parallel.context_parallel=2 needs Transformer Engine"):
-        check_context_parallel_config(_cfg("parallel.context_parallel=2", "model.transformer_impl=local"))
+        check_context_parallel_config(_cfg("parallel.context_parallel=2", "model.transformer_impl=local", unpacked))
     with pytest.raises(ConfigError, match="rl.loss_aggregation=seq-mean-token-mean"):
-        check_context_parallel_config(_cfg("parallel.context_parallel=2", "rl.loss_aggregation=seq-mean-token-mean"))
+        check_context_parallel_config(_cfg("parallel.context_parallel=2", "rl.loss_aggregation=seq-mean-token-mean",
+                                           unpacked))
     if not torch.cuda.is_available():  # auto resolves to the local spec on a CPU machine
         with pytest.raises(ConfigError, match="parallel.context_parallel=2 needs Transformer Engine"):
-            Trainer(_cfg("parallel.context_parallel=2"))
+            Trainer(_cfg("parallel.context_parallel=2", unpacked))

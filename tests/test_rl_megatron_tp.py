@@ -2,7 +2,8 @@
 
 One spawn of two ranks does everything (each spawn pays megatron's import time):
 1. random vocab-parallel logits at TP=2: logprobs, entropy and their gradients equal a
-   float64 full-vocabulary reference (padded columns masked, temperature applied);
+   float64 full-vocabulary reference (padded columns masked, temperature applied), both
+   through the full path and the chunked one the trainer runs;
 2. a tiny Qwen2-shaped GPTModel at TP=1 (data-parallel over the two ranks), then the
    same weights resharded onto TP=2 by Megatron's own partition attributes: the logits'
    logprobs/entropy match a float64 reference from the gathered logits, and the GRPO
@@ -90,7 +91,10 @@ def _worker() -> dict:
     from megatron_rpt.model.build import build_model
     from megatron_rpt.model.hf_config import arch_from_dict
     from megatron_rpt.model.mcore_compat import ModelClass, model_class_of
-    from megatron_rpt.rl import vocab_parallel_logprobs_and_entropy
+    from megatron_rpt.rl import (
+        chunked_logprobs_and_entropy,
+        vocab_parallel_logprobs_and_entropy,
+    )
 
     out: dict = {}
     arch = arch_from_dict(QWEN2_TINY)
@@ -117,6 +121,14 @@ def _worker() -> dict:
     want_grad = full_ref.grad[..., rank * part:(rank + 1) * part]
     out["random_grad_err"] = (local.grad.double() - want_grad).abs().max().item()
     out["random_grad_scale"] = full_ref.grad.abs().max().item()
+    # the chunked pass (what the trainer runs) over chunks of 4 tokens: same values and gradients
+    local_c = full[..., rank * part:(rank + 1) * part].float().requires_grad_()
+    lp_c, ent_c = chunked_logprobs_and_entropy(local_c, labels, TEMPERATURE, TRUE_VOCAB, chunk_tokens=4,
+                                               entropy_grad=True)
+    ((w_lp * lp_c).sum() + (w_ent * ent_c).sum()).backward()
+    out["chunked_lp_err"] = (lp_c.double() - ref_lp.detach()).abs().max().item()
+    out["chunked_ent_err"] = (ent_c.double() - ref_ent.detach()).abs().max().item()
+    out["chunked_grad_err"] = (local_c.grad.double() - want_grad).abs().max().item()
 
     # ---- 2a. TP=1 reference run (the two ranks are data-parallel replicas)
     init_distributed(tensor_parallel=1, seed=11)
@@ -181,6 +193,8 @@ def test_vocab_parallel_logprobs_and_grpo_grads_tp1_vs_tp2():
         assert r["random_lp_err"] < 2e-5, (rank, r)
         assert r["random_ent_err"] < 2e-5, (rank, r)
         assert r["random_grad_err"] < 1e-5 * max(1.0, r["random_grad_scale"]), (rank, r)
+        assert r["chunked_lp_err"] < 2e-5 and r["chunked_ent_err"] < 2e-5, (rank, r)
+        assert r["chunked_grad_err"] < 1e-5 * max(1.0, r["random_grad_scale"]), (rank, r)
         # 2. model logits at TP=2 vs gathered-logits float64 reference
         assert r["model_lp_err"] < 1e-5, (rank, r)
         assert r["model_ent_err"] < 1e-5, (rank, r)

@@ -32,6 +32,7 @@ GPU_RECIPES = {
     "rpt_32b.sh": "configs/rpt_32b.yaml",
     "rpt_72b.sh": "configs/rpt_72b.yaml",
     "rpt_moe_30b_a3b.sh": "configs/rpt_moe_30b_a3b.yaml",
+    "rpt_qwen3_235b_a22b.sh": "configs/rpt_qwen3_235b_a22b.yaml",
 }
 LAUNCH_LIB = REPO / "examples" / "lib" / "launch.sh"
 

@@ -96,6 +96,11 @@ def test_engine_logprobs_match_megatron_at_temperature_0_8(toy_dir, tmp_path):
     rows = _metrics(tmp_path / "run")
     assert len(rows) == 3
     assert max(r["rollout/engine_logprob_abs_diff"] for r in rows) < 1e-4
+    # The planner's prediction is logged beside the measured peak every step (CPU: the process's
+    # peak RSS, which also holds Python and the libraries: above the planned training tensors).
+    for r in rows:
+        assert 0 < r["memory/planned_train_gib"] < r["memory/planned_peak_gib"], r
+        assert r["memory/measured_peak_gib"] > r["memory/planned_train_gib"], r
 
 
 # ----------------------------------------------------------------------------- sabotage

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 from typing import Any
 
 import torch
@@ -67,6 +68,8 @@ def layer_spec(arch: ArchConfig, impl: str) -> Any:
         spec = get_gpt_layer_local_spec(
             num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_norm, normalization="RMSNorm"
         )
+    # Packed sequences (THD) under the local spec: attention inside each sequence only.
+    spec.submodules.self_attention.submodules.core_attention = packed_local_attention()
     if num_experts:
         # The local spec saves pre_mlp_layernorm.* as mlp.linear_fc1.layer_norm_* in dist checkpoints,
         # where TE's dense spec fuses that norm into linear_fc1; TE's MoE spec keeps a separate
@@ -111,6 +114,39 @@ def hybrid_stack_spec(arch: ArchConfig, impl: str) -> Any:
         return ModuleSpec(module=HybridStack, submodules=layers)
     return ModuleSpec(module=_local_norm_hybrid_stack(), params={"final_norm": gpt.pre_mlp_layernorm},
                       submodules=layers)
+
+
+@functools.cache
+def packed_local_attention() -> type:
+    """Megatron-Core's local ``DotProductAttention`` that also takes packed (THD) sequences.
+
+    The local class asserts ``packed_seq_params is None`` (packing is Transformer Engine's job
+    on GPU). Here a packed call arrives as ``[t, heads, dim]`` (``SelfAttention`` squeezes the
+    batch dimension for THD and has already applied RoPE per sequence from ``cu_seqlens``). The
+    attention is the block-diagonal causal mask of the row evaluated block by block: each sequence runs through the local kernel
+    under its own causal mask, so no token attends to another sequence and the cost is
+    ``sum(L_i^2)``, not ``T^2``. No parameters: checkpoints are unchanged.
+    """
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class PackedDotProductAttention(DotProductAttention):
+        def forward(self, query: Any, key: Any, value: Any, attention_mask: Any, attn_mask_type: Any = None,
+                    attention_bias: Any = None, packed_seq_params: Any = None) -> Any:
+            if packed_seq_params is None:
+                return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                       attention_bias=attention_bias)
+            if packed_seq_params.qkv_format != "thd":
+                raise ValueError(f"packed sequences must be qkv_format='thd', got {packed_seq_params.qkv_format!r}")
+            cu = packed_seq_params.cu_seqlens_q_padded
+            cu = (packed_seq_params.cu_seqlens_q if cu is None else cu).tolist()
+            if cu[-1] != query.shape[0]:
+                raise ValueError(f"cu_seqlens covers {cu[-1]} tokens but the packed row has {query.shape[0]}")
+            blocks = [super(PackedDotProductAttention, self).forward(
+                query[a:b].unsqueeze(1), key[a:b].unsqueeze(1), value[a:b].unsqueeze(1), None,
+                attn_mask_type=attn_mask_type, attention_bias=attention_bias) for a, b in itertools.pairwise(cu) if b > a]
+            return torch.cat(blocks, dim=0)
+
+    return PackedDotProductAttention
 
 
 @functools.cache

@@ -11,6 +11,8 @@ from megatron_rpt.rl.context_parallel import (
     check_context_parallel_config,
     gather_from_context_parallel,
     grpo_loss_scale,
+    packed_context_parallel_positions,
+    packed_sequence_multiple,
     sequence_multiple,
     split_for_context_parallel,
     unsplit_context_parallel,
@@ -25,19 +27,23 @@ from megatron_rpt.rl.dynamic_sampling import (
 )
 from megatron_rpt.rl.grpo_loss import aggregate_loss, grpo_loss, kl_penalty, merge_metrics
 from megatron_rpt.rl.logprobs import (
+    chunked_logprobs_and_entropy,
     scaled_logits,
     vocab_parallel_entropy,
     vocab_parallel_logprobs,
     vocab_parallel_logprobs_and_entropy,
 )
+from megatron_rpt.rl.packing import PackingSpec, is_packed, response_values
 
 __all__ = [
     "GroupFilter",
+    "PackingSpec",
     "TrainBatch",
     "aggregate_loss",
     "build_batch",
     "build_micro_batches",
     "check_context_parallel_config",
+    "chunked_logprobs_and_entropy",
     "classify_groups",
     "dynamic_sampling_active",
     "filter_groups",
@@ -45,10 +51,14 @@ __all__ = [
     "group_advantages",
     "grpo_loss",
     "grpo_loss_scale",
+    "is_packed",
     "kl_penalty",
     "merge_metrics",
     "needs_refill",
+    "packed_context_parallel_positions",
+    "packed_sequence_multiple",
     "refill_prompt_count",
+    "response_values",
     "scaled_logits",
     "sequence_multiple",
     "split_for_context_parallel",

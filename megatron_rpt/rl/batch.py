@@ -1,4 +1,4 @@
-"""Packing rollouts into right-padded training micro-batches.
+"""Rollouts into training micro-batches: right-padded rows, or packed (see :mod:`.packing`).
 
 Owns: :class:`TrainBatch` and the alignment rule between tokens and what the loss
 reads. A sample is ``prompt + response`` in one row; the logits at position ``t``
@@ -21,6 +21,8 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from megatron_rpt.rl.packing import PackingSpec, pack_micro_batches
 
 IntSeq = Sequence[int] | Tensor
 FloatSeq = Sequence[float] | Tensor
@@ -92,30 +94,12 @@ def build_batch(
     response token (as the rollout engine reports them). ``pad_to_multiple_of`` rounds
     the sequence length up (e.g. to the TP size with sequence parallelism).
     """
-    n = len(prompt_ids)
-    if len(response_ids) != n:
-        raise ValueError(f"{n} prompts but {len(response_ids)} responses; give one response per sample")
-    if len(advantages) != n:
-        raise ValueError(f"{n} samples but {len(advantages)} advantages; give one per sample")
-    for name, extra in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
-        if extra is not None and len(extra) != n:
-            raise ValueError(f"{n} samples but {len(extra)} {name} rows; give one row per sample")
+    prompts, responses = _check_samples(prompt_ids, response_ids, advantages, old_logprobs, ref_logprobs,
+                                        max_length)
     if pad_to_multiple_of < 1:
         raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} must be >= 1")
-    if n == 0:
-        raise ValueError("build_batch needs at least one sample")
-
-    prompts = [_as_list(p) for p in prompt_ids]
-    responses = [_as_list(r) for r in response_ids]
+    n = len(prompts)
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    for i, p in enumerate(prompts):
-        if not p:
-            raise ValueError(f"sample {i} has an empty prompt; the first response token needs a position to predict it")
-        if max_length is not None and lengths[i] > max_length:
-            raise ValueError(
-                f"sample {i} is {lengths[i]} tokens (prompt {len(p)} + response {len(responses[i])}) > "
-                f"max_length={max_length}; shorten data.max_prompt_tokens or rollout.max_response_tokens"
-            )
     seq_len = _round_up(max(lengths), pad_to_multiple_of)
 
     tokens = torch.full((n, seq_len), pad_id, dtype=torch.long)
@@ -153,6 +137,32 @@ def build_batch(
         pad_id=pad_id,
         pad_to_multiple_of=pad_to_multiple_of,
     )
+
+
+def _check_samples(prompt_ids, response_ids, advantages, old_logprobs, ref_logprobs,
+                   max_length: int | None) -> tuple[list[list[int]], list[list[int]]]:
+    """The samples as lists, after the checks both the padded and the packed layout need."""
+    n = len(prompt_ids)
+    if len(response_ids) != n:
+        raise ValueError(f"{n} prompts but {len(response_ids)} responses; give one response per sample")
+    if len(advantages) != n:
+        raise ValueError(f"{n} samples but {len(advantages)} advantages; give one per sample")
+    for name, extra in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if extra is not None and len(extra) != n:
+            raise ValueError(f"{n} samples but {len(extra)} {name} rows; give one row per sample")
+    if n == 0:
+        raise ValueError("build_batch needs at least one sample")
+    prompts = [_as_list(p) for p in prompt_ids]
+    responses = [_as_list(r) for r in response_ids]
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        if not p:
+            raise ValueError(f"sample {i} has an empty prompt; the first response token needs a position to predict it")
+        if max_length is not None and len(p) + len(r) > max_length:
+            raise ValueError(
+                f"sample {i} is {len(p) + len(r)} tokens (prompt {len(p)} + response {len(r)}) > "
+                f"max_length={max_length}; shorten data.max_prompt_tokens or rollout.max_response_tokens"
+            )
+    return prompts, responses
 
 
 def _per_token(value, length: int, name: str, index: int, per_sequence_ok: bool = True) -> Tensor:
@@ -224,12 +234,26 @@ def build_micro_batches(
     old_logprobs: Sequence[FloatSeq] | None = None,
     ref_logprobs: Sequence[FloatSeq] | None = None,
     same_shape: bool = True,
+    packing: PackingSpec | None = None,
 ) -> list[dict[str, Tensor]]:
     """``(prompt_ids, response_ids)`` samples -> micro-batches as dicts of tensors.
 
-    :func:`build_batch` + :func:`split_micro_batches` (``same_shape=True`` by default, as
-    Megatron's pipeline schedules need) + :meth:`TrainBatch.as_dict`.
+    With ``packing`` (the policy's :attr:`~megatron_rpt.trainer.policy.MegatronPolicy.packing`):
+    samples packed into token budgets (:mod:`megatron_rpt.rl.packing`; ``micro_batch_size`` and
+    ``pad_to_multiple_of`` are then the spec's business). Without: :func:`build_batch` +
+    :func:`split_micro_batches` (``same_shape=True`` by default, as Megatron's pipeline
+    schedules need) + :meth:`TrainBatch.as_dict`.
     """
+    if packing is not None:
+        prompts, responses = _check_samples([p for p, _ in samples], [r for _, r in samples], advantages,
+                                            old_logprobs, ref_logprobs, None)
+        per_token = {"advantages": [_per_token(a, len(r), "advantages", i)
+                                    for i, (a, r) in enumerate(zip(advantages, responses))]}
+        for name, rows in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+            if rows is not None:
+                per_token[name] = [_per_token(v, len(r), name, i, per_sequence_ok=False)
+                                   for i, (v, r) in enumerate(zip(rows, responses))]
+        return pack_micro_batches(prompts, responses, per_token, packing, pad_id=pad_token_id)
     batch = build_batch(
         [p for p, _ in samples], [r for _, r in samples], advantages, old_logprobs, ref_logprobs,
         pad_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of,

@@ -42,16 +42,43 @@ def context_parallel_positions(seq_len: int, cp_size: int, cp_rank: int) -> Tens
     return torch.cat([first, second])
 
 
+def packed_context_parallel_positions(cu_seqlens_padded: Tensor, cp_size: int, cp_rank: int) -> Tensor:
+    """Positions CP rank ``cp_rank`` keeps of a packed row: the same two chunks of EVERY sequence.
+
+    Transformer Engine's THD context parallelism (``thd_get_partitioned_indices``) balances each
+    packed sequence on its own: sequence ``[a, a + L)`` (``L`` a multiple of ``2 * cp``, see
+    :class:`~megatron_rpt.rl.packing.PackingSpec`) is cut into ``2 * cp`` chunks and rank ``r``
+    keeps chunks ``r`` and ``2 * cp - 1 - r`` of it.
+    """
+    starts = cu_seqlens_padded[:-1].tolist()
+    lengths = cu_seqlens_padded.diff().tolist()
+    pieces = []
+    for start, length in zip(starts, lengths):
+        if length % (2 * cp_size):
+            raise ValueError(f"packed sequence of {length} tokens at offset {start} is not a multiple of "
+                             f"2*context_parallel={2 * cp_size}; pack with PackingSpec.seq_multiple={2 * cp_size}")
+        pieces.append(context_parallel_positions(length, cp_size, cp_rank) + start)
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+
+
+def context_parallel_index(batch: dict[str, Tensor], cp_size: int, cp_rank: int) -> Tensor:
+    """The sequence positions of ``batch`` that CP rank ``cp_rank`` keeps (packed or padded rows)."""
+    if "cu_seqlens_padded" in batch:
+        return packed_context_parallel_positions(batch["cu_seqlens_padded"], cp_size, cp_rank)
+    return context_parallel_positions(batch["tokens"].shape[1], cp_size, cp_rank)
+
+
 def split_for_context_parallel(batch: dict[str, Tensor], cp_size: int, cp_rank: int) -> dict[str, Tensor]:
     """This CP rank's share of a micro-batch (a new dict; the input is not modified).
 
     Every tensor whose dim 1 is the sequence (``[b, s, ...]``, same ``s`` as ``tokens``)
-    is split; per-sample tensors such as ``prompt_lengths`` ``[b]`` pass through.
+    is split; per-sample tensors such as ``prompt_lengths`` ``[b]`` and a packed row's
+    ``cu_seqlens`` (global offsets, as Transformer Engine takes them) pass through.
     """
     if cp_size == 1:
         return dict(batch)
     seq_len = batch["tokens"].shape[1]
-    index = context_parallel_positions(seq_len, cp_size, cp_rank)
+    index = context_parallel_index(batch, cp_size, cp_rank)
     out = {}
     for key, value in batch.items():
         if isinstance(value, Tensor) and value.dim() >= 2 and value.shape[1] == seq_len:
@@ -75,10 +102,21 @@ def unsplit_context_parallel(pieces: list[Tensor]) -> Tensor:
     return torch.cat(chunks, dim=1)  # type: ignore[arg-type]
 
 
-def gather_from_context_parallel(local: Tensor, group=None) -> Tensor:
+def unsplit_packed_context_parallel(pieces: list[Tensor], cu_seqlens_padded: Tensor) -> Tensor:
+    """Inverse of the packed split: ``pieces[r]`` is rank ``r``'s ``[1, T / cp, ...]`` share."""
+    cp_size = len(pieces)
+    total = int(cu_seqlens_padded[-1])
+    out = pieces[0].new_empty(pieces[0].shape[0], total, *pieces[0].shape[2:])
+    for rank, piece in enumerate(pieces):
+        out[:, packed_context_parallel_positions(cu_seqlens_padded, cp_size, rank).to(piece.device)] = piece
+    return out
+
+
+def gather_from_context_parallel(local: Tensor, group=None, cu_seqlens_padded: Tensor | None = None) -> Tensor:
     """All-gather every CP rank's ``[b, s / cp, ...]`` share and restore sequence order.
 
-    ``group`` defaults to Megatron's context-parallel group; a collective over it.
+    ``group`` defaults to Megatron's context-parallel group; a collective over it. Packed rows
+    pass their ``cu_seqlens_padded`` (each sequence was split on its own).
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -90,6 +128,8 @@ def gather_from_context_parallel(local: Tensor, group=None) -> Tensor:
     local = local.contiguous()
     pieces = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(pieces, local, group=group)
+    if cu_seqlens_padded is not None:
+        return unsplit_packed_context_parallel(pieces, cu_seqlens_padded)
     return unsplit_context_parallel(pieces)
 
 
@@ -103,6 +143,11 @@ def grpo_loss_scale(num_microbatches: int, data_parallel_size: int) -> int:
         raise ValueError(f"num_microbatches={num_microbatches} and data_parallel_size={data_parallel_size} "
                          "must be >= 1")
     return num_microbatches * data_parallel_size
+
+
+def packed_sequence_multiple(context_parallel: int) -> int:
+    """Each packed sequence is padded to this: ``2 * cp`` equal chunks with context parallelism."""
+    return 2 * context_parallel if context_parallel > 1 else 1
 
 
 def sequence_multiple(context_parallel: int, tensor_parallel: int, sequence_parallel: bool) -> int:
@@ -131,6 +176,13 @@ def check_context_parallel_config(cfg: Config) -> None:
     cp = cfg.parallel.context_parallel
     if cp <= 1:
         return
+    if cfg.rl.sequence_packing:
+        # The packed THD split (packed_context_parallel_positions) follows Transformer Engine's,
+        # but CP runs only on a GPU and packing with CP has not been run there yet.
+        raise ConfigError(
+            f"rl.sequence_packing=true is not supported with parallel.context_parallel={cp} (packed THD rows "
+            "with context parallelism are untested); set rl.sequence_packing=false or parallel.context_parallel=1"
+        )
     if cfg.rl.loss_aggregation == "seq-mean-token-mean":
         raise ConfigError(
             f"rl.loss_aggregation=seq-mean-token-mean is not supported with parallel.context_parallel={cp} "

@@ -57,6 +57,7 @@ def aggregate_loss(
     mode: LossAggregation = "token-mean",
     num_global_tokens: int | float | Tensor | None = None,
     num_global_seqs: int | float | Tensor | None = None,
+    segment_ids: Tensor | None = None,
 ) -> Tensor:
     """Reduce ``[b, s]`` per-token losses to a scalar as verl's ``agg_loss`` does.
 
@@ -65,6 +66,8 @@ def aggregate_loss(
     seq-mean-token-sum:  sum_i (sum_t m l) / N_seqs
     ``N_tokens`` / ``N_seqs`` default to this batch's counts (sequences with no response
     token are not counted); pass the global-batch counts to get sum-decomposable losses.
+    A sequence is a row, or with ``segment_ids`` (packed rows: ``[b, s]``, the sequence of each
+    token, -1 on padding) the tokens sharing an id.
     """
     mask = response_mask.bool()
     if mask.shape != token_loss.shape:
@@ -75,12 +78,27 @@ def aggregate_loss(
         return masked.sum() / denom
     if mode not in LOSS_AGGREGATIONS:
         raise ValueError(f"loss aggregation {mode!r} is not one of {list(LOSS_AGGREGATIONS)}")
-    tokens_per_seq = mask.sum(dim=-1)
-    seq_loss = masked.sum(dim=-1)
+    tokens_per_seq, seq_loss = _per_sequence(masked, mask, segment_ids)
     if mode == "seq-mean-token-mean":
         seq_loss = seq_loss / tokens_per_seq.clamp(min=1)
     denom = _denominator(num_global_seqs, (tokens_per_seq > 0).sum(), "num_global_seqs")
     return seq_loss.sum() / denom
+
+
+def _per_sequence(masked: Tensor, mask: Tensor, segment_ids: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(response tokens, loss sum) per sequence: per row, or per segment of packed rows."""
+    if segment_ids is None:
+        return mask.sum(dim=-1), masked.sum(dim=-1)
+    if segment_ids.shape != mask.shape:
+        raise ValueError(f"segment_ids shape {tuple(segment_ids.shape)} != loss shape {tuple(mask.shape)}")
+    # One id per (row, segment); padding (-1) goes to a bin of its own that carries no loss.
+    width = int(segment_ids.max()) + 2 if segment_ids.numel() else 1
+    rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(-1) * width
+    ids = (rows + segment_ids + 1).reshape(-1)
+    bins = mask.shape[0] * width
+    tokens = torch.zeros(bins, dtype=masked.dtype, device=masked.device).index_add(0, ids, mask.reshape(-1).to(masked.dtype))
+    loss = torch.zeros(bins, dtype=masked.dtype, device=masked.device).index_add(0, ids, masked.reshape(-1))
+    return tokens, loss
 
 
 def _denominator(given: int | float | Tensor | None, local: Tensor, name: str) -> Tensor | float:
@@ -102,6 +120,7 @@ def grpo_loss(
     *,
     num_global_tokens: int | float | Tensor | None = None,
     num_global_seqs: int | float | Tensor | None = None,
+    segment_ids: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO loss of one micro-batch and its metrics.
 
@@ -116,7 +135,8 @@ def grpo_loss(
     (``_low``, ``_high``, ``dual_clip_fraction``), ``approx_kl`` (k3 estimate of
     KL(old || new)), ``kl_to_ref``, ``entropy`` and ``ratio_mean`` are means over this
     micro-batch's response tokens (``num_tokens`` of them; combine with
-    :func:`merge_metrics`); ``ratio_max`` is their max.
+    :func:`merge_metrics`); ``ratio_max`` is their max. ``segment_ids`` marks the sequences of
+    packed rows (:mod:`megatron_rpt.rl.packing`) for the seq-mean modes and ``num_seqs``.
     """
     cfg = cfg or RLConfig()
     _check_shapes(logprobs, old_logprobs=old_logprobs, response_mask=response_mask,
@@ -165,7 +185,8 @@ def grpo_loss(
     if entropy is not None and cfg.entropy_coef > 0:
         token_loss = token_loss - cfg.entropy_coef * entropy
 
-    agg = dict(mode=cfg.loss_aggregation, num_global_tokens=num_global_tokens, num_global_seqs=num_global_seqs)
+    agg = dict(mode=cfg.loss_aggregation, num_global_tokens=num_global_tokens, num_global_seqs=num_global_seqs,
+               segment_ids=segment_ids)
     loss = aggregate_loss(token_loss, response_mask, **agg)
 
     with torch.no_grad():
@@ -188,7 +209,7 @@ def grpo_loss(
             "ratio_mean": token_mean(ratio),
             "ratio_max": torch.where(mask, ratio.float(), zero).max() if mask.numel() else zero,
             "num_tokens": num_tokens.float(),
-            "num_seqs": (mask.sum(dim=-1) > 0).sum().float(),
+            "num_seqs": (_per_sequence(mask.float(), mask, segment_ids)[0] > 0).sum().float(),
         }
         if cfg.dual_clip is not None:
             metrics["dual_clip_fraction"] = token_mean(dual_active)

@@ -18,6 +18,13 @@ Two details keep training consistent with the rollouts:
 
 Without an initialised Megatron parallel state (single process, e.g. a CPU rollout
 engine or a unit test) the same quantities are computed locally with plain torch.
+
+:func:`chunked_logprobs_and_entropy` is what the trainer runs: the same two quantities
+computed over chunks of tokens by one autograd function that keeps no float32 copy of the
+logits. It saves the logits as the model returned them (bf16 on GPU) plus two floats per
+token (log Z and H) and rebuilds each chunk's softmax in backward, so the log-prob pass costs
+``chunk x V/tp`` float32 temporaries instead of two or three full float32 copies (19-23 bytes
+per logit element with Megatron's cross entropy). Same values and gradients as the full path.
 """
 
 from __future__ import annotations
@@ -152,6 +159,125 @@ def vocab_parallel_logprobs_and_entropy(
         with torch.no_grad():
             entropy = _VocabParallelEntropy.apply(z.detach(), group if world > 1 else None)
     return _logprobs_from_scaled(z, labels), entropy
+
+
+class _ChunkedLogprobsEntropy(torch.autograd.Function):
+    """(log p(label), H) per token over chunks of ``chunk`` tokens, vocab-parallel.
+
+    Forward, per chunk: ``z = logits / T`` in float32 (padded columns at -inf), the max
+    all-reduced, then one all-reduce of [sum exp(z - m), z[label] on the owning rank,
+    sum exp(z - m) * (z - m)]: ``log Z = m + log s``, ``logp = z[label] - log Z``,
+    ``H = log s - sum_v p_v (z_v - m)``. Saves the caller's logits (no copy), the labels,
+    ``log Z`` and ``H``. Backward, per chunk, without communication (every TP rank holds the
+    same per-token losses): ``p = exp(z - log Z)``; ``d logp / dz = onehot - p`` and
+    ``d H / dz = -p (log p + H)``; both times ``1 / T``.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, temperature: float,  # type: ignore[override]
+                true_vocab_size: int | None, chunk: int, group: object | None) -> tuple[Tensor, Tensor]:
+        rank, _, _ = _tp_state()
+        flat = logits.reshape(-1, logits.shape[-1])
+        flat_labels = labels.reshape(-1)
+        n, part = flat.shape
+        start = rank * part
+        padded = None
+        if true_vocab_size is not None and start + part > true_vocab_size:
+            padded = torch.arange(start, start + part, device=flat.device) >= true_vocab_size
+        logz = torch.empty(n, dtype=torch.float32, device=flat.device)
+        logp = torch.empty_like(logz)
+        entropy = torch.empty_like(logz)
+        for lo in range(0, n, chunk):
+            hi = min(lo + chunk, n)
+            z = _chunk_scaled(flat[lo:hi], temperature, padded)
+            m = z.max(dim=-1).values
+            if group is not None:
+                dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+            z.sub_(m.unsqueeze(-1))  # shifted in place
+            local = flat_labels[lo:hi] - start
+            owned = (local >= 0) & (local < part)
+            target = z.gather(-1, local.clamp(0, part - 1).unsqueeze(-1)).squeeze(-1) * owned
+            e = z.exp()
+            stats = torch.stack([e.sum(-1), target, (e * z.masked_fill_(e == 0, 0.0)).sum(-1)])
+            del e, z
+            if group is not None:
+                dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+            sum_exp, target, weighted = stats
+            log_s = sum_exp.log()
+            logz[lo:hi] = m + log_s
+            logp[lo:hi] = target - log_s
+            entropy[lo:hi] = log_s - weighted / sum_exp
+        ctx.save_for_backward(logits, labels, logz, entropy)
+        ctx.set_materialize_grads(False)  # an unused output (the entropy metric) costs no backward work
+        ctx.settings = (temperature, chunk, start, padded)
+        shape = logits.shape[:-1]
+        return logp.view(shape), entropy.view(shape)
+
+    @staticmethod
+    def backward(ctx, grad_logp: Tensor | None, grad_entropy: Tensor | None):  # type: ignore[override]
+        logits, labels, logz, entropy = ctx.saved_tensors
+        temperature, chunk, start, padded = ctx.settings
+        flat = logits.reshape(-1, logits.shape[-1])
+        flat_labels = labels.reshape(-1)
+        n, part = flat.shape
+        grad = torch.empty_like(flat)
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None, None
+        g_lp = grad_logp.reshape(-1).float() if grad_logp is not None else None
+        g_h = grad_entropy.reshape(-1).float() if grad_entropy is not None else None
+        for lo in range(0, n, chunk):
+            hi = min(lo + chunk, n)
+            z = _chunk_scaled(flat[lo:hi], temperature, padded)
+            log_p = z.sub_(logz[lo:hi].unsqueeze(-1))  # log p, in place
+            p = log_p.exp()
+            g = torch.zeros_like(p)
+            if g_h is not None:
+                # dH/dz = -p (log p + H); padded columns have p = 0 (and log p = -inf): xlogy gives 0.
+                g = torch.xlogy(p, p).add_(p * entropy[lo:hi].unsqueeze(-1)).mul_(-g_h[lo:hi].unsqueeze(-1))
+            if g_lp is not None:
+                g.sub_(p * g_lp[lo:hi].unsqueeze(-1))
+                local = flat_labels[lo:hi] - start
+                owned = (local >= 0) & (local < part)
+                rows = torch.nonzero(owned).squeeze(-1)
+                g[rows, local[rows]] += g_lp[lo:hi][rows]
+            grad[lo:hi] = g.div_(temperature)
+            del z, p, g
+        return grad.view_as(logits), None, None, None, None, None
+
+
+def _chunk_scaled(logits: Tensor, temperature: float, padded: Tensor | None) -> Tensor:
+    """A float32 copy of ``logits / T`` with the padded vocabulary columns at -inf."""
+    z = logits.float() / temperature if logits.dtype != torch.float32 else logits / temperature
+    if padded is not None:
+        z.masked_fill_(padded, float("-inf"))
+    return z
+
+
+def chunked_logprobs_and_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    temperature: float = 1.0,
+    true_vocab_size: int | None = None,
+    chunk_tokens: int = 1024,
+    entropy_grad: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """(logprobs, entropy) like :func:`vocab_parallel_logprobs_and_entropy`, ``chunk_tokens`` at a time.
+
+    ``logits`` ``[..., V/tp]`` in the model's dtype (never copied whole to float32), ``labels``
+    its shape without the last dim. Both results are float32; the entropy carries a gradient
+    only with ``entropy_grad`` (an entropy bonus in the loss), else it is a detached metric.
+    """
+    _check_labels(logits, labels)
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 1 (rl.logprob_chunk_tokens)")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0 (use the rollout sampling temperature)")
+    if true_vocab_size is not None and true_vocab_size <= 0:
+        raise ValueError(f"true_vocab_size={true_vocab_size} must be > 0")
+    _, world, group = _tp_state()
+    logp, entropy = _ChunkedLogprobsEntropy.apply(logits, labels.long(), temperature, true_vocab_size,
+                                                  chunk_tokens, group if world > 1 else None)
+    return logp, entropy if entropy_grad else entropy.detach()
 
 
 def _check_labels(logits: Tensor, labels: Tensor) -> None:

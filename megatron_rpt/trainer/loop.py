@@ -28,7 +28,7 @@ from megatron_rpt.rollout.handover import engine_awake
 from megatron_rpt.rollout.layout import RolloutLayout
 from megatron_rpt.trainer import checkpointing
 from megatron_rpt.trainer.dense_reward import apply_policy_rewards
-from megatron_rpt.trainer.metrics import MetricsLogger, PhaseTimer
+from megatron_rpt.trainer.metrics import MemoryReport, MetricsLogger, PhaseTimer
 from megatron_rpt.trainer.mini_batches import (
     MiniBatch,
     engine_vs_policy_logprob_diff,
@@ -128,6 +128,7 @@ class Trainer:
         chunks = wrap_ddp(chunks, cfg)
         optimizer, scheduler = build_optimizer(chunks, cfg)
         self.policy = MegatronPolicy(cfg, self.arch, chunks, optimizer, scheduler)
+        self.memory = MemoryReport(cfg, self.arch, dist.get_world_size())  # planned vs measured, every step
 
         # Weights come from the bridge before the first rollout (run() syncs first).
         self.engine = make_engine(cfg, self.arch, self.tokenizer, model_dir=model_dir, engine_index=self.layout.engine,
@@ -267,7 +268,8 @@ class Trainer:
         (metrics["compute/trained_tokens"],) = all_reduce_numbers([trained], group=self._dp_group())
         generated = metrics["rollout/generated_tokens"] if self.layout.leader else 0.0
         (metrics["compute/generated_tokens"],) = all_reduce_numbers([generated])
-        return split_mini_batches(samples, advantages, engine_logprobs, cfg.rl, self._dp_group())
+        return split_mini_batches(samples, advantages, engine_logprobs, cfg.rl, self._dp_group(),
+                                  packing=self.policy.packing)
 
     def _score_old_policy(self, mini_batches: list[MiniBatch]) -> dict[str, float]:
         """The behaviour policy's logprobs (and the reference's) on every micro-batch, and how far
@@ -339,6 +341,7 @@ class Trainer:
             step_time = time.perf_counter() - start
             metrics.update({f"time/{k}": v for k, v in self.timer.pop().items()})
             metrics["time/step"] = step_time
+            metrics.update(self.memory.metrics())
             metrics["throughput/generated_tokens_per_s"] = metrics.get("rollout/generated_tokens", 0.0) / max(
                 metrics.get("time/rollout", step_time), 1e-9)
             if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 and not diverged:

@@ -1,7 +1,8 @@
 """Per-step metrics: JSONL file, TensorBoard and (optionally) Weights & Biases.
 
 Owns: :class:`MetricsLogger` (rank 0 writes; other ranks hold a no-op logger), flattening
-nested metric dicts to ``section/name`` keys, and :class:`PhaseTimer` for time per phase.
+nested metric dicts to ``section/name`` keys, :class:`PhaseTimer` for time per phase, and
+:class:`MemoryReport` (the planner's memory prediction beside the measured peak, every step).
 
 A run that resumes from step N re-does the steps after N, so rows of steps above N (logged
 before a crash, after the last checkpoint) are dropped from ``metrics.jsonl`` and purged from
@@ -13,10 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import resource
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+import torch
 
 from megatron_rpt.atomic import write_text_atomic
 
@@ -118,3 +123,34 @@ def _row_step(line: str) -> float | None:
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class MemoryReport:
+    """The planner's per-device prediction for this run's layout, logged beside the measured peak.
+
+    ``memory/planned_train_gib`` is what the planner says PyTorch allocates for training (weights,
+    gradients, optimizer state, activations of the worst pipeline stage); ``memory/planned_peak_gib``
+    adds the rollout engine's reservation, the weight-sync bucket and the overhead
+    (:func:`megatron_rpt.plan.estimate_memory`). ``memory/measured_peak_gib`` is
+    ``torch.cuda.max_memory_allocated`` on a GPU, and on CPU the process's peak RSS (which also
+    holds Python, the libraries and the rollout engine, so it sits above the planned training part).
+    """
+
+    def __init__(self, cfg: Any, arch: Any, world_size: int) -> None:
+        from megatron_rpt.plan import Hardware, Layout, Workload, estimate_memory
+
+        on_gpu = torch.cuda.is_available()
+        device_gib = (torch.cuda.get_device_properties(0).total_memory if on_gpu
+                      else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) / 2**30
+        est = estimate_memory(arch, Workload.from_config(cfg, flash_attention=on_gpu),
+                              Layout.from_config(cfg, world_size), Hardware(gpus=world_size, gpu_mem_gib=device_gib))
+        self.source = "torch.cuda.max_memory_allocated" if on_gpu else "peak RSS of the process"
+        self.planned = {"memory/planned_train_gib": (est.weights + est.grads + est.optimizer + est.activations) / 2**30,
+                        "memory/planned_peak_gib": est.peak / 2**30}
+
+    def metrics(self) -> dict[str, float]:
+        if torch.cuda.is_available():
+            measured = torch.cuda.max_memory_allocated()
+        else:
+            measured = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        return {**self.planned, "memory/measured_peak_gib": measured / 2**30}

@@ -17,7 +17,7 @@ import torch
 
 from megatron_rpt.config import RLConfig
 from megatron_rpt.distributed import all_reduce_numbers
-from megatron_rpt.rl import build_micro_batches
+from megatron_rpt.rl import PackingSpec, build_micro_batches, response_values
 
 Sample = tuple[list[int], list[int]]  # (prompt ids, response ids)
 
@@ -45,9 +45,11 @@ def split_evenly(n: int, parts: int) -> list[range]:
 
 
 def split_mini_batches(samples: Sequence[Sample], advantages: Sequence[float],
-                       engine_logprobs: Sequence[list[float]], rl: RLConfig, dp_group: Any = None) -> list[MiniBatch]:
+                       engine_logprobs: Sequence[list[float]], rl: RLConfig, dp_group: Any = None,
+                       packing: PackingSpec | None = None) -> list[MiniBatch]:
     """``rl.mini_batches_per_step`` mini-batches of consecutive samples, each normalised over its
-    tokens and sequences on all data-parallel ranks (one all-reduce for all of them)."""
+    tokens and sequences on all data-parallel ranks (one all-reduce for all of them); ``packing``:
+    the policy's packed layout (:func:`megatron_rpt.trainer.policy.packing_spec`), None for padded rows."""
     parts = split_evenly(len(samples), rl.mini_batches_per_step)
     if any(len(part) == 0 for part in parts):
         raise ValueError(f"{len(samples)} samples cannot fill rl.mini_batches_per_step={rl.mini_batches_per_step} "
@@ -57,7 +59,7 @@ def split_mini_batches(samples: Sequence[Sample], advantages: Sequence[float],
         counts += [sum(len(samples[i][1]) for i in part), len(part)]
     totals = all_reduce_numbers(counts, group=dp_group)
     return [MiniBatch(build_micro_batches([samples[i] for i in part], [advantages[i] for i in part],
-                                          micro_batch_size=rl.micro_batch_size, pad_token_id=0),
+                                          micro_batch_size=rl.micro_batch_size, pad_token_id=0, packing=packing),
                       int(totals[2 * k]), int(totals[2 * k + 1]), [engine_logprobs[i] for i in part])
             for k, part in enumerate(parts)]
 
@@ -73,17 +75,8 @@ def engine_vs_policy_logprob_diff(micro_batches: list[dict[str, torch.Tensor]],
     metric then also holds the mean ``-log(nucleus mass)`` of the sampled positions (the
     built-in engine reports the pre-top-p value at any top_p).
     """
-    diffs = []
-    sample = 0
-    for mb in micro_batches:
-        for row in range(mb["loss_mask"].shape[0]):
-            mask = mb["loss_mask"][row].bool()
-            if not mask.any():
-                continue  # padding row added to keep micro-batch shapes equal
-            policy = mb["old_logprobs"][row][mask].double()
-            engine = torch.tensor(engine_logprobs[sample], dtype=torch.float64)
-            diffs.append((policy - engine).abs())
-            sample += 1
+    policy = response_values(micro_batches, [mb["old_logprobs"] for mb in micro_batches])
+    diffs = [(p.double() - torch.tensor(e, dtype=torch.float64)).abs() for p, e in zip(policy, engine_logprobs)]
     return float(torch.cat(diffs).mean()) if diffs else float("nan")
 
 

@@ -10,6 +10,14 @@ Context parallelism: callers hand over whole (unsplit) micro-batches; ``_run`` p
 ``seq_multiple`` and keeps this CP rank's load-balanced share for the forward, and
 ``compute_logprobs`` gathers the CP shares back so every CP rank returns full-length
 logprobs (see :mod:`megatron_rpt.rl.context_parallel`).
+
+Packed micro-batches (:mod:`megatron_rpt.rl.packing`, built with :attr:`MegatronPolicy.packing`,
+the default) run as THD rows: the forward gets ``PackedSeqParams(qkv_format="thd")`` built from
+their ``cu_seqlens`` (Transformer Engine attention on GPU; the local spec's
+``PackedDotProductAttention`` applies the block-diagonal causal mask on CPU), RoPE restarts per
+sequence, and sequence-mean losses and counts follow ``segment_ids``. With expert parallelism
+every data-parallel rank runs the same number of micro-batches (the expert collectives span
+them): the ranks with fewer add empty ones.
 """
 
 from __future__ import annotations
@@ -21,19 +29,54 @@ from typing import Any
 import torch
 
 from megatron_rpt.config import Config
+from megatron_rpt.distributed import all_reduce_numbers
 from megatron_rpt.errors import TrainingDiverged
 from megatron_rpt.model.hf_config import ArchConfig
 from megatron_rpt.rl import (
+    PackingSpec,
     check_context_parallel_config,
+    chunked_logprobs_and_entropy,
     gather_from_context_parallel,
     grpo_loss,
     grpo_loss_scale,
+    is_packed,
     merge_metrics,
+    packed_sequence_multiple,
     sequence_multiple,
     split_for_context_parallel,
     vocab_parallel_logprobs_and_entropy,
 )
 from megatron_rpt.topology import Topology
+from megatron_rpt.rl.packing import empty_packed, token_budget
+
+
+def packing_spec(cfg: Config) -> PackingSpec | None:
+    """The packed micro-batch layout this config's parallel layout runs (None: rl.sequence_packing=false)."""
+    if not cfg.rl.sequence_packing:
+        return None
+    p = cfg.parallel
+    multiple = sequence_multiple(p.context_parallel, p.tensor_parallel, p.sequence_parallel)
+    budget = -(-token_budget(cfg) // multiple) * multiple
+    # Pipeline p2p buffers and the expert-parallel token exchange need one row length everywhere.
+    return PackingSpec(max_tokens=budget, pad_to_multiple_of=multiple,
+                       seq_multiple=packed_sequence_multiple(p.context_parallel),
+                       fixed_length=p.pipeline_parallel > 1 or p.expert_parallel > 1)
+
+
+def packed_seq_params(mb: dict[str, torch.Tensor]) -> Any:
+    """Megatron-Core's ``PackedSeqParams`` (THD) of a packed micro-batch, on its tokens' device."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    device = mb["tokens"].device
+    cu = mb["cu_seqlens"].to(device=device, dtype=torch.int32)
+    padded = mb["cu_seqlens_padded"].to(device=device, dtype=torch.int32)
+    longest = int(mb["max_seqlen"])
+    # With per-sequence padding (context parallelism) TE reads the layout from the padded offsets.
+    has_padding = not torch.equal(cu, padded)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           cu_seqlens_q_padded=padded if has_padding else None,
+                           cu_seqlens_kv_padded=padded if has_padding else None,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
 def _pad_to_multiple(batch: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
@@ -71,23 +114,31 @@ class MegatronPolicy:
         self.cp_rank = self.topo.cp_rank
         p = cfg.parallel
         self.seq_multiple = sequence_multiple(self.cp_size, p.tensor_parallel, p.sequence_parallel)
+        self.packing = packing_spec(cfg)  # how callers build micro-batches for this policy
+        self.ep_size = p.expert_parallel
 
     # ------------------------------------------------------------------ schedule plumbing
 
     def _run(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn, forward_only: bool) -> list[Any]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        micro_batches = [_pad_to_multiple(mb, self.seq_multiple) for mb in micro_batches]
+        micro_batches = [mb if is_packed(mb) else _pad_to_multiple(mb, self.seq_multiple) for mb in micro_batches]
+        for mb in micro_batches:
+            if mb["tokens"].shape[1] % self.seq_multiple:
+                raise ValueError(f"a packed micro-batch of {mb['tokens'].shape[1]} tokens is not a multiple of "
+                                 f"{self.seq_multiple} (CP / sequence parallel); build it with policy.packing")
         shapes = {tuple(mb["tokens"].shape) for mb in micro_batches}
-        if len(shapes) != 1:
+        if len(shapes) != 1 and self.cfg.parallel.pipeline_parallel > 1:
             raise ValueError(f"micro-batches must share one [batch, seq] shape for pipeline p2p, got {sorted(shapes)}")
-        (micro_batch_size, seq_length), = shapes  # the schedule divides seq_length by CP itself
+        # (Without pipelining the schedule ignores the shape; the schedule divides seq_length by CP itself.)
+        micro_batch_size, seq_length = max(shapes)
         if self.cp_size > 1:
             micro_batches = [split_for_context_parallel(mb, self.cp_size, self.cp_rank) for mb in micro_batches]
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            output = model(mb["tokens"], mb["position_ids"], None)
+            kwargs = {"packed_seq_params": packed_seq_params(mb)} if is_packed(mb) else {}
+            output = model(mb["tokens"], mb["position_ids"], None, **kwargs)
             return output, partial(loss_fn, mb)
 
         vp = len(self.model)
@@ -104,10 +155,32 @@ class MegatronPolicy:
 
     def _logprobs(self, mb: dict[str, torch.Tensor], logits: torch.Tensor, entropy_grad: bool = False,
                   temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logprobs, entropy) of the labels from this rank's vocabulary slice of the logits, at
+        ``temperature`` (default the rollout's)."""
+        temperature = temperature or self.temperature
+        chunk = self.cfg.rl.logprob_chunk_tokens
+        if chunk:  # the logits as the model returned them: no float32 copy
+            return chunked_logprobs_and_entropy(logits, mb["labels"], temperature=temperature,
+                                                true_vocab_size=self.arch.vocab_size, chunk_tokens=chunk,
+                                                entropy_grad=entropy_grad)
         return vocab_parallel_logprobs_and_entropy(
-            logits, mb["labels"], temperature=temperature or self.temperature, true_vocab_size=self.arch.vocab_size,
+            logits.float(), mb["labels"], temperature=temperature, true_vocab_size=self.arch.vocab_size,
             entropy_grad=entropy_grad,
         )
+
+    def _same_count_over_data_parallel(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[dict]:
+        """Expert parallelism exchanges tokens between data-parallel ranks in every forward, so
+        they must all run as many micro-batches: the ranks with fewer add empty packed ones."""
+        from megatron.core import parallel_state
+
+        if self.ep_size == 1 or not micro_batches or not is_packed(micro_batches[0]):
+            return micro_batches
+        (most,) = all_reduce_numbers([len(micro_batches)], op=torch.distributed.ReduceOp.MAX,
+                                     group=parallel_state.get_data_parallel_group())
+        extra = int(most) - len(micro_batches)
+        sample = micro_batches[0]
+        names = [k for k in ("advantages", "old_logprobs", "ref_logprobs") if k in sample]
+        return micro_batches + [empty_packed(sample["tokens"].shape[1], 0, names) for _ in range(extra)]
 
     # ------------------------------------------------------------------ public API
 
@@ -123,16 +196,19 @@ class MegatronPolicy:
             chunk.eval()
 
         def loss_fn(mb, logits):
-            logprobs, _ = self._logprobs(mb, logits.float(), temperature=temperature)
+            logprobs, _ = self._logprobs(mb, logits, temperature=temperature)
             return logits.new_zeros(()), {"logprobs": logprobs.detach()}
 
+        count = len(micro_batches)
+        micro_batches = self._same_count_over_data_parallel(micro_batches)
         seqs = [mb["tokens"].shape[1] for mb in micro_batches]
         out = self._run(micro_batches, loss_fn, forward_only=True)
         if not self.is_last_stage:
             return None
         if self.cp_size > 1:  # every CP rank of this (last) stage joins the gather
-            out = [{"logprobs": gather_from_context_parallel(o["logprobs"])} for o in out]
-        return [o["logprobs"][:, :s] for o, s in zip(out, seqs)]
+            out = [{"logprobs": gather_from_context_parallel(o["logprobs"], cu_seqlens_padded=mb.get(
+                "cu_seqlens_padded"))} for o, mb in zip(out, micro_batches)]
+        return [o["logprobs"][:, :s] for o, s in zip(out, seqs)][:count]
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], num_global_tokens: int,
                    num_global_seqs: int) -> dict[str, float]:
@@ -144,10 +220,11 @@ class MegatronPolicy:
         multiplies it by the CP size) and DDP averages gradients over the dp*cp ranks; we multiply
         by ``grpo_loss_scale`` (micro-batches * dp) so that the product is exactly 1.
         """
+        micro_batches = self._same_count_over_data_parallel(micro_batches)
         scale = grpo_loss_scale(len(micro_batches), self.dp_size)
 
         def loss_fn(mb, logits):
-            logprobs, entropy = self._logprobs(mb, logits.float(), entropy_grad=self.cfg.rl.entropy_coef > 0)
+            logprobs, entropy = self._logprobs(mb, logits, entropy_grad=self.cfg.rl.entropy_coef > 0)
             loss, metrics = grpo_loss(
                 logprobs,
                 mb["old_logprobs"],
@@ -158,6 +235,7 @@ class MegatronPolicy:
                 entropy=entropy,
                 num_global_tokens=num_global_tokens,
                 num_global_seqs=num_global_seqs,
+                segment_ids=mb.get("segment_ids"),
             )
             return loss * scale, metrics
 
@@ -170,7 +248,7 @@ class MegatronPolicy:
         scale = grpo_loss_scale(len(micro_batches), self.dp_size)
 
         def loss_fn(mb, logits):
-            logprobs, _ = self._logprobs(mb, logits.float(), temperature=1.0)
+            logprobs, _ = self._logprobs(mb, logits, temperature=1.0)
             mask = mb["loss_mask"].float()
             loss = -(logprobs * mask).sum() / num_global_tokens
             tokens = mask.sum()
@@ -225,5 +303,12 @@ class MegatronPolicy:
         dist.all_gather_object(gathered, local, group=self.topo.cp_group)
         merged = merge_metrics([m for rank in gathered for m in rank])
         # A sequence split over CP ranks was counted once per rank; count it from the whole batch.
-        merged["num_seqs"] = float(sum(int((mb["loss_mask"].sum(-1) > 0).sum()) for mb in micro_batches))
+        merged["num_seqs"] = float(sum(_sequences_with_loss(mb) for mb in micro_batches))
         return merged
+
+
+def _sequences_with_loss(mb: dict[str, torch.Tensor]) -> int:
+    """Sequences of a whole micro-batch with at least one response token (rows, or packed segments)."""
+    if not is_packed(mb):
+        return int((mb["loss_mask"].sum(-1) > 0).sum())
+    return int(mb["segment_ids"][mb["loss_mask"].bool()].unique().numel())

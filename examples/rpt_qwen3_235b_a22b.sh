@@ -1,0 +1,31 @@
+#!/bin/bash
+# RPT on Qwen3-235B-A22B (MoE, 128 experts): 32 nodes x 8 H100 80GB (TP4, PP2, EP32, DP32, full recompute).
+# Config: configs/rpt_qwen3_235b_a22b.yaml. Submit from the repository root (trailing arguments go to
+# the trainer); set RPT_CKPT / RPT_TOKENIZER / RPT_PROXY_MODEL / RPT_DATA and RPT_RUNS_ROOT (or
+# SCRATCH: checkpoints go to $RPT_RUNS_ROOT/<job>-<id>, never into the repository) first:
+#   mkdir -p logs && sbatch examples/rpt_qwen3_235b_a22b.sh [--set train.steps=10 ...]
+# Requeues itself at the time limit and resumes from the last checkpoint; launcher knobs
+# (run dir, NCCL settings, extra args) are documented in examples/lib/launch.sh.
+#SBATCH --job-name=rpt-qwen3-235b-a22b
+#SBATCH --nodes=32
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --mem=0
+#SBATCH --exclusive
+#SBATCH --time=24:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@1920
+set -euo pipefail
+
+export GPUS_PER_NODE=8
+# The trainer stops between RL steps: the grace (torchrun's wait after the signal) covers one
+# step plus the save, at least twice tools/plan.py's step estimate; the USR1 lead exceeds it.
+export RPT_SAVE_GRACE_S=${RPT_SAVE_GRACE_S:-1800}
+export RPT_CONFIG=${RPT_CONFIG:-configs/rpt_qwen3_235b_a22b.yaml}
+
+# shellcheck source-path=SCRIPTDIR source=lib/launch.sh
+source "${RPT_REPO:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}/examples/lib/launch.sh"
+rpt_launch "$@"
