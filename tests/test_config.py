@@ -300,7 +300,7 @@ def test_vllm_needs_a_model_directory_to_start_from(tmp_path, monkeypatch):
 
 
 def test_gpu_recipes_take_the_vllm_model_directory_from_the_environment(tmp_path, monkeypatch):
-    for name in ("RPT_CKPT", "RPT_TOKENIZER", "RPT_PROXY_MODEL"):
+    for name in ("RPT_CKPT", "RPT_TOKENIZER", "RPT_PROXY_MODEL", "RPT_EVAL_SCORER"):
         (tmp_path / name).mkdir()
         monkeypatch.setenv(name, str(tmp_path / name))
     (tmp_path / "data.jsonl").write_text("")

@@ -61,9 +61,11 @@ def _parity(model_dir: Path, update: bool = False) -> dict:
     from megatron_rpt.bridge import WeightBridge
 
     policy = megatron_policy(small_config(), model_dir, optimizer=update)
+    torch.set_num_threads(2)  # what the trainer runs with; vLLM would set 1 "for serving"
     engine = vllm_engine(model_dir)
     bridge = WeightBridge(policy.model, policy.arch, bucket_mb=1, dtype=torch.float32)
-    res: dict = {"sync": asdict(bridge.sync(engine)), "retains": engine.retains_pushed_tensors}
+    res: dict = {"sync": asdict(bridge.sync(engine)), "retains": engine.retains_pushed_tensors,
+                 "torch_threads": torch.get_num_threads()}
     short = prompts(3, 12, seed=1, vocab=policy.arch.vocab_size)
     for t in (1.0, 0.8):
         gens = engine.generate(short, SamplingParams(n=SAMPLES, temperature=t, max_tokens=MAX_TOKENS, seed=7))
@@ -155,6 +157,12 @@ def test_prefix_cache_is_reset_after_a_weight_update(runs):
     assert run["cached_tokens_before_update"] >= run["block_size"] and LONG > run["block_size"]
     # ... so K/V computed with the old weights would show in the log-probs after it
     assert run["after_long_prompt"]["max"] < TOL, run["after_long_prompt"]
+
+
+@pytest.mark.slow
+def test_the_engine_leaves_the_trainer_its_torch_threads(runs):
+    # An in-process engine shares the trainer's process: one thread would slow every update.
+    assert all(run["torch_threads"] == 2 for run in runs.values() if run is not None)
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """What the real trainer feeds the loss, read from the trainer itself (real megatron-core, CPU).
 
-One training step of the toy run (1 rank): the rollout groups the trainer collected and the
+One training step of the toy run (1 rank): the rollout groups the trainer gathered for the step and the
 micro-batches it handed to ``MegatronPolicy.train_step`` are recorded by wrapping those two
 calls (nothing is replaced). The per-token advantages the loss saw must be each prompt group's
 own normalised rewards, ``(r - mean_group) / (std_group + eps)`` with the unbiased std, derived
@@ -41,23 +41,23 @@ def _one_step(toy: str, run: str) -> dict:
                       [f"logging.dir={run}", "logging.progress_bar=false", "train.steps=1", "train.eval_interval=0"])
     trainer = loop.Trainer(cfg, resume=None)
     seen: dict = {"groups": [], "micro": []}
-    collect, train_step = loop.collect_step_groups, trainer.policy.train_step
+    gather, train_step = loop.gather_replica_batch, trainer.policy.train_step
 
-    def recording_collect(*args, **kwargs):
-        groups, metrics = collect(*args, **kwargs)
+    def recording_gather(*args, **kwargs):  # the replica's batch: the groups the step trains on
+        groups = gather(*args, **kwargs)
         seen["groups"] += [list(g.rewards) for g in groups]
-        return groups, metrics
+        return groups
 
     def recording_train_step(micro_batches, *args, **kwargs):
         seen["micro"] += [{k: mb[k].clone() for k in ("advantages", "loss_mask")} for mb in micro_batches]
         return train_step(micro_batches, *args, **kwargs)
 
-    loop.collect_step_groups, trainer.policy.train_step = recording_collect, recording_train_step
+    loop.gather_replica_batch, trainer.policy.train_step = recording_gather, recording_train_step
     try:
         trainer.sync_weights()  # as Trainer.run does before the first step
         trainer.train_step()
     finally:
-        loop.collect_step_groups = collect
+        loop.gather_replica_batch = gather
     return {"groups": seen["groups"], "micro": seen["micro"], "normalize_std": cfg.rl.normalize_advantage_std}
 
 

@@ -206,7 +206,12 @@ class VLLMEngine:
             kwargs["logprobs_mode"] = "processed_logprobs"  # after temperature: see rollout/base.py
         kwargs.update(llm_kwargs)
         self.arch = arch
+        threads = torch.get_num_threads()
         self.llm = vllm.LLM(**kwargs)
+        # vLLM sets torch to one intra-op thread "for serving" unless OMP_NUM_THREADS is set. The
+        # engine shares this process with the trainer (in-process engines), whose forward, backward
+        # and optimizer then ran single-threaded: give the process its threads back.
+        torch.set_num_threads(threads)
         self._vllm = vllm
         self._shapes = hf_parameter_shapes(arch)
         self.tensor_parallel = tensor_parallel
