@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from megatron_rpt.atomic import atomic_output_dir
+from megatron_rpt.atomic import OutputExistsError, atomic_output_dir
 from megatron_rpt.config import ConfigError
 
 CACHE = Path(os.environ.get("RPT_CACHE_DIR", Path.home() / ".cache" / "megatron-rpt"))
@@ -39,9 +39,15 @@ def _smollm2_gguf(install: bool) -> Path | None:
 
 
 def _atomic_dir(final: Path, build) -> Path:
-    """Build ``final`` in a temporary sibling directory and rename it into place."""
-    with atomic_output_dir(final) as tmp:
-        build(tmp)
+    """Build ``final`` in a temporary sibling directory and rename it into place. Two processes
+    building the same cache entry at once (two runs starting together) both end up using the
+    first one's: same inputs, same result."""
+    try:
+        with atomic_output_dir(final) as tmp:
+            build(tmp)
+    except OutputExistsError:
+        if not (final / "config.json").is_file():
+            raise
     return final
 
 
