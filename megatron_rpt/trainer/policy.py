@@ -123,6 +123,10 @@ class MegatronPolicy:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         micro_batches = [mb if is_packed(mb) else _pad_to_multiple(mb, self.seq_multiple) for mb in micro_batches]
+        # Micro-batches are built on the CPU (rollouts, packing); the model may live on a GPU.
+        device = next(self.model[0].parameters()).device
+        micro_batches = [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                          for k, v in mb.items()} for mb in micro_batches]
         for mb in micro_batches:
             if mb["tokens"].shape[1] % self.seq_multiple:
                 raise ValueError(f"a packed micro-batch of {mb['tokens'].shape[1]} tokens is not a multiple of "
@@ -208,7 +212,8 @@ class MegatronPolicy:
         if self.cp_size > 1:  # every CP rank of this (last) stage joins the gather
             out = [{"logprobs": gather_from_context_parallel(o["logprobs"], cu_seqlens_padded=mb.get(
                 "cu_seqlens_padded"))} for o, mb in zip(out, micro_batches)]
-        return [o["logprobs"][:, :s] for o, s in zip(out, seqs)][:count]
+        # Back on the CPU beside the micro-batches they are attached to (response_values reads both).
+        return [o["logprobs"][:, :s].cpu() for o, s in zip(out, seqs)][:count]
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], num_global_tokens: int,
                    num_global_seqs: int) -> dict[str, float]:
@@ -245,6 +250,7 @@ class MegatronPolicy:
         """One optimizer step of the plain next-token (language-model) loss: the cross-entropy of
         ``labels`` where ``loss_mask`` is 1, at temperature 1, averaged over the ``num_global_tokens``
         tokens of the whole batch (all data-parallel ranks); scaled like :meth:`train_step`."""
+        micro_batches = self._same_count_over_data_parallel(micro_batches)
         scale = grpo_loss_scale(len(micro_batches), self.dp_size)
 
         def loss_fn(mb, logits):
