@@ -9,8 +9,9 @@ on every rank, on ``--device`` (cuda when there is one: one rank per GPU), three
 * ``bridge``: :class:`megatron_rpt.bridge.WeightBridge`, bucketed, every rank receives the
   whole model;
 * ``naive``: each TP shard gathered with ``all_gather``, the full state dict gathered to
-  the first rank of the model-parallel group (``gather_object``), converted with
-  ``hf_state_dict_from_full``, broadcast (``broadcast_object_list``) and loaded;
+  each tensor converted to HF (``layouts.hf_from_tp_shards``), the full state dict gathered to
+  the first rank of the model-parallel group (``gather_object``), broadcast
+  (``broadcast_object_list``) and loaded;
 * ``memcpy``: ``torch`` copy of a preallocated buffer of the model's size on each rank at
   the same time (device-to-device on a GPU), the physical limit of the machine;
 * ``coll.``: the bare collective (one bucket gathered over TP / broadcast over PP), the
@@ -139,40 +140,39 @@ def collective_limit(bridge, tp: int, pp: int, repeats: int) -> float | None:
 
 
 def naive_sync(chunks, arch, engine, dtype: torch.dtype) -> None:
-    """Gather the full Megatron state to one rank, convert, broadcast, load."""
+    """Gather each tensor's TP shards, convert to HF, gather the state to one rank, broadcast, load."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_rpt.bridge.name_maps import NameMap, hf_state_dict_from_full, named_parameters_global, tp_merge
+    from megatron_rpt.bridge.layouts import hf_from_tp_shards
+    from megatron_rpt.bridge.name_maps import NameMap, named_parameters_global
 
     names = NameMap(arch)
     tp_group, tp = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
-    full: dict[str, torch.Tensor] = {}
+    hf: dict[str, torch.Tensor] = {}
     for chunk in chunks:
         for name, param in named_parameters_global(chunk):
-            if name == "output_layer.weight" and arch.tie_word_embeddings:
+            if names.is_tied_copy(name):
                 continue
             tensor = param.detach()
+            shards = [tensor]
             if getattr(param, "tensor_model_parallel", False) and tp > 1:
                 shards = [torch.empty_like(tensor) for _ in range(tp)]
                 dist.all_gather(shards, tensor, group=tp_group)
-                tensor = tp_merge(names.lookup(name)[0], shards)
-            full[name] = tensor
+            tmap, layer, expert = names.lookup(name)
+            for hf_name, t in zip(tmap.format(layer, expert)[1], hf_from_tp_shards(tmap, shards, arch)):
+                hf[hf_name] = t.to(dtype)
     group = ps.get_model_parallel_group()
     size = dist.get_world_size(group)
     first = dist.get_global_rank(group, 0)
-    if size == 1:
-        hf = hf_state_dict_from_full(full, arch, cast=lambda t: t.to(dtype))
-    else:
+    if size > 1:
         parts = [None] * size if dist.get_rank() == first else None
-        dist.gather_object(full, parts, dst=first, group=group)
-        del full
+        dist.gather_object(hf, parts, dst=first, group=group)
+        del hf
         box = [None]
         if dist.get_rank() == first:
-            merged = {k: v for part in parts for k, v in part.items()}
+            box = [{k: v for part in parts for k, v in part.items()}]
             del parts
-            box = [hf_state_dict_from_full(merged, arch, cast=lambda t: t.to(dtype))]
-            del merged
         dist.broadcast_object_list(box, src=first, group=group)
         hf = box[0]
     engine.update_weights(hf.items())

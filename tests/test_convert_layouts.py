@@ -1,8 +1,9 @@
 """Fast, single-process checks of the conversion building blocks (no Megatron ranks).
 
-* the fused layouts of ``name_maps`` against hand-derived layouts (QKV per-group interleave,
-  [gate; up], zero vocab padding), and reading a TP rank's slices (``tp_slice_ranges`` +
-  ``to_mcore_shard``) against sharding the full tensor (``tp_shard``);
+* the fused layouts of ``bridge.layouts`` against hand-derived layouts (QKV per-group interleave,
+  [gate; up], zero vocab padding); reading a TP rank's slices (``tp_slice_ranges`` +
+  ``to_mcore_shard``) against Megatron's sharding rule written out here (``_megatron_shard``), and
+  the shards merged back (``hf_from_tp_shards``) against the original HF tensors;
 * the streaming safetensors reader / writer against the ``safetensors`` library;
 * the all-or-nothing output directory.
 """
@@ -16,17 +17,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_rpt.bridge.name_maps import (
-    NameMap,
+from megatron_rpt.bridge.layouts import (
     expected_hf_shapes,
     from_mcore,
+    hf_from_tp_shards,
+    hf_slice_of_shard,
     qkv_to_mcore,
     to_mcore,
     to_mcore_shard,
-    tp_merge,
-    tp_shard,
     tp_slice_ranges,
 )
+from megatron_rpt.bridge.name_maps import Layout, NameMap
 from megatron_rpt.atomic import OutputExistsError, atomic_output_dir
 from megatron_rpt.checkpoint.hf_io import CheckpointError, HFCheckpointReader, HFShardWriter, parse_size
 from megatron_rpt.config import ConfigError
@@ -53,6 +54,18 @@ def _random_hf(arch, seed=0) -> dict[str, torch.Tensor]:
         for name, shape in zip(tmap.format(layer, expert)[1], expected_hf_shapes(tmap, arch)):
             out[name] = torch.randn(shape, generator=gen)
     return out
+
+
+def _megatron_shard(tmap, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """Megatron's TP split of a full tensor, as its layers allocate it: ``size`` equal chunks along
+    the split dimension, except linear_fc1 of a SwiGLU MLP, whose rank holds its chunk of gate and
+    its chunk of up (``[gate_r; up_r]``)."""
+    if tmap.tp_dim is None or size == 1:
+        return full
+    if tmap.layout is Layout.GATE_UP:
+        gate, up = torch.chunk(full, 2, dim=0)
+        return torch.cat([torch.chunk(gate, size, dim=0)[rank], torch.chunk(up, size, dim=0)[rank]], dim=0)
+    return torch.chunk(full, size, dim=tmap.tp_dim)[rank]
 
 
 def test_qkv_interleave_matches_hand_layout():
@@ -85,12 +98,16 @@ def test_slice_reads_equal_sharding_the_full_tensor(family, tp):
             ranges = tp_slice_ranges(tmap, arch, padded, rank, tp)
             slices = [hf[n] if r is None else hf[n].narrow(r[0], r[1], r[2] - r[1]) for n, r in zip(names, ranges)]
             shard = to_mcore_shard(tmap, slices, arch, padded, rank, tp)
-            assert torch.equal(shard, tp_shard(tmap, full, rank, tp)), (tmap.mcore, rank)
+            assert torch.equal(shard, _megatron_shard(tmap, full, rank, tp)), (tmap.mcore, rank)
             shards.append(shard)
-        assert torch.equal(tp_merge(tmap, shards), full)
-        if tmap.layout == "vocab":
+            if tmap.tp_dim is not None and tmap.layout is not Layout.VOCAB:  # the engine's own slice, no gather
+                for got, n in zip(hf_slice_of_shard(tmap, shard, arch, tp), names):
+                    assert torch.equal(got, torch.chunk(hf[n], tp, dim=tmap.tp_dim)[rank]), (tmap.mcore, rank)
+        merged = hf_from_tp_shards(tmap, shards if tmap.tp_dim is not None else shards[:1], arch)
+        assert all(torch.equal(got, hf[n]) for got, n in zip(merged, names)), tmap.mcore
+        if tmap.layout is Layout.VOCAB:
             assert full.shape[0] == padded and torch.all(full[arch.vocab_size:] == 0)
-        if tmap.layout == "gate_up" and tp == 2:  # rank 0 holds the first half of gate, then of up
+        if tmap.layout is Layout.GATE_UP and tp == 2:  # rank 0 holds the first half of gate, then of up
             ffn = hf[names[0]].shape[0]
             assert torch.equal(shards[0], torch.cat([hf[names[0]][: ffn // 2], hf[names[1]][: ffn // 2]]))
 

@@ -35,13 +35,8 @@ import re
 import pytest
 import torch
 
-from megatron_rpt.bridge.name_maps import (
-    NameMap,
-    from_mcore,
-    global_param_name,
-    hf_state_dict_from_full,
-    to_mcore,
-)
+from megatron_rpt.bridge.layouts import from_mcore, to_mcore
+from megatron_rpt.bridge.name_maps import Layout, NameMap, global_param_name
 from megatron_rpt.config import ModelConfig, ParallelConfig
 from megatron_rpt.model.hf_config import arch_from_dict
 from megatron_rpt.model.mcore_compat import ModelClass
@@ -104,7 +99,7 @@ def test_grouped_expert_index_is_the_gemm_index_plus_the_expert_parallel_offset(
     assert (layer, expert) == (1, 3)
     assert tmap.format(layer, expert)[1] == ("model.layers.1.mlp.experts.3.gate_proj.weight",
                                              "model.layers.1.mlp.experts.3.up_proj.weight")
-    assert tmap.layout == "gate_up" and tmap.tp_dim == 0
+    assert tmap.layout is Layout.GATE_UP and tmap.tp_dim == 0
     tmap, _, expert = names.lookup("decoder.layers.0.mlp.experts.linear_fc2.weight2")
     assert expert == 2 and tmap.tp_dim == 1
     # EP rank 1 of 2 holds experts 2 and 3 as its GEMMs 0 and 1.
@@ -132,7 +127,10 @@ def test_grouped_names_convert_a_transformers_qwen3_moe_both_ways(tmp_path):
     gate_up = full["decoder.layers.1.mlp.experts.linear_fc1.weight3"]
     assert torch.equal(gate_up, torch.cat([hf["model.layers.1.mlp.experts.3.gate_proj.weight"],
                                            hf["model.layers.1.mlp.experts.3.up_proj.weight"]]))
-    back = hf_state_dict_from_full(full, arch, te_layout=True, grouped_experts=True, model_class=ModelClass.GPT)
+    back = {}
+    for mcore, tensor in full.items():  # every TE name resolves back to the HF tensors it came from
+        tmap, layer, expert = names.lookup(mcore)
+        back.update(zip(tmap.format(layer, expert)[1], from_mcore(tmap, tensor, arch)))
     assert back.keys() == hf.keys()
     assert all(torch.equal(back[k], hf[k]) for k in hf)
     tmap, _, _ = names.lookup("decoder.layers.0.mlp.experts.linear_fc2.weight0")

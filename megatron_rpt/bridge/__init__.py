@@ -1,5 +1,6 @@
-"""megatron_rpt.bridge: the Hugging Face <-> Megatron name map and the weight bridge to rollout engines."""
+"""megatron_rpt.bridge: HF <-> Megatron names (name_maps), layout maths (layouts), the bucket plan
+(buckets) and the weight bridge that streams the policy into rollout engines (resharding)."""
 
-from megatron_rpt.bridge.resharding import SyncStats, WeightBridge, hf_from_tp_shards, hf_slice_of_shard
+from megatron_rpt.bridge.resharding import SyncStats, WeightBridge
 
-__all__ = ["SyncStats", "WeightBridge", "hf_from_tp_shards", "hf_slice_of_shard"]
+__all__ = ["SyncStats", "WeightBridge"]

@@ -1,51 +1,79 @@
-"""The one Hugging Face <-> Megatron-Core parameter map, shared by the converter and the bridge.
+"""The one Hugging Face <-> Megatron-Core parameter NAME map, shared by the converter, the loader and the bridge.
 
-Owns, per architecture family (Llama, Qwen2, Qwen3, Qwen3-MoE):
+Owns, per architecture family (Llama, Qwen2, Qwen3, Qwen3-MoE) and per Megatron model class:
   * which HF tensors make up each Megatron parameter (names with ``{layer}`` / ``{expert}``);
-  * the fused layouts, converted between *full* (unsharded) tensors:
-      - ``qkv``: Megatron's ``linear_qkv`` interleaves per query group:
-        for each of the ``num_query_groups`` groups, ``heads_per_group`` query heads,
-        then one key head, then one value head (``head_dim`` rows each). Tensor parallelism
-        splits whole groups, so a TP shard is a contiguous slice of the full tensor.
-      - ``gate_up``: ``linear_fc1`` of a SwiGLU MLP. The full tensor is ``[gate; up]`` but a
-        TP rank holds ``[gate_r; up_r]`` (its slice of each), so sharding is per half.
-      - ``vocab``: embedding / output rows padded with zeros to the padded vocabulary
-        (``make_vocab_size_divisible_by * TP``); the padding is removed on export.
-  * which dimension tensor parallelism splits (0: column-parallel, 1: row-parallel, None).
+  * the :class:`Layout` of each Megatron parameter (how its HF tensors are fused: the tensor
+    maths lives in :mod:`megatron_rpt.bridge.layouts`), the symbolic shape of each HF tensor
+    (:class:`Dim`) and the dimension tensor parallelism splits (0: column-parallel, 1:
+    row-parallel, None: replicated);
+  * the tied-embedding rule: with ``tie_word_embeddings`` there is no ``lm_head``; the last
+    pipeline stage's ``output_layer.weight`` is its copy of the word embeddings
+    (:meth:`NameMap.is_tied_copy`), exported once, from the first stage;
+  * global parameter names of a live model chunk (layer index within a pipeline stage or virtual
+    chunk -> global layer, local expert -> global expert).
 The Transformer-Engine spec fuses the pre-attention / pre-MLP RMSNorm weights into
 ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``; ``te_layout=True`` maps those.
 MoE experts come in two layouts: ``SequentialMLP`` (local spec) keeps one module per expert,
 ``mlp.experts.local_experts.{e}.linear_fc1.weight``; ``TEGroupedMLP`` (TE spec with
-``moe_grouped_gemm``, the fast path) keeps one TE ``GroupedLinear`` per projection whose
-parameters are ``weight0..weight{n-1}``, ``mlp.experts.linear_fc1.weight{e}``
-(``grouped_experts=True``). Both hold the same per-expert tensors in the same layout.
-Both Megatron model classes are mapped (``model_class``, default: the one this megatron-core
-builds): ``GPTModel`` keeps HF layer ``i`` in ``decoder.layers.{i}``; ``HybridModel`` splits it
-into ``decoder.layers.{2i}`` (input norm + attention) and ``decoder.layers.{2i+1}`` (pre-MLP norm
-+ MLP / MoE) and names the final norm ``decoder.final_norm``. Suffixes and layouts are the same.
+``moe_grouped_gemm``) keeps one TE ``GroupedLinear`` per projection whose parameters are
+``weight0..weight{n-1}``, ``mlp.experts.linear_fc1.weight{e}`` (``grouped_experts=True``). Both hold
+the same per-expert tensors in the same layout. ``GPTModel`` keeps HF layer ``i`` in
+``decoder.layers.{i}``; ``HybridModel`` (megatron-core 0.19) splits it into ``decoder.layers.{2i}``
+(input norm + attention) and ``decoder.layers.{2i+1}`` (pre-MLP norm + MLP / MoE) and names the
+final norm ``decoder.final_norm``. Suffixes and layouts are the same.
 """
 
 from __future__ import annotations
 
+import enum
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Sequence
 
 import torch
 
 from megatron_rpt.model.hf_config import ArchConfig
-from megatron_rpt.model.mcore_compat import ModelClass, model_class_of, policy_model_class
+from megatron_rpt.model.mcore_compat import (
+    ModelClass,
+    model_class_of,
+    policy_model_class,
+)
 
 LAYER = "{layer}"
 EXPERT = "{expert}"
+TIED_OUTPUT = "output_layer.weight"
+EMBEDDING = "embedding.word_embeddings.weight"
+
+
+class Layout(enum.Enum):
+    """How the HF tensors of one Megatron parameter are fused (see :mod:`megatron_rpt.bridge.layouts`)."""
+
+    COPY = "copy"  # one HF tensor, the same values
+    QKV = "qkv"  # q, k, v interleaved per query group
+    GATE_UP = "gate_up"  # [gate; up] of a SwiGLU MLP, sharded per half
+    VOCAB = "vocab"  # embedding / output rows, zero-padded to the padded vocabulary
+
+
+class Dim(enum.Enum):
+    """A symbolic HF tensor dimension, resolved against an :class:`ArchConfig`."""
+
+    HIDDEN = "hidden"
+    Q = "q"  # num_attention_heads * head_dim
+    KV = "kv"  # num_key_value_heads * head_dim
+    HEAD = "head_dim"
+    FFN = "ffn"  # dense MLP width
+    EXPERT_FFN = "expert_ffn"  # one expert's MLP width
+    EXPERTS = "experts"
+    VOCAB = "vocab"  # the real (unpadded) vocabulary
 
 
 @dataclass(frozen=True)
 class TensorMap:
     mcore: str  # Megatron name; ``{layer}`` = global layer index, ``{expert}`` = global expert index
     hf: tuple[str, ...]  # HF names, same placeholders
-    layout: str  # copy | qkv | gate_up | vocab
+    layout: Layout
     tp_dim: int | None  # dimension split across tensor-parallel ranks (None: replicated)
+    shapes: tuple[tuple[Dim, ...], ...]  # symbolic shape of each HF tensor, in ``hf`` order
     # Megatron layer index = HF layer * layer_stride + layer_slot (GPTModel: 1, 0; HybridModel: 2, 0 for
     # the attention half, 2, 1 for the MLP half of a decoder layer).
     layer_stride: int = 1
@@ -60,6 +88,7 @@ class TensorMap:
         return EXPERT in self.mcore
 
     def format(self, layer: int | None = None, expert: int | None = None) -> tuple[str, tuple[str, ...]]:
+        """(Megatron name, HF names) of HF layer ``layer`` / global expert ``expert``."""
         def fill(s: str, layer_index: int | None) -> str:
             if layer_index is not None:
                 s = s.replace(LAYER, str(layer_index))
@@ -77,43 +106,64 @@ class TensorMap:
         return mcore_layer // self.layer_stride
 
 
-def param_maps(arch: ArchConfig, te_layout: bool = False, *, grouped_experts: bool = False,
-               model_class: ModelClass | None = None) -> list[TensorMap]:
-    """All tensor maps of ``arch`` (global ones first, then per layer) for ``model_class``."""
-    L = "decoder.layers.{layer}."
-    H = "model.layers.{layer}."
-    maps = [TensorMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab", 0)]
-    if te_layout:
-        maps.append(TensorMap(L + "self_attention.linear_qkv.layer_norm_weight", (H + "input_layernorm.weight",), "copy", None))
-    else:
-        maps.append(TensorMap(L + "input_layernorm.weight", (H + "input_layernorm.weight",), "copy", None))
+def _copy(mcore: str, hf: str, shape: tuple[Dim, ...], tp_dim: int | None = None) -> TensorMap:
+    return TensorMap(mcore, (hf,), Layout.COPY, tp_dim, (shape,))
+
+
+def _attention_maps(arch: ArchConfig, te_layout: bool) -> list[TensorMap]:
+    L, H = "decoder.layers.{layer}.", "model.layers.{layer}."
+    H_ = (Dim.HIDDEN,)
+    norm = L + ("self_attention.linear_qkv.layer_norm_weight" if te_layout else "input_layernorm.weight")
+    maps = [_copy(norm, H + "input_layernorm.weight", H_)]
     qkv = tuple(H + f"self_attn.{p}_proj.weight" for p in "qkv")
-    maps.append(TensorMap(L + "self_attention.linear_qkv.weight", qkv, "qkv", 0))
+    maps.append(TensorMap(L + "self_attention.linear_qkv.weight", qkv, Layout.QKV, 0,
+                          ((Dim.Q, Dim.HIDDEN), (Dim.KV, Dim.HIDDEN), (Dim.KV, Dim.HIDDEN))))
     if arch.qkv_bias:
-        maps.append(TensorMap(L + "self_attention.linear_qkv.bias", tuple(h.replace("weight", "bias") for h in qkv), "qkv", 0))
+        maps.append(TensorMap(L + "self_attention.linear_qkv.bias", tuple(h.replace("weight", "bias") for h in qkv),
+                              Layout.QKV, 0, ((Dim.Q,), (Dim.KV,), (Dim.KV,))))
     if arch.qk_norm:
-        maps.append(TensorMap(L + "self_attention.q_layernorm.weight", (H + "self_attn.q_norm.weight",), "copy", None))
-        maps.append(TensorMap(L + "self_attention.k_layernorm.weight", (H + "self_attn.k_norm.weight",), "copy", None))
-    maps.append(TensorMap(L + "self_attention.linear_proj.weight", (H + "self_attn.o_proj.weight",), "copy", 1))
+        maps.append(_copy(L + "self_attention.q_layernorm.weight", H + "self_attn.q_norm.weight", (Dim.HEAD,)))
+        maps.append(_copy(L + "self_attention.k_layernorm.weight", H + "self_attn.k_norm.weight", (Dim.HEAD,)))
+    maps.append(_copy(L + "self_attention.linear_proj.weight", H + "self_attn.o_proj.weight", (Dim.HIDDEN, Dim.Q), 1))
+    return maps
+
+
+def _mlp_maps(arch: ArchConfig, te_layout: bool, grouped_experts: bool) -> list[TensorMap]:
+    L, H = "decoder.layers.{layer}.", "model.layers.{layer}."
+    post_norm = H + "post_attention_layernorm.weight"
     if arch.num_experts:
-        maps.append(TensorMap(L + "pre_mlp_layernorm.weight", (H + "post_attention_layernorm.weight",), "copy", None))
-        maps.append(TensorMap(L + "mlp.router.weight", (H + "mlp.gate.weight",), "copy", None))
         HE = H + "mlp.experts.{expert}."
         if grouped_experts:  # TEGroupedMLP: GroupedLinear parameters weight0..weight{n-1}
             fc1, fc2 = L + "mlp.experts.linear_fc1.weight{expert}", L + "mlp.experts.linear_fc2.weight{expert}"
         else:  # SequentialMLP
             fc1 = L + "mlp.experts.local_experts.{expert}.linear_fc1.weight"
             fc2 = L + "mlp.experts.local_experts.{expert}.linear_fc2.weight"
-        maps.append(TensorMap(fc1, (HE + "gate_proj.weight", HE + "up_proj.weight"), "gate_up", 0))
-        maps.append(TensorMap(fc2, (HE + "down_proj.weight",), "copy", 1))
-    else:
-        norm = L + ("mlp.linear_fc1.layer_norm_weight" if te_layout else "pre_mlp_layernorm.weight")
-        maps.append(TensorMap(norm, (H + "post_attention_layernorm.weight",), "copy", None))
-        maps.append(TensorMap(L + "mlp.linear_fc1.weight", (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"), "gate_up", 0))
-        maps.append(TensorMap(L + "mlp.linear_fc2.weight", (H + "mlp.down_proj.weight",), "copy", 1))
-    maps.append(TensorMap("decoder.final_layernorm.weight", ("model.norm.weight",), "copy", None))
+        ffn = Dim.EXPERT_FFN
+        return [
+            _copy(L + "pre_mlp_layernorm.weight", post_norm, (Dim.HIDDEN,)),
+            _copy(L + "mlp.router.weight", H + "mlp.gate.weight", (Dim.EXPERTS, Dim.HIDDEN)),
+            TensorMap(fc1, (HE + "gate_proj.weight", HE + "up_proj.weight"), Layout.GATE_UP, 0,
+                      ((ffn, Dim.HIDDEN), (ffn, Dim.HIDDEN))),
+            _copy(fc2, HE + "down_proj.weight", (Dim.HIDDEN, ffn), 1),
+        ]
+    norm = L + ("mlp.linear_fc1.layer_norm_weight" if te_layout else "pre_mlp_layernorm.weight")
+    return [
+        _copy(norm, post_norm, (Dim.HIDDEN,)),
+        TensorMap(L + "mlp.linear_fc1.weight", (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"), Layout.GATE_UP,
+                  0, ((Dim.FFN, Dim.HIDDEN), (Dim.FFN, Dim.HIDDEN))),
+        _copy(L + "mlp.linear_fc2.weight", H + "mlp.down_proj.weight", (Dim.HIDDEN, Dim.FFN), 1),
+    ]
+
+
+def param_maps(arch: ArchConfig, te_layout: bool = False, *, grouped_experts: bool = False,
+               model_class: ModelClass | None = None) -> list[TensorMap]:
+    """All tensor maps of ``arch`` (global ones first, then per layer) for ``model_class``."""
+    vocab = ((Dim.VOCAB, Dim.HIDDEN),)
+    maps = [TensorMap(EMBEDDING, ("model.embed_tokens.weight",), Layout.VOCAB, 0, vocab)]
+    maps += _attention_maps(arch, te_layout) + _mlp_maps(arch, te_layout, grouped_experts)
+    maps.append(_copy("decoder.final_layernorm.weight", "model.norm.weight", (Dim.HIDDEN,)))
     if not arch.tie_word_embeddings:
-        maps.append(TensorMap("output_layer.weight", ("lm_head.weight",), "vocab", 0))
+        maps.append(TensorMap(TIED_OUTPUT, ("lm_head.weight",), Layout.VOCAB, 0, vocab))
     if (model_class or policy_model_class()) is ModelClass.HYBRID:
         return [_hybrid_map(m) for m in maps]
     return maps
@@ -155,12 +205,15 @@ class NameMap:
         return cls(arch, uses_te_layout(model), grouped_experts=uses_grouped_experts(model),
                    model_class=model_class_of(model))
 
+    def is_tied_copy(self, mcore_name: str) -> bool:
+        """True for the last pipeline stage's copy of tied word embeddings (kept equal to the first
+        stage's by Megatron's embedding group): it loads from, and is exported as, the embedding."""
+        return self.arch.tie_word_embeddings and mcore_name == TIED_OUTPUT
+
     def lookup(self, mcore_name: str) -> tuple[TensorMap, int | None, int | None]:
-        """(map, layer, expert) for a *global* Megatron parameter name."""
-        if mcore_name == "output_layer.weight" and self.arch.tie_word_embeddings:
-            # Tied embeddings with pipeline parallelism: the last stage holds its own copy of the
-            # word embeddings as ``output_layer.weight`` (kept equal by Megatron's embedding group).
-            mcore_name = "embedding.word_embeddings.weight"
+        """(map, HF layer, global expert) for a *global* Megatron parameter name."""
+        if self.is_tied_copy(mcore_name):
+            mcore_name = EMBEDDING
         for pattern, tmap in self._mcore:
             match = pattern.match(mcore_name)
             if match:
@@ -178,17 +231,16 @@ class NameMap:
 
     def iter_all(self) -> Iterator[tuple[TensorMap, int | None, int | None]]:
         """Every (map, layer, expert) of the full model, in HF export order."""
-        arch = self.arch
-        globals_first = [m for m in self.maps if not m.per_layer and m.mcore.startswith("embedding")]
-        globals_last = [m for m in self.maps if not m.per_layer and not m.mcore.startswith("embedding")]
+        globals_first = [m for m in self.maps if m.mcore == EMBEDDING]
+        globals_last = [m for m in self.maps if not m.per_layer and m not in globals_first]
         for tmap in globals_first:
             yield tmap, None, None
-        for layer in range(arch.num_layers):
+        for layer in range(self.arch.num_layers):
             for tmap in self.maps:
                 if not tmap.per_layer:
                     continue
                 if tmap.per_expert:
-                    for expert in range(arch.num_experts):
+                    for expert in range(self.arch.num_experts):
                         yield tmap, layer, expert
                 else:
                     yield tmap, layer, None
@@ -197,158 +249,6 @@ class NameMap:
 
     def hf_names(self) -> list[str]:
         return [name for tmap, layer, expert in self.iter_all() for name in tmap.format(layer, expert)[1]]
-
-
-# --------------------------------------------------------------------------- full layouts
-
-
-def qkv_to_mcore(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: ArchConfig) -> torch.Tensor:
-    """Fuse HF q/k/v (weights [out, in] or biases [out]) into Megatron's per-group layout."""
-    groups, hd = arch.num_key_value_heads, arch.head_dim
-    per_group = arch.num_attention_heads // groups
-    tail = q.shape[1:]
-    fused = torch.cat(
-        [q.reshape(groups, per_group * hd, *tail), k.reshape(groups, hd, *tail), v.reshape(groups, hd, *tail)], dim=1
-    )
-    return fused.reshape(groups * (per_group + 2) * hd, *tail)
-
-
-def qkv_grouped_views(fused: torch.Tensor, arch: ArchConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v of a fused ``linear_qkv`` as views ``[groups, rows_per_group, *tail]`` (no copy):
-    an HF tensor reshaped the same way can take them with one strided ``copy_``."""
-    groups, hd = arch.num_key_value_heads, arch.head_dim
-    per_group = arch.num_attention_heads // groups
-    grouped = fused.reshape(groups, (per_group + 2) * hd, *fused.shape[1:])
-    q, k, v = torch.split(grouped, [per_group * hd, hd, hd], dim=1)
-    return q, k, v
-
-
-def qkv_from_mcore(fused: torch.Tensor, arch: ArchConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v = qkv_grouped_views(fused, arch)
-    return tuple(t.reshape(-1, *fused.shape[1:]).contiguous() for t in (q, k, v))  # type: ignore[return-value]
-
-
-def to_mcore(tmap: TensorMap, hf: Sequence[torch.Tensor], arch: ArchConfig, padded_vocab: int) -> torch.Tensor:
-    """Full Megatron tensor from the HF tensors named by ``tmap.hf`` (in that order)."""
-    if tmap.layout == "qkv":
-        return qkv_to_mcore(*hf, arch)
-    if tmap.layout == "gate_up":
-        return torch.cat(list(hf), dim=0)
-    (tensor,) = hf
-    if tmap.layout == "vocab":
-        if tensor.shape[0] > padded_vocab:
-            raise ValueError(f"{tmap.hf[0]} has {tensor.shape[0]} rows, more than the padded vocabulary {padded_vocab}")
-        if tensor.shape[0] < padded_vocab:
-            pad = tensor.new_zeros(padded_vocab - tensor.shape[0], *tensor.shape[1:])
-            tensor = torch.cat([tensor, pad], dim=0)
-    return tensor
-
-
-def from_mcore(tmap: TensorMap, full: torch.Tensor, arch: ArchConfig) -> list[torch.Tensor]:
-    """HF tensors (in ``tmap.hf`` order) from a full Megatron tensor."""
-    if tmap.layout == "qkv":
-        return list(qkv_from_mcore(full, arch))
-    if tmap.layout == "gate_up":
-        return [t.contiguous() for t in torch.chunk(full, 2, dim=0)]
-    if tmap.layout == "vocab":
-        return [full[: arch.vocab_size].contiguous()]
-    return [full]
-
-
-def expected_hf_shapes(tmap: TensorMap, arch: ArchConfig) -> list[tuple[int, ...]]:
-    """Shapes the HF checkpoint must have for ``tmap`` (used to reject mismatched checkpoints)."""
-    h, hd = arch.hidden_size, arch.head_dim
-    q, kv = arch.num_attention_heads * hd, arch.num_key_value_heads * hd
-    name = tmap.mcore
-    if tmap.layout == "qkv":
-        return [(q, h), (kv, h), (kv, h)] if name.endswith("weight") else [(q,), (kv,), (kv,)]
-    if tmap.layout == "vocab":
-        return [(arch.vocab_size, h)]
-    if tmap.layout == "gate_up":
-        ffn = arch.moe_intermediate_size if tmap.per_expert else arch.intermediate_size
-        return [(ffn, h), (ffn, h)]
-    if name.endswith("linear_proj.weight"):
-        return [(h, q)]
-    if name.endswith(("linear_fc2.weight", "linear_fc2.weight" + EXPERT)):
-        ffn = arch.moe_intermediate_size if tmap.per_expert else arch.intermediate_size
-        return [(h, ffn)]
-    if name.endswith("router.weight"):
-        return [(arch.num_experts, h)]
-    if "q_layernorm" in name or "k_layernorm" in name:
-        return [(hd,)]
-    return [(h,)]
-
-
-# --------------------------------------------------------------------------- tensor parallelism
-
-
-def tp_shard(tmap: TensorMap, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    """This TP rank's slice of a full Megatron tensor."""
-    if tmap.tp_dim is None or size == 1:
-        return full
-    if tmap.layout == "gate_up":
-        gate, up = torch.chunk(full, 2, dim=0)
-        return torch.cat([torch.chunk(gate, size, dim=0)[rank], torch.chunk(up, size, dim=0)[rank]], dim=0)
-    return torch.chunk(full, size, dim=tmap.tp_dim)[rank].contiguous()
-
-
-def tp_slice_ranges(
-    tmap: TensorMap, arch: ArchConfig, padded_vocab: int, rank: int, size: int
-) -> list[tuple[int, int, int] | None]:
-    """Per HF tensor of ``tmap``: the ``(dim, start, stop)`` range a TP rank needs (None: all of it).
-
-    Lets a rank read only its slice of each HF tensor (``safetensors`` ``get_slice``); feed the
-    slices to :func:`to_mcore_shard`. Whole query groups, whole gate/up halves and padded-vocab
-    rows are split, exactly as :func:`tp_shard` splits the full Megatron tensor.
-    """
-    shapes = expected_hf_shapes(tmap, arch)
-    if tmap.layout == "vocab":
-        rows = padded_vocab // size
-        start = min(rank * rows, arch.vocab_size)
-        return [(0, start, min(rank * rows + rows, arch.vocab_size))]
-    if tmap.tp_dim is None or size == 1:
-        return [None] * len(shapes)
-    ranges: list[tuple[int, int, int] | None] = []
-    for shape in shapes:
-        n = shape[tmap.tp_dim]
-        if n % size:
-            raise ValueError(f"{tmap.mcore}: dimension {tmap.tp_dim} of size {n} does not split over TP={size}")
-        ranges.append((tmap.tp_dim, rank * n // size, (rank + 1) * n // size))
-    return ranges
-
-
-def to_mcore_shard(
-    tmap: TensorMap, hf_slices: Sequence[torch.Tensor], arch: ArchConfig, padded_vocab: int, rank: int, size: int
-) -> torch.Tensor:
-    """This TP rank's shard of the Megatron tensor, from the HF slices of :func:`tp_slice_ranges`.
-
-    Equals ``tp_shard(tmap, to_mcore(tmap, full_hf, ...), rank, size)`` without materialising
-    the full tensors.
-    """
-    if tmap.layout == "qkv":
-        if arch.num_key_value_heads % size:
-            raise ValueError(f"TP={size} does not divide num_key_value_heads={arch.num_key_value_heads}")
-        local = replace(arch, num_attention_heads=arch.num_attention_heads // size,
-                        num_key_value_heads=arch.num_key_value_heads // size)
-        return qkv_to_mcore(*hf_slices, local)
-    if tmap.layout == "gate_up":
-        return torch.cat(list(hf_slices), dim=0)
-    (tensor,) = hf_slices
-    if tmap.layout == "vocab":
-        rows = padded_vocab // size
-        if tensor.shape[0] < rows:  # this rank's share of the padding rows
-            tensor = torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])], dim=0)
-    return tensor.contiguous()
-
-
-def tp_merge(tmap: TensorMap, shards: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Inverse of :func:`tp_shard` over all ranks' shards (rank order)."""
-    if tmap.tp_dim is None or len(shards) == 1:
-        return shards[0]
-    if tmap.layout == "gate_up":
-        halves = [torch.chunk(s, 2, dim=0) for s in shards]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
-    return torch.cat(list(shards), dim=tmap.tp_dim)
 
 
 # --------------------------------------------------------------------------- live Megatron models
@@ -393,18 +293,3 @@ def named_parameters_global(model: torch.nn.Module, expert_offset: int = 0) -> I
     inner = unwrap(model)
     for name, param in inner.named_parameters():
         yield global_param_name(inner, name, expert_offset), param
-
-
-def hf_state_dict_from_full(full: dict[str, torch.Tensor], arch: ArchConfig, te_layout: bool = False,
-                            cast: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                            grouped_experts: bool = False, model_class: ModelClass | None = None
-                            ) -> dict[str, torch.Tensor]:
-    """HF state dict from a dict of full (TP-merged, global-named) Megatron tensors."""
-    names = NameMap(arch, te_layout, grouped_experts=grouped_experts, model_class=model_class)
-    out: dict[str, torch.Tensor] = {}
-    for mcore_name, tensor in full.items():
-        tmap, layer, expert = names.lookup(mcore_name)
-        hf_names = tmap.format(layer, expert)[1]
-        for hf_name, t in zip(hf_names, from_mcore(tmap, tensor, arch)):
-            out[hf_name] = cast(t) if cast else t
-    return out

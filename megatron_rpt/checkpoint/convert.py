@@ -17,7 +17,7 @@ Owns the per-rank workers and the orchestration (validation, atomic output, side
 * :func:`mcore_to_hf`: one process (world of 1). The TP=PP=1 model is built on the *meta*
   device only to obtain Megatron's sharded-state-dict description (checkpoint key and layer
   offset of every parameter); the ``.distcp`` files are then read one layer slab at a time with
-  ``torch.distributed.checkpoint`` and streamed through ``name_maps.from_mcore`` straight to
+  ``torch.distributed.checkpoint`` and streamed through ``layouts.from_mcore`` straight to
   their offsets in pre-planned ``model-0000x-of-0000y.safetensors`` shards (peak: one layer).
 
 Output layout of ``hf-to-mcore``::
@@ -39,6 +39,8 @@ from typing import Any
 import torch
 
 from megatron_rpt.atomic import atomic_output_dir, check_output_dir, scratch_dir
+from megatron_rpt.bridge.layouts import expected_hf_shapes, from_mcore
+from megatron_rpt.bridge.name_maps import NameMap, global_param_name
 from megatron_rpt.checkpoint.hf_io import (
     CONFIG_FILES,
     TOKENIZER_FILES,
@@ -256,7 +258,6 @@ def iter_mcore_tensors(ckpt_dir: str | Path, arch: ArchConfig, divisible_by: int
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint import load as dcp_load
 
-    from megatron_rpt.bridge.name_maps import global_param_name
     from megatron_rpt.checkpoint.model_ckpt import checkpoint_sharded_state_dict, resolve_checkpoint_dir
     from megatron_rpt.model.build import build_model
 
@@ -311,7 +312,6 @@ def iter_mcore_tensors(ckpt_dir: str | Path, arch: ArchConfig, divisible_by: int
 def mcore_to_hf_rank(ckpt_dir: str, hf_config_dir: str, out_dir: str, dtype: str,
                      divisible_by: int, max_shard_bytes: int, progress: bool) -> dict[str, Any]:
     """Single-rank worker: stream the checkpoint into HF safetensors shards under ``out_dir``."""
-    from megatron_rpt.bridge.name_maps import NameMap, expected_hf_shapes, from_mcore
     from megatron_rpt.distributed import init_distributed
 
     init_distributed(1, 1)

@@ -11,27 +11,31 @@ Owns:
   * :func:`back_parameters_with_files`: moves parameter storage onto memory-mapped scratch
     files (CPU only), used by the converter so a rank's anonymous RAM does not grow with its shard.
 
-All name and layout knowledge comes from :mod:`megatron_rpt.bridge.name_maps`.
+Names come from :mod:`megatron_rpt.bridge.name_maps`, the slicing maths from
+:mod:`megatron_rpt.bridge.layouts`, the parallel layout from :class:`megatron_rpt.topology.Topology`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
+from megatron_rpt.bridge.layouts import (
+    expected_hf_shapes,
+    to_mcore_shard,
+    tp_slice_ranges,
+)
 from megatron_rpt.bridge.name_maps import (
     NameMap,
     TensorMap,
-    expected_hf_shapes,
     named_parameters_global,
-    tp_slice_ranges,
-    to_mcore_shard,
     unwrap,
 )
 from megatron_rpt.checkpoint.hf_io import CheckpointError, HFCheckpointReader
 from megatron_rpt.model.hf_config import ArchConfig, load_hf_config
+from megatron_rpt.topology import Topology
 
 
 def validate_hf_checkpoint(reader: HFCheckpointReader, arch: ArchConfig) -> int:
@@ -59,21 +63,11 @@ def validate_hf_checkpoint(reader: HFCheckpointReader, arch: ArchConfig) -> int:
     return checked
 
 
-def _tp_rank_size(tmap: TensorMap) -> tuple[int, int]:
-    from megatron.core import parallel_state as ps
-
+def _tp_rank_size(tmap: TensorMap, topo: Topology) -> tuple[int, int]:
+    """(rank, size) of the tensor-parallel split of ``tmap``: expert-TP for experts."""
     if tmap.per_expert:
-        return ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
-    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-
-
-def _expert_offset(model: torch.nn.Module, arch: ArchConfig) -> int:
-    if not arch.num_experts:
-        return 0
-    from megatron.core import parallel_state as ps
-
-    ep_size = ps.get_expert_model_parallel_world_size()
-    return ps.get_expert_model_parallel_rank() * (arch.num_experts // ep_size)
+        return topo.etp_rank, topo.etp_size
+    return topo.tp_rank, topo.tp_size
 
 
 def read_mcore_shard(reader: HFCheckpointReader, tmap: TensorMap, layer: int | None, expert: int | None,
@@ -103,11 +97,12 @@ def load_hf_into_model(
     parameter's dtype.
     """
     arch = arch or load_hf_config(hf_dir)
+    topo = Topology.current()
     params: list[tuple[torch.nn.Module, NameMap, str, torch.nn.Parameter]] = []
     for chunk in model_chunks:
         inner = unwrap(chunk)
         names = NameMap.for_model(arch, inner)
-        params += [(inner, names, n, p) for n, p in named_parameters_global(inner, _expert_offset(inner, arch))]
+        params += [(inner, names, n, p) for n, p in named_parameters_global(inner, topo.expert_offset(arch.num_experts))]
     with HFCheckpointReader(hf_dir) as reader:
         if validate:
             validate_hf_checkpoint(reader, arch)
@@ -118,7 +113,7 @@ def load_hf_into_model(
             bar = tqdm(total=len(params), desc=f"loading {Path(hf_dir).name}", unit="tensor", dynamic_ncols=True)
         for inner, names, name, param in params:
             tmap, layer, expert = names.lookup(name)
-            tp_rank, tp_size = _tp_rank_size(tmap)
+            tp_rank, tp_size = _tp_rank_size(tmap, topo)
             padded_vocab = inner.vocab_size
             shard = read_mcore_shard(reader, tmap, layer, expert, arch, padded_vocab, tp_rank, tp_size)
             if tuple(shard.shape) != tuple(param.shape):
