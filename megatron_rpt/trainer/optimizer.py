@@ -15,12 +15,12 @@ import torch
 
 from megatron_rpt.config import Config
 from megatron_rpt.model.build import DTYPES
+from megatron_rpt.topology import Topology
 
 log = logging.getLogger(__name__)
 
 
 def wrap_ddp(model_chunks: list[Any], cfg: Config) -> list[Any]:
-    from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
@@ -37,7 +37,7 @@ def wrap_ddp(model_chunks: list[Any], cfg: Config) -> list[Any]:
                 ddp_config=ddp_config,
                 module=chunk,
                 # Only the first chunk's buckets may be skipped in overlap mode; harmless otherwise.
-                disable_bucketing=(i > 0) or parallel_state.get_pipeline_model_parallel_world_size() > 1,
+                disable_bucketing=(i > 0) or Topology.current().pp_size > 1,
             )
         )
     return wrapped
@@ -46,11 +46,9 @@ def wrap_ddp(model_chunks: list[Any], cfg: Config) -> list[Any]:
 def use_distributed_optimizer(cfg: Config) -> bool:
     """The distributed optimizer reduce-scatters gradients; gloo has no reduce-scatter, so on
     CPU with several data-parallel ranks it falls back to the replicated optimizer."""
-    from megatron.core import parallel_state
-
     if not cfg.parallel.distributed_optimizer:
         return False
-    if not torch.cuda.is_available() and parallel_state.get_data_parallel_world_size() > 1:
+    if not torch.cuda.is_available() and Topology.current().dp_size > 1:
         log.warning("parallel.distributed_optimizer: gloo has no reduce-scatter; using the replicated optimizer on CPU")
         return False
     return True

@@ -33,6 +33,7 @@ from megatron_rpt.rl import (
     split_for_context_parallel,
     vocab_parallel_logprobs_and_entropy,
 )
+from megatron_rpt.topology import Topology
 
 
 def _pad_to_multiple(batch: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
@@ -56,19 +57,18 @@ class MegatronPolicy:
     """DDP-wrapped Megatron model chunks of this rank plus their optimizer and LR schedule."""
 
     def __init__(self, cfg: Config, arch: ArchConfig, model_chunks: list[Any], optimizer: Any, scheduler: Any):
-        from megatron.core import parallel_state
-
         self.cfg = cfg
         self.arch = arch
         self.model = model_chunks
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.temperature = cfg.rollout.temperature
-        self.is_last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        self.topo = Topology.current()
+        self.is_last_stage = self.topo.is_last_stage
         check_context_parallel_config(cfg)
-        self.dp_size = parallel_state.get_data_parallel_world_size()  # without CP: see grpo_loss_scale
-        self.cp_size = parallel_state.get_context_parallel_world_size()
-        self.cp_rank = parallel_state.get_context_parallel_rank()
+        self.dp_size = self.topo.dp_size  # without CP: see grpo_loss_scale
+        self.cp_size = self.topo.cp_size
+        self.cp_rank = self.topo.cp_rank
         p = cfg.parallel
         self.seq_multiple = sequence_multiple(self.cp_size, p.tensor_parallel, p.sequence_parallel)
 
@@ -219,11 +219,10 @@ class MegatronPolicy:
         if self.cp_size == 1:
             return merge_metrics(outputs)
         import torch.distributed as dist
-        from megatron.core import parallel_state
 
         local = [{k: float(v) for k, v in o.items()} for o in outputs]
         gathered: list[list[dict[str, float]]] = [None] * self.cp_size  # type: ignore[list-item]
-        dist.all_gather_object(gathered, local, group=parallel_state.get_context_parallel_group())
+        dist.all_gather_object(gathered, local, group=self.topo.cp_group)
         merged = merge_metrics([m for rank in gathered for m in rank])
         # A sequence split over CP ranks was counted once per rank; count it from the whole batch.
         merged["num_seqs"] = float(sum(int((mb["loss_mask"].sum(-1) > 0).sum()) for mb in micro_batches))
