@@ -33,6 +33,18 @@ def test_buckets_are_nested_and_skip_unscored():
     assert empty["hard"].count == 0 and math.isnan(empty["hard"].accuracy)
 
 
+def test_entropy_exactly_on_a_threshold_is_not_above_it():
+    # The paper's buckets hold positions whose entropy EXCEEDS the threshold: 0.5 is not easy,
+    # 1.0 is easy but not medium, 1.5 is medium but not hard (floats that are exact in binary).
+    acc = BucketAccumulator([0.5, 1.0, 1.5])
+    for entropy in (0.5, 1.0, 1.5):
+        acc.add(entropy, 1.0)
+    res = acc.result()
+    assert (res["easy"].count, res["medium"].count, res["hard"].count) == (2, 1, 0)
+    acc.add(math.nextafter(1.5, 2.0), 1.0)  # the smallest entropy above the hard threshold
+    assert acc.result()["hard"].count == 1
+
+
 def _report(model: str, acc: float, n: int) -> EvalReport:
     rows = [ReportRow(model, "standard", "accuracy", BucketAccumulator([0.5, 1.0, 1.5]).result()),
             ReportRow(model, "reasoning", "random@1", {}), ReportRow(model, "reasoning", "pass@8", {})]
