@@ -1,8 +1,8 @@
 """What the real trainer feeds the loss, read from the trainer itself (real megatron-core, CPU).
 
-One training step of the toy run (1 rank): the rollout groups the trainer gathered for the step and the
-micro-batches it handed to ``MegatronPolicy.train_step`` are recorded by wrapping those two
-calls (nothing is replaced). The per-token advantages the loss saw must be each prompt group's
+One training step of the toy run (1 rank): the rollout groups the trainer turns into
+mini-batches (``Trainer._mini_batches``) and the micro-batches it hands to
+``MegatronPolicy.train_step`` are recorded by wrapping those two calls (nothing is replaced). The per-token advantages the loss saw must be each prompt group's
 own normalised rewards, ``(r - mean_group) / (std_group + eps)`` with the unbiased std, derived
 here in float64 from the recorded rewards: normalising across prompts (per sample index), a
 wrong sign or advantages on padding would all differ. The comparison is over the multiset of
@@ -41,23 +41,19 @@ def _one_step(toy: str, run: str) -> dict:
                       [f"logging.dir={run}", "logging.progress_bar=false", "train.steps=1", "train.eval_interval=0"])
     trainer = loop.Trainer(cfg, resume=None)
     seen: dict = {"groups": [], "micro": []}
-    gather, train_step = loop.gather_replica_batch, trainer.policy.train_step
+    mini_batches, train_step = trainer._mini_batches, trainer.policy.train_step
 
-    def recording_gather(*args, **kwargs):  # the replica's batch: the groups the step trains on
-        groups = gather(*args, **kwargs)
+    def recording_mini_batches(groups, *args, **kwargs):  # the groups whose rewards become advantages
         seen["groups"] += [list(g.rewards) for g in groups]
-        return groups
+        return mini_batches(groups, *args, **kwargs)
 
     def recording_train_step(micro_batches, *args, **kwargs):
         seen["micro"] += [{k: mb[k].clone() for k in ("advantages", "loss_mask")} for mb in micro_batches]
         return train_step(micro_batches, *args, **kwargs)
 
-    loop.gather_replica_batch, trainer.policy.train_step = recording_gather, recording_train_step
-    try:
-        trainer.sync_weights()  # as Trainer.run does before the first step
-        trainer.train_step()
-    finally:
-        loop.gather_replica_batch = gather
+    trainer._mini_batches, trainer.policy.train_step = recording_mini_batches, recording_train_step
+    trainer.sync_weights()  # as Trainer.run does before the first step
+    trainer.train_step()
     return {"groups": seen["groups"], "micro": seen["micro"], "normalize_std": cfg.rl.normalize_advantage_std}
 
 
