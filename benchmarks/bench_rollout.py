@@ -18,7 +18,8 @@ Timings interleave the two engines and keep the best of ``--repeats`` so a busy 
 skews both alike. Prints a table and writes JSON (temp file, then rename). Issue #7
 targets: >= 1x HF at batch 1, >= 2x at batch 32.
 
-    python benchmarks/bench_rollout.py [--device cpu] [--threads 1] [--vllm] [--out benchmarks/results/bench_rollout.json]
+    python benchmarks/bench_rollout.py [--device cpu] [--threads 1] [--vllm]
+        [--out benchmarks/results/bench_rollout.json]
     python benchmarks/bench_rollout.py --device cuda --size gpu --dtype bfloat16
 """
 
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--grpo", type=int, nargs=3, default=[4, 8, 256], metavar=("PROMPTS", "SAMPLES", "PROMPT_TOKENS"),
+    parser.add_argument("--grpo", type=int, nargs=3, default=[4, 8, 256],
+                        metavar=("PROMPTS", "SAMPLES", "PROMPT_TOKENS"),
                         help="GRPO-shaped scenario; 0 0 0 skips it")
     parser.add_argument("--per-prompt-sample", type=int, default=8,
                         help="prompts timed for the HF one-prompt-at-a-time rate")
@@ -183,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{'x batched':>10} {'x 1-by-1':>9} {'vLLM/builtin':>12}")
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in rows:
-        print(f"{r['scenario']:>12} {r['prompt_tokens']:>6} {r['builtin_tok_s']:>9.1f} {fmt(r['vllm_tok_s'], '>8.1f'):>8} "
+        print(f"{r['scenario']:>12} {r['prompt_tokens']:>6} {r['builtin_tok_s']:>9.1f} "
+              f"{fmt(r['vllm_tok_s'], '>8.1f'):>8} "
               f"{r['hf_batched_tok_s']:>11.1f} {fmt(r['hf_per_prompt_tok_s'], '>10.1f'):>10} "
               f"{r['speedup_vs_hf_batched']:>10.2f} {fmt(r['speedup_vs_hf_per_prompt'], '>9.2f'):>9} "
               f"{fmt(r['vllm_vs_builtin'], '>12.2f'):>12}")

@@ -1,5 +1,5 @@
 #!/bin/bash
-# RPT on Qwen3-235B-A22B (MoE, 128 experts): 32 nodes x 8 H100 80GB (TP4, PP2, EP32, DP32, full recompute).
+# RPT on Qwen3-235B-A22B (MoE, 128 experts): 32 nodes x 8 H100 80GB (TP4, PP2, CP4, EP32, DP8, full recompute).
 # Config: configs/rpt_qwen3_235b_a22b.yaml. Submit from the repository root (trailing arguments go to
 # the trainer); set RPT_CKPT / RPT_TOKENIZER / RPT_PROXY_MODEL / RPT_DATA and RPT_RUNS_ROOT (or
 # SCRATCH: checkpoints go to $RPT_RUNS_ROOT/<job>-<id>, never into the repository) first:

@@ -85,7 +85,8 @@ def _rename_into_place(tmp: Path, out: Path) -> None:
         if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
             raise
         raise OutputExistsError(f"output {out} was created by another process while this one was writing it; "
-                                "this result was discarded (choose a new path, or pass --force to replace it)") from None
+                                "this result was discarded (choose a new path, or pass --force to replace it)"
+                                ) from None
 
 
 @contextlib.contextmanager

@@ -315,7 +315,7 @@ class RLConfig(Section):
     max_refill_rounds: NonNegInt = 4
     """Extra generation rounds dynamic sampling may spend per step."""
     reward: RewardKind = "prefix"
-    """Reward: prefix (the paper's eq. 3), first_token, dense or conditional_dense (appendix A, P(y0|x<t) of the policy)."""
+    """Reward: prefix (the paper's eq. 3), first_token, dense or conditional_dense (appendix A: P(y0|x<t))."""
     answer_format: AnswerFormat = "boxed"
     """boxed: the prediction is the last \\boxed{} after </think> (the paper); raw: the whole continuation."""
     require_think: bool = True

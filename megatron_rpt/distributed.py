@@ -32,7 +32,6 @@ import torch.multiprocessing as mp
 from megatron_rpt.config import ParallelConfig
 from megatron_rpt.model import cpu_compat
 
-
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -98,7 +97,8 @@ def init_distributed(
     the slowest one at the next collective, and torch's own NCCL default (10 minutes) is
     shorter than a long-response rollout phase.
     """
-    from megatron.core import parallel_state, tensor_parallel as mtp
+    from megatron.core import parallel_state
+    from megatron.core import tensor_parallel as mtp
 
     on_gpu = torch.cuda.is_available()
     if not on_gpu:

@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="YAML config (data, template, eval.* settings)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf", metavar="DIR", help="Hugging Face model directory (config.json + safetensors)")
-    source.add_argument("--ckpt", metavar="DIR", help="Megatron checkpoint (converter output, iter_XXXXXXX, or checkpoint.dir)")
+    source.add_argument("--ckpt", metavar="DIR",
+                        help="Megatron checkpoint (converter output, iter_XXXXXXX, or checkpoint.dir)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set eval.pass_k=4 (repeatable)")
     parser.add_argument("--mode", choices=("standard", "reasoning", "both"),
@@ -98,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     modes = _modes(args, cfg)
 
-    from megatron_rpt.eval.loading import ModelLoadError, load_hf_model, load_megatron_model
     from megatron_rpt.atomic import write_text_atomic
+    from megatron_rpt.eval.loading import ModelLoadError, load_hf_model, load_megatron_model
     from megatron_rpt.eval.report import format_table, write_report
     from megatron_rpt.eval.runner import run_evaluation
 

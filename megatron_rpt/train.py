@@ -21,7 +21,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m megatron_rpt.train", description=__doc__.splitlines()[0],
         epilog="Every config key with its type, default and meaning: python -m megatron_rpt.config explain [KEY]")
-    parser.add_argument("--config", required=True, help="YAML config (configs/tiny_cpu.yaml, configs/rpt_14b.yaml, ...)")
+    parser.add_argument("--config", required=True,
+                        help="YAML config (configs/tiny_cpu.yaml, configs/rpt_14b.yaml, ...)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set rollout.temperature=0.8 (repeatable)")
     parser.add_argument("--resume", default="auto",
@@ -61,7 +62,8 @@ def summarize(result: dict, cfg: Config) -> str:
                          f"{last.get('train/cross_entropy', float('nan')):.3f} ({mean('compute/trained_tokens'):.0f} "
                          "tokens per step)")
         lines += [
-            f"  reward           first {first.get('reward/mean', float('nan')):.3f} -> last {last.get('reward/mean', float('nan')):.3f}",
+            f"  reward           first {first.get('reward/mean', float('nan')):.3f} -> last "
+            f"{last.get('reward/mean', float('nan')):.3f}",
             f"  response length  {mean('response_length/mean'):.1f} tokens (mean)",
             f"  step time        {mean('time/step'):.1f}s (rollout {mean('time/rollout'):.1f}s, logprob "
             f"{mean('time/logprob'):.1f}s, update {mean('time/update'):.1f}s, sync {mean('time/sync'):.2f}s)",

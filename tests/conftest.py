@@ -48,7 +48,7 @@ VERSION_INDEPENDENT = {
     "test_config.py", "test_data_corpus.py", "test_data_entropy.py", "test_data_prepare.py", "test_data_problems.py",
     "test_data_scale.py", "test_data_slurm.py", "test_data_tokenizer.py", "test_eval_patterns.py",
     "test_eval_report.py", "test_eval_scaling.py", "test_eval_solve.py", "test_gpu_script.py",
-    "test_install_vllm_cpu.py", "test_plan.py", "test_plot.py", "test_preflight.py", "test_reward.py",
+    "test_install_vllm_cpu.py", "test_lint.py", "test_plan.py", "test_plot.py", "test_preflight.py", "test_reward.py",
     "test_process_hygiene.py", "test_rl_advantages.py", "test_rl_dynamic_sampling.py", "test_rollout_builtin.py",
     "test_rollout_decoder.py", "test_slurm.py", "test_zoo.py",
 }

@@ -177,4 +177,5 @@ def test_tensor_on_no_stage_or_two_stages_is_an_error():
     with pytest.raises(RuntimeError, match="1 parameters .* are on no pipeline stage"):
         _plan(Topology(), [full])
     with pytest.raises(RuntimeError, match="held by pipeline stages 0 and 1"):
-        owners_from_stages([stage_holdings(_local(1, [0], True, False)), stage_holdings(_local(1, [0, 1], False, True))])
+        owners_from_stages([stage_holdings(_local(1, [0], True, False)),
+                            stage_holdings(_local(1, [0, 1], False, True))])

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from helpers_toy import REPO, error_line, listing, metrics, toy_env, train
+
 from megatron_rpt.checkpoint.hf_io import CheckpointError
 from megatron_rpt.config import ConfigError, load_config
 from megatron_rpt.toy import prepare_toy

@@ -13,7 +13,6 @@ from megatron_rpt.config import Config, ConfigError, RewardKind, Template, load_
 from megatron_rpt.config_schema import explain, iter_fields
 from megatron_rpt.model.hf_config import arch_from_dict, load_hf_config
 
-
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, shared_path
 from helpers_models import LLAMA3_ROPE_SCALING, make_tiny_hf_checkpoint
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from megatron_rpt.atomic import OutputExistsError, atomic_output_dir
 from megatron_rpt.bridge.layouts import (
     expected_hf_shapes,
     from_mcore,
@@ -28,7 +29,6 @@ from megatron_rpt.bridge.layouts import (
     tp_slice_ranges,
 )
 from megatron_rpt.bridge.name_maps import Layout, NameMap
-from megatron_rpt.atomic import OutputExistsError, atomic_output_dir
 from megatron_rpt.checkpoint.hf_io import CheckpointError, HFCheckpointReader, HFShardWriter, parse_size
 from megatron_rpt.config import ConfigError
 from megatron_rpt.model.build import hybrid_layer_pattern, padded_vocab_size

@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from megatron_rpt.config import ConfigError
-from megatron_rpt.data.entropy_filter import (ProxyScorer, difficulty_label, difficulty_splits, pack_first_fit,
-                                              topk_entropy)
+from megatron_rpt.data.entropy_filter import (
+    ProxyScorer,
+    difficulty_label,
+    difficulty_splits,
+    pack_first_fit,
+    topk_entropy,
+)
 from megatron_rpt.data.tiny_proxy import make_tiny_proxy
 
 

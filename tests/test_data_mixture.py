@@ -19,8 +19,8 @@ def write_jsonl(path, rows):
 
 @pytest.fixture
 def two_corpora(tmp_path):
-    a = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in
-                                           ("alpha zero", "shared text", "x", "alpha three", "alpha four", "alpha five")])
+    texts = ("alpha zero", "shared text", "x", "alpha three", "alpha four", "alpha five")
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts])
     b = write_jsonl(tmp_path / "b.jsonl", [{"q": "beta", "a": "zero"}, {"q": "shared", "a": "text"},
                                            {"q": "no answer"}, {"q": "beta", "a": "three"}])
     return [CorpusConfig(name="A", paths=[str(a)], weight=2.0, text_fields=["text"], min_chars=3),

@@ -33,7 +33,8 @@ def env(tmp_path_factory):
     proxy = make_tiny_proxy(root / "proxy", vocab_size=151665)
     out = root / "prepared"
     manifest = prepare_data.main(["--input", str(omni), "--tokenizer", str(tok_dir), "--proxy", str(proxy),
-                                  "--out", str(out), "--max-docs", str(MAX_DOCS), "--shard-size", "3", "--text-fields", *FIELDS,
+                                  "--out", str(out), "--max-docs", str(MAX_DOCS), "--shard-size", "3",
+                                  "--text-fields", *FIELDS,
                                   "--batch-tokens", "4096", "--device", "cpu", "--no-progress"])
     return {"omni": omni, "tok_dir": tok_dir, "tok": load_tokenizer(tok_dir), "proxy": proxy, "out": out,
             "manifest": manifest}
@@ -198,8 +199,9 @@ def test_cli_rejects_bad_arguments(env, tmp_path):
     with pytest.raises(SystemExit, match="not an empty directory or an unfinished prepare_data run"):
         prepare_data.main(["--input", str(env["omni"]), *base, "--out", str(foreign)])
     # The finished output of other settings (here: both text fields) is not resumed into.
-    with pytest.raises(prepare_data.UserError, match=r"holds a run with other inputs or settings \(mixture.corpora"
-                                                     r"\[0\].text_fields: \[\"problem\"\] there, \[\"problem\", \"solution\"\] here\)"):
+    with pytest.raises(prepare_data.UserError,
+                       match=r"holds a run with other inputs or settings \(mixture.corpora\[0\].text_fields: "
+                             r"\[\"problem\"\] there, \[\"problem\", \"solution\"\] here\)"):
         prepare_data.main(["--input", str(env["omni"]), *base, "--out", str(env["out"]), "--max-docs", str(MAX_DOCS),
                            "--shard-size", "3", "--batch-tokens", "4096", "--device", "cpu"])
     with pytest.raises(SystemExit, match="--max-docs=0"):

@@ -7,8 +7,14 @@ import pytest
 
 from megatron_rpt.config import ConfigError
 from megatron_rpt.data.templates import TEMPLATES, render_instruction, render_prompt
-from megatron_rpt.data.tokenizer import (encode_document, load_tokenizer, token_byte_table, token_bytes,
-                                         tokenizer_hash, vocab_hash)
+from megatron_rpt.data.tokenizer import (
+    encode_document,
+    load_tokenizer,
+    token_byte_table,
+    token_bytes,
+    tokenizer_hash,
+    vocab_hash,
+)
 from tests.conftest import shared_path
 
 

@@ -8,14 +8,14 @@ import pytest
 from megatron_rpt.eval.report import (
     BucketAccumulator,
     EvalReport,
-    clustered_interval,
-    wilson_interval,
     ReportRow,
+    clustered_interval,
     flat_metrics,
     format_table,
     load_report,
     main,
     to_markdown,
+    wilson_interval,
     write_report,
 )
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
 
 from megatron_rpt.checkpoint.hf_io import CheckpointError, HFCheckpointReader

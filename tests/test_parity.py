@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
 from helpers_models import LLAMA3_ROPE_SCALING, make_tiny_hf_checkpoint
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from helpers_toy import REPO, toy_env, train_args
+
 from megatron_rpt.atomic import OutputExistsError, atomic_output_dir
 from megatron_rpt.toy import prepare_toy
 

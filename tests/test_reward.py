@@ -8,8 +8,16 @@ import math
 
 import pytest
 
-from megatron_rpt.reward import (compute_reward, dense_reward, extract_prediction, first_token_reward,
-                                 group_rewards, prediction_of, prefix_match_reward, writable_prefix_tokens)
+from megatron_rpt.reward import (
+    compute_reward,
+    dense_reward,
+    extract_prediction,
+    first_token_reward,
+    group_rewards,
+    prediction_of,
+    prefix_match_reward,
+    writable_prefix_tokens,
+)
 from tests.conftest import shared_path
 
 

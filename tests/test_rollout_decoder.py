@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM)
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from megatron_rpt.model.hf_config import UnsupportedArchitecture, arch_from_dict
 from megatron_rpt.rollout.base import hf_parameter_shapes

@@ -21,15 +21,24 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import require_vllm, shared_path
-from helpers_vllm import (MAX_MODEL_LEN, MAX_TOKENS, SAMPLES, grpo_step, logprob_gap, megatron_policy, prompts,
-                          small_config, tiny_checkpoint, vllm_engine)
+from helpers_vllm import (
+    MAX_MODEL_LEN,
+    MAX_TOKENS,
+    SAMPLES,
+    grpo_step,
+    logprob_gap,
+    megatron_policy,
+    prompts,
+    small_config,
+    tiny_checkpoint,
+    vllm_engine,
+)
 
 from megatron_rpt.config import Config
 from megatron_rpt.distributed import spawn
 from megatron_rpt.model.hf_config import arch_from_dict
 from megatron_rpt.rollout import SamplingParams, make_engine
-from megatron_rpt.rollout.vllm_engine import (MISSING_VLLM, VLLMEngine, generations_from_request_outputs,
-                                              kv_cache_bytes)
+from megatron_rpt.rollout.vllm_engine import MISSING_VLLM, VLLMEngine, generations_from_request_outputs, kv_cache_bytes
 
 TOL = 1e-4  # float32 noise between two implementations; a wrong tensor moves log-probs by >> 0.1
 FAMILIES = {  # MoE first: vLLM creates its expert-parallel group with the first engine of a process

@@ -18,7 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import require_vllm, shared_path
-from helpers_vllm import MAX_TOKENS, SAMPLES, logprob_gap, megatron_policy, prompts, small_config, tiny_checkpoint, vllm_engine
+from helpers_vllm import (
+    MAX_TOKENS,
+    SAMPLES,
+    logprob_gap,
+    megatron_policy,
+    prompts,
+    small_config,
+    tiny_checkpoint,
+    vllm_engine,
+)
 
 from megatron_rpt.distributed import spawn
 from megatron_rpt.rollout import SamplingParams

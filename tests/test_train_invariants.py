@@ -1,12 +1,12 @@
 """What the real trainer feeds the loss, read from the trainer itself (real megatron-core, CPU).
 
-One training step of the toy run (1 rank): the rollout groups the trainer turns into
-mini-batches (``Trainer._mini_batches``) and the micro-batches it hands to
-``MegatronPolicy.train_step`` are recorded by wrapping those two calls (nothing is replaced). The per-token advantages the loss saw must be each prompt group's
-own normalised rewards, ``(r - mean_group) / (std_group + eps)`` with the unbiased std, derived
-here in float64 from the recorded rewards: normalising across prompts (per sample index), a
-wrong sign or advantages on padding would all differ. The comparison is over the multiset of
-response-token advantages, so it holds however the trainer orders or packs samples.
+One training step of the toy run (1 rank): the rollout groups the trainer turns into mini-batches
+(``Trainer._mini_batches``) and the micro-batches it hands to ``MegatronPolicy.train_step`` are
+recorded by wrapping those two calls (nothing is replaced). The per-token advantages the loss saw
+must be each prompt group's own normalised rewards, ``(r - mean_group) / (std_group + eps)`` with
+the unbiased std, derived here in float64 from the recorded rewards: normalising across prompts (per
+sample index), a wrong sign or advantages on padding would all differ. The comparison is over the
+multiset of response-token advantages, so it holds however the trainer orders or packs samples.
 
 The gradient-scale invariants (DP=2, TP=2, PP=2 against a float64 transformers step) live in
 ``test_bridge.py``, whose two-rank spawn already loads a checkpoint at each layout.

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import require_vllm
+
 from megatron_rpt.toy import prepare_toy
 
 REPO = Path(__file__).resolve().parent.parent

@@ -19,6 +19,7 @@ import math
 import sys
 from pathlib import Path
 
+from megatron_rpt.atomic import write_text_atomic
 from megatron_rpt.eval.plots import (
     NoHeldOutAccuracy,
     default_metric,
@@ -31,7 +32,6 @@ from megatron_rpt.eval.plots import (
     run_compute_model,
     scaling_points,
 )
-from megatron_rpt.atomic import write_text_atomic
 from megatron_rpt.eval.scaling import PowerLawFit
 
 
@@ -42,8 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--points", help="JSON points for the scaling fit instead of the run's metrics: "
                                          "[{\"compute\": C, \"accuracy\": P, \"series\": \"hard\"}, ...]")
     parser.add_argument("--metric", help="accuracy key to fit; may contain {bucket}, e.g. "
-                                         "'val/reasoning_random1_{bucket}' (default: val/* if logged, else accuracy/{bucket})")
-    parser.add_argument("--hf-config", help="model config.json for the parameter count (default: the run's model.hf_config)")
+                                         "'val/reasoning_random1_{bucket}' "
+                                         "(default: val/* if logged, else accuracy/{bucket})")
+    parser.add_argument("--hf-config",
+                        help="model config.json for the parameter count (default: the run's model.hf_config)")
     parser.add_argument("--num-params", type=int, help="parameter count N (overrides --hf-config)")
     parser.add_argument("--data-parallel", type=int, help="data-parallel size, for runs that log only per-rank "
                                                           "rollout/generated_tokens (default: from config.yaml)")

@@ -86,7 +86,9 @@ def stage_holdings(local: Mapping[Key, torch.Tensor]) -> list[tuple[str, int | N
                   key=lambda k: (k[0], -1 if k[1] is None else k[1]))
 
 
-def owners_from_stages(stages: list[list[tuple[str, int | None, str]]]) -> dict[tuple[str, int | None], tuple[int, str]]:
+def owners_from_stages(
+    stages: list[list[tuple[str, int | None, str]]],
+) -> dict[tuple[str, int | None], tuple[int, str]]:
     """(map template, layer) -> (owner pipeline stage, dtype name), from every stage's holdings."""
     owners: dict[tuple[str, int | None], tuple[int, str]] = {}
     for stage, keys in enumerate(stages):

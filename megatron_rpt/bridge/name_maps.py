@@ -185,7 +185,8 @@ def _hybrid_map(tmap: TensorMap) -> TensorMap:
 
 
 def _pattern(template: str) -> re.Pattern[str]:
-    escaped = re.escape(template).replace(re.escape(LAYER), r"(?P<layer>\d+)").replace(re.escape(EXPERT), r"(?P<expert>\d+)")
+    escaped = re.escape(template).replace(re.escape(LAYER), r"(?P<layer>\d+)")
+    escaped = escaped.replace(re.escape(EXPERT), r"(?P<expert>\d+)")
     return re.compile(f"^{escaped}$")
 
 

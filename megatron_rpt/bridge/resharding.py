@@ -336,7 +336,8 @@ class WeightBridge:
         dtype = shards[0].dtype
         if bucket.kind is not Transfer.EXPERT_GATHER:
             shards = shards if tmap.tp_dim is not None else shards[:1]  # replicated: all members sent the same
-            out = _carve(scratch, expected_hf_shapes(tmap, arch), dtype) if writes_hf_tensors(tmap, len(shards)) else None
+            writes = writes_hf_tensors(tmap, len(shards))
+            out = _carve(scratch, expected_hf_shapes(tmap, arch), dtype) if writes else None
             return list(zip(tmap.format(slot.layer, slot.expert)[1], hf_from_tp_shards(tmap, shards, arch, out)))
         # One slot carries local expert j of every EP rank: experts ep * n_local + j.
         n_local = arch.num_experts // self.topo.ep_size

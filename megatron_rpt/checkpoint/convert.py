@@ -255,8 +255,8 @@ def iter_mcore_tensors(ckpt_dir: str | Path, arch: ArchConfig, divisible_by: int
     stored (padding included). Must run with Megatron's parallel state initialised at TP=PP=1.
     """
     from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata
-    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from megatron_rpt.checkpoint.model_ckpt import checkpoint_sharded_state_dict, resolve_checkpoint_dir
     from megatron_rpt.model.build import build_model

@@ -34,13 +34,13 @@ import torch.multiprocessing as mp
 
 from megatron_rpt.bridge.name_maps import unwrap
 from megatron_rpt.checkpoint.hf_io import CheckpointError
-from megatron_rpt.distributed import die_with_parent
 from megatron_rpt.checkpoint.interop import (
     content_metadata,
     sharded_state_dict_for,
     stored_keys,
     stored_model_class,
 )
+from megatron_rpt.distributed import die_with_parent
 from megatron_rpt.model.mcore_compat import checkpoint_save_kwargs, read_common_state_in_torch_dist
 
 # Sharding metadata used when *we* save; Megatron's defaults (stacked, homogeneous layers).

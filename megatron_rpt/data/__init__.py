@@ -5,8 +5,8 @@ The trainer needs only :class:`ProblemStream`, :class:`Problem` and :func:`load_
 """
 
 from megatron_rpt.data.entropy_filter import ProxyScorer, difficulty_splits, topk_entropy
-from megatron_rpt.data.problems import Problem, ProblemStream
 from megatron_rpt.data.mixture import Mixture
+from megatron_rpt.data.problems import Problem, ProblemStream
 from megatron_rpt.data.scoring import prepare
 from megatron_rpt.data.templates import TEMPLATES, render_prompt
 from megatron_rpt.data.tokenizer import load_tokenizer, token_byte_table, token_bytes, tokenizer_hash

@@ -179,7 +179,8 @@ class _ParquetSource(_Source):
         try:
             self._file = pq.ParquetFile(path)
         except Exception as exc:
-            raise ConfigError(f"{path} is not a readable Parquet file ({exc}); fix or remove it from data.paths") from None
+            raise ConfigError(f"{path} is not a readable Parquet file ({exc}); fix or remove it from data.paths"
+                              ) from None
         self.columns: list[str] | None = None  # None = all; CorpusStream narrows it to the text fields
 
     def use_columns(self, columns: Sequence[str]) -> None:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from megatron_rpt.atomic import OutputExistsError
@@ -32,8 +32,8 @@ from megatron_rpt.errors import UserError
 from megatron_rpt.trainer.ckpt_manifest import file_digest
 from megatron_rpt.trainer.run_lock import DirLock
 
-__all__ = ["RUN_FILE", "resolve_worker", "fingerprint", "fingerprint_files", "claim_output", "lock_worker", "append_progress",
-           "read_progress", "progress_path", "RunMismatch", "differences"]
+__all__ = ["RUN_FILE", "resolve_worker", "fingerprint", "fingerprint_files", "claim_output", "lock_worker",
+           "append_progress", "read_progress", "progress_path", "RunMismatch", "differences"]
 
 RUN_FILE = "run.json"
 RUN_FORMAT = "megatron-rpt-prepare-run"

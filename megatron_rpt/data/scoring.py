@@ -89,7 +89,8 @@ class ScoringSettings:
 def run_identity(mixture: Mixture, proxy: ProxyScorer, tokenizer: Any, tokenizer_dir: str | os.PathLike,
                  settings: ScoringSettings) -> dict[str, Any]:
     """What makes two runs the same run: a rerun into the same ``--out`` must match it exactly."""
-    proxy_files = sorted(f for f in proxy.path.iterdir() if f.name == "config.json" or f.suffix in PROXY_WEIGHT_SUFFIXES)
+    proxy_files = sorted(f for f in proxy.path.iterdir()
+                         if f.name == "config.json" or f.suffix in PROXY_WEIGHT_SUFFIXES)
     return {
         "mixture": {**mixture_spec(mixture.corpora, mixture.dedup), "max_docs": mixture.max_docs},
         "inputs": fingerprint_files([p for c in mixture.corpora for p in c.paths]),
@@ -224,7 +225,8 @@ def _score_shard(out: Path, k: int, docs: list[Document], tokenizer: Any, proxy:
         c["tokens"] += len(x)
     record = {"shard": k, "file": name, "docs": len(docs), "tokens": sum(len(x) for x in ids), "bytes": nbytes,
               "sha256": sha, "counts": _counts(entropies, settings),
-              "unwinnable": _unwinnable(ids, entropies, token_byte_table(tokenizer), settings), "corpora": corpora, "worker": worker,
+              "unwinnable": _unwinnable(ids, entropies, token_byte_table(tokenizer), settings), "corpora": corpora,
+              "worker": worker,
               "num_workers": num_workers, "host": socket.gethostname(), "pid": os.getpid(), "started": started,
               "finished": time.time(), "scoring_seconds": proxy.seconds - seconds,
               "scored_tokens": proxy.tokens_scored - scored_tokens}

@@ -120,7 +120,8 @@ def thinking_part(response: str) -> str:
     return response if cut < 0 else response[:cut]
 
 
-def analyze(responses: Iterable[str], counter: PatternCounter | None = None, thinking_only: bool = False) -> PatternStats:
+def analyze(responses: Iterable[str], counter: PatternCounter | None = None,
+            thinking_only: bool = False) -> PatternStats:
     counter = counter or PatternCounter()
     used = {g: 0 for g in counter.groups}
     counts = {g: 0 for g in counter.groups}

@@ -52,7 +52,8 @@ def read_metrics_file(path: str | os.PathLike) -> list[dict[str, Any]]:
     if p.is_dir():
         p = p / "metrics.jsonl"
     if not p.is_file():
-        raise FileNotFoundError(f"{p} does not exist; pass --run <logging.dir> of a training run (it holds metrics.jsonl)")
+        raise FileNotFoundError(f"{p} does not exist; pass --run <logging.dir> of a training run "
+                                "(it holds metrics.jsonl)")
     lines = p.read_text(encoding="utf-8").splitlines()
     rows = []
     for i, line in enumerate(lines, 1):
@@ -240,7 +241,8 @@ def load_points(path: str | os.PathLike) -> dict[str, list[tuple[float, float]]]
         else:
             c = a = None
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (c, a)):
-            raise ValueError(f"--points {p}: {where} is {item!r}; expected {{\"compute\": C, \"accuracy\": P}} or [C, P]")
+            raise ValueError(f"--points {p}: {where} is {item!r}; "
+                             "expected {\"compute\": C, \"accuracy\": P} or [C, P]")
         out.setdefault(series, []).append((float(c), float(a)))
 
     if isinstance(data, dict):

@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="YAML config (data, template, eval.* settings)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf", metavar="DIR", help="Hugging Face model directory")
-    source.add_argument("--ckpt", metavar="DIR", help="Megatron checkpoint (converter output, iter_X or checkpoint.dir)")
+    source.add_argument("--ckpt", metavar="DIR",
+                        help="Megatron checkpoint (converter output, iter_X or checkpoint.dir)")
     parser.add_argument("--out", required=True, help="output directory (responses.jsonl)")
     parser.add_argument("--field", default="problem", help="row field holding the problem (default: problem)")
     parser.add_argument("--samples", type=int, default=1, help="responses per problem (default 1)")

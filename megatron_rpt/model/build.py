@@ -19,7 +19,13 @@ import torch.nn.functional as F
 from megatron_rpt.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_rpt.model.hf_config import ArchConfig
 from megatron_rpt.model.mcore_compat import ModelClass, policy_model_class
-from megatron_rpt.model.specs import fp8_settings, fused_softmax_available, hybrid_stack_spec, layer_spec, resolve_transformer_impl
+from megatron_rpt.model.specs import (
+    fp8_settings,
+    fused_softmax_available,
+    hybrid_stack_spec,
+    layer_spec,
+    resolve_transformer_impl,
+)
 
 # The dtype names configs use (model.params_dtype, rollout.dtype, --dtype) -> torch dtypes.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -102,7 +102,8 @@ def load_hf_into_model(
     for chunk in model_chunks:
         inner = unwrap(chunk)
         names = NameMap.for_model(arch, inner)
-        params += [(inner, names, n, p) for n, p in named_parameters_global(inner, topo.expert_offset(arch.num_experts))]
+        offset = topo.expert_offset(arch.num_experts)
+        params += [(inner, names, n, p) for n, p in named_parameters_global(inner, offset)]
     with HFCheckpointReader(hf_dir) as reader:
         if validate:
             validate_hf_checkpoint(reader, arch)

@@ -123,8 +123,8 @@ def packed_local_attention() -> type:
     The local class asserts ``packed_seq_params is None`` (packing is Transformer Engine's job
     on GPU). Here a packed call arrives as ``[t, heads, dim]`` (``SelfAttention`` squeezes the
     batch dimension for THD and has already applied RoPE per sequence from ``cu_seqlens``). The
-    attention is the block-diagonal causal mask of the row evaluated block by block: each sequence runs through the local kernel
-    under its own causal mask, so no token attends to another sequence and the cost is
+    attention is the block-diagonal causal mask of the row evaluated block by block: each sequence
+    runs through the local kernel under its own causal mask, so no token attends to another sequence and the cost is
     ``sum(L_i^2)``, not ``T^2``. No parameters: checkpoints are unchanged.
     """
     from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -143,7 +143,8 @@ def packed_local_attention() -> type:
                 raise ValueError(f"cu_seqlens covers {cu[-1]} tokens but the packed row has {query.shape[0]}")
             blocks = [super(PackedDotProductAttention, self).forward(
                 query[a:b].unsqueeze(1), key[a:b].unsqueeze(1), value[a:b].unsqueeze(1), None,
-                attn_mask_type=attn_mask_type, attention_bias=attention_bias) for a, b in itertools.pairwise(cu) if b > a]
+                attn_mask_type=attn_mask_type, attention_bias=attention_bias)
+                for a, b in itertools.pairwise(cu) if b > a]
             return torch.cat(blocks, dim=0)
 
     return PackedDotProductAttention

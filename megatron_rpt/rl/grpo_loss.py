@@ -96,7 +96,8 @@ def _per_sequence(masked: Tensor, mask: Tensor, segment_ids: Tensor | None) -> t
     rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(-1) * width
     ids = (rows + segment_ids + 1).reshape(-1)
     bins = mask.shape[0] * width
-    tokens = torch.zeros(bins, dtype=masked.dtype, device=masked.device).index_add(0, ids, mask.reshape(-1).to(masked.dtype))
+    tokens = torch.zeros(bins, dtype=masked.dtype, device=masked.device)
+    tokens = tokens.index_add(0, ids, mask.reshape(-1).to(masked.dtype))
     loss = torch.zeros(bins, dtype=masked.dtype, device=masked.device).index_add(0, ids, masked.reshape(-1))
     return tokens, loss
 

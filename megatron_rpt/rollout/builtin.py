@@ -29,6 +29,7 @@ from megatron_rpt.model.hf_config import ArchConfig, load_hf_config
 from megatron_rpt.rollout.base import Generation, SamplingParams, hf_parameter_shapes
 from megatron_rpt.rollout.torch_decoder import Decoder, KVCache
 
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -238,7 +239,8 @@ class BuiltinEngine:
         i = 0
         while i < len(rows):
             j, longest = i, 0
-            while j < len(rows) and (j == i or (j + 1 - i) * max(longest, len(rows[j].prompt)) <= self.prefill_chunk_tokens):
+            budget = self.prefill_chunk_tokens
+            while j < len(rows) and (j == i or (j + 1 - i) * max(longest, len(rows[j].prompt)) <= budget):
                 longest = max(longest, len(rows[j].prompt))
                 j += 1
             chunk = rows[i:j]
@@ -246,7 +248,8 @@ class BuiltinEngine:
             for b, row in enumerate(chunk):
                 tokens[b, : len(row.prompt)] = torch.tensor(row.prompt)
             last = torch.tensor([len(row.prompt) - 1 for row in chunk], device=self.device)
-            logits = self.model(tokens.to(self.device), None, cache, rows=slice(start + i, start + j), logits_index=last)
+            logits = self.model(tokens.to(self.device), None, cache, rows=slice(start + i, start + j),
+                                logits_index=last)
             for row, row_logits in zip(chunk, logits):
                 prompt_logits[row.prompt_index] = row_logits
             i = j
@@ -312,7 +315,8 @@ class BuiltinEngine:
                 )
             low, high = min(prompt), max(prompt)
             if low < 0 or high >= self.arch.vocab_size:
-                raise ValueError(f"prompt {i} has token id {low if low < 0 else high} outside [0, {self.arch.vocab_size})")
+                bad = low if low < 0 else high
+                raise ValueError(f"prompt {i} has token id {bad} outside [0, {self.arch.vocab_size})")
 
     def _cache(self, batch: int, max_len: int) -> KVCache:
         """Reuse the cache when it is big enough, else allocate one just big enough."""

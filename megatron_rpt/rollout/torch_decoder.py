@@ -145,7 +145,8 @@ class Attention(nn.Module):
     def __init__(self, arch: ArchConfig, layer_index: int, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         self.layer_index = layer_index
-        self.num_heads, self.num_kv_heads, self.head_dim = arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim
+        self.num_heads, self.num_kv_heads = arch.num_attention_heads, arch.num_key_value_heads
+        self.head_dim = arch.head_dim
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.split_sizes = [q_dim, kv_dim, kv_dim]
         self.qkv_weight = _empty_param(q_dim + 2 * kv_dim, arch.hidden_size, dtype=dtype, device=device)
@@ -227,7 +228,8 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(arch, i, dtype, device) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
         self.lm_head_weight = (
-            None if arch.tie_word_embeddings else _empty_param(arch.vocab_size, arch.hidden_size, dtype=dtype, device=device)
+            None if arch.tie_word_embeddings
+            else _empty_param(arch.vocab_size, arch.hidden_size, dtype=dtype, device=device)
         )
         self.rotary = RotaryTable(arch, device)
 
@@ -276,7 +278,8 @@ class Decoder(nn.Module):
             written.add(target)
         return written
 
-    def _plan(self, start_pos: list[int], T: int, cache: KVCache | None, rows: slice) -> tuple[_AttentionPlan, torch.Tensor]:
+    def _plan(self, start_pos: list[int], T: int, cache: KVCache | None,
+              rows: slice) -> tuple[_AttentionPlan, torch.Tensor]:
         device = self.device
         steps = torch.arange(T, device=device)
         positions = torch.tensor(start_pos, device=device).unsqueeze(1) + steps  # [B, T]

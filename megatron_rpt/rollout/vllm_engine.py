@@ -105,7 +105,8 @@ def generations_from_request_outputs(outputs: Sequence[Any], n: int) -> list[lis
     for prompt_index, request in enumerate(outputs):
         completions = sorted(request.outputs, key=lambda c: c.index)
         if len(completions) != n:
-            raise RuntimeError(f"vLLM returned {len(completions)} samples for request {request.request_id}, expected {n}")
+            raise RuntimeError(f"vLLM returned {len(completions)} samples for request {request.request_id}, "
+                               f"expected {n}")
         samples = []
         for c in completions:
             if c.finish_reason not in ("stop", "length"):

@@ -42,11 +42,11 @@ import torch.distributed as dist
 from megatron_rpt.atomic import write_text_atomic
 from megatron_rpt.bridge.name_maps import unwrap
 from megatron_rpt.checkpoint.hf_io import CheckpointError
+from megatron_rpt.checkpoint.interop import content_metadata, require_model_class
 from megatron_rpt.checkpoint.model_ckpt import tie_checkpoint_writer_to_this_process
 from megatron_rpt.distributed import die_with_parent
-from megatron_rpt.trainer.ckpt_manifest import COMPLETE, collect_manifest
-from megatron_rpt.checkpoint.interop import content_metadata, require_model_class
 from megatron_rpt.model.mcore_compat import checkpoint_save_kwargs, model_class_of
+from megatron_rpt.trainer.ckpt_manifest import COMPLETE, collect_manifest
 
 log = logging.getLogger(__name__)
 

@@ -46,8 +46,8 @@ from megatron_rpt.rl import (
     split_for_context_parallel,
     vocab_parallel_logprobs_and_entropy,
 )
-from megatron_rpt.topology import Topology
 from megatron_rpt.rl.packing import empty_packed, token_budget
+from megatron_rpt.topology import Topology
 
 
 def packing_spec(cfg: Config) -> PackingSpec | None:

@@ -171,7 +171,8 @@ def save_rollouts(log_dir: str | Path, step: int, engine: int, rollout: EngineRo
             for text, reward in zip(g.texts, g.rewards):
                 f.write(json.dumps({
                     "step": step, "engine": engine, "doc_id": getattr(p, "doc_id", None),
-                    "position": getattr(p, "position", None), "entropy": None if p.entropy is None else float(p.entropy),
+                    "position": getattr(p, "position", None),
+                    "entropy": None if p.entropy is None else float(p.entropy),
                     "target": target, "response": text, "reward": reward, "kept": id(g) in kept,
                 }) + "\n")
     tmp.replace(final)
