@@ -5,7 +5,8 @@ that examples/lib/launch.sh hands the trainer the right arguments and environmen
 on a REAL one-node SLURM cluster started by the test (tests/slurm_cluster.py: munged +
 slurmctld + slurmd in a temp dir), that SIGUSR1 at the time limit reaches the trainer
 through sbatch -> srun -> torchrun, the job requeues itself and the requeued run resumes
-from the same run directory; and that examples/rpt_tiny_cpu.sh trains for real.
+from the same run directory; that examples/rpt_tiny_cpu.sh trains for real; and that the
+real trainer, signalled mid-run, saves, requeues and resumes into exactly the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -358,3 +359,76 @@ def test_sbatch_tiny_cpu_training_job(cluster, tmp_path):
     assert steps and max(steps) == 2, f"no metrics JSONL with steps up to 2 under {run}:\n{log[-3000:]}"
     ckpt = run / "checkpoints"
     assert ckpt.is_dir() and any(p.is_file() for p in ckpt.rglob("*")), f"no checkpoint written in {ckpt}"
+
+
+def _rollout_rows(run: Path) -> dict[str, list[tuple]]:
+    """Every saved rollout file of a run (logging.save_rollouts): what each step generated and its rewards."""
+    out = {}
+    for path in sorted((run / "rollouts").glob("step_*.jsonl")):
+        rows = map(json.loads, path.read_text().splitlines())
+        out[path.name] = [(r["doc_id"], r["position"], r["target"], r["response"], r["reward"], r["kept"])
+                          for r in rows]
+    return out
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_sbatch_real_trainer_usr1_requeue_resumes_exactly(cluster, tmp_path):
+    """The REAL trainer (toy config) under sbatch: USR1 mid-run -> it saves at its step, the job requeues
+    itself, the requeued run resumes from that checkpoint and finishes, and every step's rollouts and
+    rewards equal an uninterrupted run's (the data stream and sampling seeds resume exactly)."""
+    from helpers_toy import metrics, train
+
+    from megatron_rpt.toy import prepare_toy
+
+    steps = 20
+    toy = prepare_toy(tmp_path / "toy")
+    sets = ["logging.progress_bar=false", "logging.tensorboard=false", "logging.save_rollouts=true",
+            "train.eval_interval=0", "checkpoint.save_interval=0", "rollout.engine=builtin", f"train.steps={steps}"]
+    run = tmp_path / "run"
+    env = {"PYTHONPATH": str(REPO), "RPT_TOY_DIR": str(toy), "OMP_NUM_THREADS": "1", "RPT_RUN_DIR": str(run),
+           "RPT_CONFIG": "configs/toy_learn.yaml", "RPT_MAX_REQUEUES": "1",
+           "RPT_EXTRA_ARGS": " ".join(f"--set {s}" for s in sets)}
+    job = cluster.sbatch("examples/rpt_tiny_cpu.sh", sbatch_args=_job_args(cluster, tmp_path), env=env, wait=False,
+                         cwd=REPO)
+    deadline = time.monotonic() + 300
+    while not ((run / "metrics.jsonl").exists() and len(metrics(run)) >= 2):
+        assert time.monotonic() < deadline, cluster.diagnostics(job.job_id)
+        assert cluster.job_info(job.job_id).get("JobState") in ("PENDING", "RUNNING"), cluster.diagnostics(job.job_id)
+        time.sleep(0.2)
+    signalled_after = len(metrics(run))
+    cluster.run("scancel", "--signal=USR1", "--batch", str(job.job_id))
+    deadline = time.monotonic() + 300
+    released = False
+    while True:
+        info = cluster.job_info(job.job_id)
+        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime" and not released:
+            time.sleep(3)  # let slurmd finish cleaning up the first instance (see the stub test above)
+            cluster.start_now(job.job_id)
+            released = True
+        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            break
+        assert time.monotonic() < deadline, cluster.diagnostics(job.job_id)
+        time.sleep(0.3)
+    log = next(tmp_path.glob("rpt-tiny-cpu-*.out")).read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-6000:] + cluster.diagnostics(job.job_id)
+    assert "received SIGUSR1: will save a checkpoint" in log, f"the trainer never got SIGUSR1:\n{log[-6000:]}"
+    assert info["Restarts"] == "1" and "requeueing job" in log, f"the job did not requeue itself:\n{log[-6000:]}"
+    resumed = re.findall(r"resumed from (\S+) \(step (\d+),", log)
+    assert len(resumed) == 1, f"expected one 'resumed from' line (the requeued run), got {resumed}:\n{log[-6000:]}"
+    saved_step = int(resumed[0][1])
+    assert Path(resumed[0][0]) == run / "checkpoints" / f"iter_{saved_step:07d}", resumed
+    assert signalled_after <= saved_step < steps, (
+        f"the signal came after step {signalled_after} but the run saved and resumed at step {saved_step} of {steps}")
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1)), "each step must be trained exactly once"
+
+    # The same config without interruption, no SLURM: one process.
+    straight = tmp_path / "straight"
+    train(toy, straight, None, *sets, resume="none")
+    assert [r["reward/mean"] for r in rows] == [r["reward/mean"] for r in metrics(straight)], (
+        "per-step mean rewards differ from the uninterrupted run")
+    got, want = _rollout_rows(run), _rollout_rows(straight)
+    assert sorted(want) == [f"step_{s:06d}_engine0000.jsonl" for s in range(1, steps + 1)], sorted(want)
+    for name in sorted(want):
+        assert got.get(name) == want[name], f"{name}: the requeued run's rollouts differ from the uninterrupted run's"
