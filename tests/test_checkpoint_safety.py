@@ -87,7 +87,8 @@ def test_every_damaged_file_fails_verification(base, tmp_path):
     # megatron-core 0.16 writes dist/common.pt; 0.19 keeps the common state in .metadata (no common.pt).
     assert {"dist/.metadata", "dist/metadata.json", "trainer/rank_00000.pt"} <= set(expected)
     assert meta["layout"] == {"tensor_parallel": 1, "pipeline_parallel": 1, "virtual_pipeline": None,
-                              "context_parallel": 1, "expert_parallel": 1, "data_parallel": 1, "world_size": 1}
+                              "context_parallel": 1, "expert_parallel": 1, "data_parallel": 1, "world_size": 1,
+                              "rollout_engines": 1}
     assert verify_manifest(src, meta["files"]) is None
     shard = _shard(src).relative_to(src).as_posix()
     damages = {
@@ -120,11 +121,13 @@ def test_resume_rules(base, tmp_path, caplog):
         plan_resume(_cfg(b, "train.seed=7"), "auto", world_size=1)
     assert plan_resume(_cfg(b, "train.seed=7"), "auto", world_size=1, force=True).checkpoint == plan.checkpoint
     # Another layout (item 11): what cannot be resharded, and how to carry the weights over.
-    with pytest.raises(CheckpointError, match=r"written at TP=1 PP=1 VP=None CP=1 EP=1 DP=1 \(1 ranks\); this run "
-                                              r"is TP=2 PP=1 VP=None CP=1 EP=1 DP=1 \(2 ranks\).*optimizer state .*"
+    with pytest.raises(CheckpointError, match=r"written at TP=1 PP=1 VP=None CP=1 EP=1 DP=1 with 1 rollout "
+                                              r"engines \(1 ranks\); this run is TP=2 PP=1 VP=None CP=1 EP=1 DP=1 "
+                                              r"with 2 rollout engines \(2 ranks\).*optimizer state .*"
                                               r"--set model\.load=.*iter_0000004/dist"):
         plan_resume(_cfg(b, "parallel.tensor_parallel=2"), "auto", world_size=2)
-    with pytest.raises(CheckpointError, match=r"DP=1 \(1 ranks\); this run is .* DP=2 \(2 ranks\)"):
+    with pytest.raises(CheckpointError, match=r"DP=1 with 1 rollout engines \(1 ranks\); this run is .* DP=2 "
+                                              r"with 2 rollout engines \(2 ranks\)"):
         plan_resume(cfg, "auto", world_size=2)
     # Rewinding inside checkpoint.dir sets the newer checkpoint aside (after the load).
     rewind = plan_resume(cfg, str(b.ckpt / "iter_0000002"), world_size=1)
@@ -292,8 +295,8 @@ def test_weights_carry_over_to_another_layout(base, tmp_path):
     """Another layout is refused before anything is loaded, and the advice in the message works."""
     b = base.copy(tmp_path)
     refused = train(b.toy, b.run, b.ckpt, "train.steps=6", "parallel.tensor_parallel=2", nproc=2, expect=1)
-    assert f"error: checkpoint {b.ckpt / 'iter_0000004'} was written at TP=1 PP=1 VP=None CP=1 EP=1 DP=1 (1 ranks); " \
-           "this run is TP=2" in refused.stderr
+    assert f"error: checkpoint {b.ckpt / 'iter_0000004'} was written at TP=1 PP=1 VP=None CP=1 EP=1 DP=1 with 1 " \
+           "rollout engines (1 ranks); this run is TP=2" in refused.stderr
     assert "[rank0]: Traceback" not in refused.stderr and "[rank1]: Traceback" not in refused.stderr
     # model.load loads strictly (every weight must be found), resharded from TP=1 to TP=2.
     run = tmp_path / "tp2"

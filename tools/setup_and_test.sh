@@ -29,8 +29,8 @@ python_for() {
 
 declare -A VERSION=([py311]=3.11 [py312]=3.12)
 declare -A MCORE=([py311]="megatron-core>=0.16,<0.17" [py312]="megatron-core>=0.19,<0.20")
-# Which tests (tests/conftest.py, RPT_TEST_SCOPE): every one on the newest megatron-core; on 0.16 the ones
-# whose outcome depends on the megatron-core version (the rest cannot differ between the two).
+# Which tests (tests/conftest.py, RPT_TEST_SCOPE): every one on the newest megatron-core; on 0.16 the files of
+# conftest.VERSION_MATRIX (what megatron-core builds, shards, saves and loads).
 declare -A SCOPE=([py311]=mcore [py312]=all)
 
 # make_env NAME: a clean venv .venv-ci/NAME with torch, this package (editable) + test extras, its megatron-core
