@@ -243,7 +243,7 @@ def test_trainer_trains_on_the_prepared_mixture(env, tmp_path):
     drawn: dict[str, int] = {}
     for step in (1, 2):
         seen = {}
-        for line in (run / "rollouts" / f"step_{step:06d}_dp000.jsonl").read_text().splitlines():
+        for line in (run / "rollouts" / f"step_{step:06d}_engine0000.jsonl").read_text().splitlines():
             rec = json.loads(line)
             seen[(rec["doc_id"], rec["position"])] = rec["doc_id"].split("/")[0]
         for corpus in seen.values():

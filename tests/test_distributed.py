@@ -133,8 +133,9 @@ def test_trainer_collectives_hand_each_backend_a_device_it_serves(toy_dir, tmp_p
     for rank, result in enumerate(results):
         assert not result["violations"], f"rank {rank}:\n" + "\n".join(result["violations"][:20])
         files = {frame.split(":")[0] for site in result["seen"] for frame in site.split(" > ")}
-        # The wrapper saw the trainer's own collectives: numbers and stop flag, eval, and the layout's.
-        assert {"megatron_rpt/distributed.py", "megatron_rpt/eval/runner.py"} | expected <= files, result["seen"]
+        # The wrapper saw the trainer's own collectives: numbers and stop flag, and the layout's. (Evaluation
+        # gathers Python objects, which torch moves to the device the backend serves itself.)
+        assert {"megatron_rpt/distributed.py"} | expected <= files, result["seen"]
 
 
 def _timeouts(minutes: int) -> dict[str, float]:

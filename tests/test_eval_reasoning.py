@@ -26,6 +26,12 @@ class ScriptedEngine:
         self.scripts = scripts
         self.calls = []
 
+    def wake_up(self) -> None:  # the RolloutEngine protocol: nothing to release here
+        pass
+
+    def sleep(self) -> None:
+        pass
+
     def generate(self, prompts, params):
         self.calls.append(([p[0] for p in prompts], params))
         out = []
