@@ -70,7 +70,8 @@ run_tests() {
   tmp=$(mktemp -d "${TMPDIR:-/tmp}/rpt-ci-$env.XXXXXX")  # short paths: sockets live under it
   # The venv first on PATH: jobs the tests launch through `python` (the SLURM recipes) use it too.
   PATH="$PWD/.venv-ci/$env/bin:$PATH" VIRTUAL_ENV="$PWD/.venv-ci/$env" RPT_TEST_SCOPE="${RPT_TEST_SCOPE:-${SCOPE[$env]}}" \
-    RPT_CACHE_DIR="$tmp/cache" "$py" -m pytest -q -p no:cacheprovider --basetemp="$tmp/pytest" "$@" || rc=$?
+    RPT_CACHE_DIR="$tmp/cache" "$py" -m pytest -q -p no:cacheprovider --durations=15 --basetemp="$tmp/pytest" "$@" \
+    || rc=$?
   rm -rf "$tmp"  # checkpoints and runs of the tests: gigabytes
   return "$rc"
 }
