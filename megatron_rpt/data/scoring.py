@@ -59,6 +59,7 @@ from megatron_rpt.data.tokenizer import encode_document, token_byte_table, token
 from megatron_rpt.errors import UserError
 from megatron_rpt.reward import writable_prefix_tokens
 from megatron_rpt.trainer.ckpt_manifest import file_digest
+from megatron_rpt.trainer.run_lock import pid_alive
 
 __all__ = ["ScoringSettings", "prepare", "run_identity", "merge", "PROXY_WEIGHT_SUFFIXES"]
 
@@ -239,18 +240,8 @@ def _remove_dead_tmp(out: Path, name: str) -> None:
     """Temporary files of ``name`` left by a killed writer on this host (a live one's are kept)."""
     for tmp in out.glob(f".{name}.tmp-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def merge(out: Path, mixture: Mixture, proxy: ProxyScorer, tokenizer: Any, tokenizer_dir: str | os.PathLike,

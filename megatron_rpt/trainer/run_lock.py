@@ -52,7 +52,8 @@ def _parse(raw: bytes) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one that is not ours to signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -132,7 +133,7 @@ class DirLock:
 
     def _in_use(self, holder: dict[str, Any]) -> ConfigError:
         pid = int(holder.get("pid", -1))
-        if holder.get("host") == socket.gethostname() and pid > 0 and not _pid_alive(pid):
+        if holder.get("host") == socket.gethostname() and pid > 0 and not pid_alive(pid):
             return ConfigError(f"{self.what}={str(self.dir)!r} is locked by a leftover child process of pid {pid} "
                                f"(which is gone) on this host; stop it (fuser -v {self.path} names it) and retry")
         return ConfigError(f"{self.what}={str(self.dir)!r} is in use by {_describe(holder)}: {self.holder}; "
@@ -153,7 +154,7 @@ class DirLock:
             except FileExistsError:
                 holder = self._read()
                 same_host = holder.get("host") == socket.gethostname()
-                if holder and same_host and not _pid_alive(int(holder.get("pid", -1))):
+                if holder and same_host and not pid_alive(int(holder.get("pid", -1))):
                     log.warning("%s: the lock of %s is stale (that process is gone); taking it over", self.path,
                                 _describe(holder))
                     self.path.unlink(missing_ok=True)
