@@ -41,6 +41,20 @@ def test_without_transformer_engine():
     assert fp8_settings(ModelConfig(), "local") == {}
 
 
+def test_the_transformer_config_raises_no_megatron_deprecation_warning():
+    """megatron-core 0.19 warns that its own default cuda_graph_modules="full" is deprecated."""
+    import warnings
+
+    from megatron_rpt.model.build import transformer_config
+
+    transformer_config(arch_from_dict(QWEN2), ModelConfig(), ParallelConfig())  # imports (torch.jit warns there)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        transformer_config(arch_from_dict(QWEN2), ModelConfig(), ParallelConfig())
+    deprecations = [f"{w.filename}: {w.message}" for w in caught if "deprecat" in str(w.message).lower()]
+    assert not deprecations, deprecations
+
+
 def _build_checks(tp: int):
     import torch
 

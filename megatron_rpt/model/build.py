@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from megatron_rpt.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_rpt.model.hf_config import ArchConfig
-from megatron_rpt.model.mcore_compat import ModelClass, policy_model_class
+from megatron_rpt.model.mcore_compat import ModelClass, policy_model_class, transformer_config_kwargs
 from megatron_rpt.model.specs import (
     fp8_settings,
     fused_softmax_available,
@@ -135,6 +135,7 @@ def transformer_config(
             moe_router_dtype="fp32",
         )
     kwargs.update(fp8_settings(model_cfg, impl))
+    kwargs.update(transformer_config_kwargs(TransformerConfig))
     kwargs.update(config_overrides or {})
     return TransformerConfig(**kwargs)
 

@@ -138,6 +138,20 @@ def _common_state_from_torch_dist(checkpoint_dir: str) -> Any:
     return loaded[0]
 
 
+def transformer_config_kwargs(config_cls: type) -> dict[str, Any]:
+    """``TransformerConfig`` fields this version needs set to stay quiet: megatron-core defaults its CUDA
+    graph scope to "full" (``cuda_graph_scope`` in 0.16, ``cuda_graph_modules`` in 0.19), which its own
+    ``__post_init__`` warns is deprecated ("use empty ..."); empty means the same (and no CUDA graph is
+    captured: ``cuda_graph_impl`` stays none)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    for name in ("cuda_graph_modules", "cuda_graph_scope"):  # 0.19 keeps cuda_graph_scope as a deprecated alias
+        if name in names:
+            return {name: []}
+    return {}
+
+
 def checkpoint_save_kwargs() -> dict[str, Any]:
     """Extra ``dist_checkpointing.save`` arguments for this version (megatron-core's own async writer)."""
     if mcore_version() < ASYNC_STRATEGY_SINCE:
