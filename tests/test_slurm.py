@@ -1,12 +1,12 @@
 """The SLURM launch path, tested on a real scheduler.
 
 Checks that the examples/*.sh recipes agree with their configs and are shellcheck-clean,
-that examples/lib/launch.sh hands the trainer the right arguments and environment, and,
-on a REAL one-node SLURM cluster started by the test (tests/slurm_cluster.py: munged +
-slurmctld + slurmd in a temp dir), that SIGUSR1 at the time limit reaches the trainer
-through sbatch -> srun -> torchrun, the job requeues itself and the requeued run resumes
-from the same run directory; that examples/rpt_tiny_cpu.sh trains for real; and that the
-real trainer, signalled mid-run, saves, requeues and resumes into exactly the uninterrupted run.
+that examples/lib/launch.sh hands the trainer the right arguments and environment and forwards
+SIGUSR1 (with a stand-in trainer, no scheduler), and, on a REAL one-node SLURM cluster started by
+the test (tests/slurm_cluster.py: munged + slurmctld + slurmd in a temp dir), that the real
+trainer launched by examples/rpt_tiny_cpu.sh through sbatch -> srun -> torchrun, signalled with
+USR1 mid-run as at the time limit, saves, requeues itself and resumes into exactly the
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -289,78 +289,6 @@ def _job_args(cluster: SlurmCluster, out_dir: Path) -> tuple[str, ...]:
     return (f"--output={out_dir}/%x-%j.out", f"--cpus-per-task={cpus}")
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
-def test_sbatch_usr1_requeue_and_resume(cluster, tmp_path):
-    """USR1 at the 'time limit' -> trainer checkpoints -> job requeues itself -> resumes the same run dir."""
-    env = stub_env(tmp_path, STUB_WAIT_FOR_SIGNAL="1", RPT_MAX_REQUEUES="1")
-    run = tmp_path / "run"
-    job = cluster.sbatch("examples/rpt_tiny_cpu.sh", "--set", "train.steps=2",
-                         sbatch_args=_job_args(cluster, tmp_path), env=env, wait=False, cwd=REPO)
-    deadline = time.monotonic() + 120
-    while not (run / "stub-waiting").exists():
-        assert time.monotonic() < deadline, cluster.diagnostics(job.job_id)
-        assert cluster.job_info(job.job_id).get("JobState") in ("PENDING", "RUNNING"), cluster.diagnostics(job.job_id)
-        time.sleep(0.2)
-    # What --signal=B:USR1@60 does at the time limit: signal the batch shell only.
-    cluster.run("scancel", "--signal=USR1", "--batch", str(job.job_id))
-    deadline = time.monotonic() + 150
-    released = False
-    while True:
-        info = cluster.job_info(job.job_id)
-        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime" and not released:
-            # slurmd refuses to launch a job whose previous instance it is still cleaning up
-            # ("Job N already killed, do not launch batch job"): give the kill a moment to finish.
-            time.sleep(3)
-            cluster.start_now(job.job_id)
-            released = True
-        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
-            break
-        assert time.monotonic() < deadline, cluster.diagnostics(job.job_id)
-        time.sleep(0.3)
-    log = next(tmp_path.glob("rpt-tiny-cpu-*.out")).read_text()
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log + cluster.diagnostics(job.job_id)
-    assert info["Restarts"] == "1", log
-    first = json.loads((run / "stub-run0.json").read_text())
-    second = json.loads((run / "stub-run1.json").read_text())
-    assert first["signals"] == ["USR1"], "the trainer must get SIGUSR1 through srun and torchrun"
-    assert (run / "checkpoints" / "iter_0000005").read_text() == "saved on USR1"
-    assert "requeueing job" in log and "restart 1" in log
-    assert second["SLURM_RESTART_COUNT"] == "1" and second["resume_found"] == ["iter_0000005"]
-    assert second["argv"] == first["argv"], "a requeued run must get the same run directory and arguments"
-    assert first["SLURM_JOB_ID"] == second["SLURM_JOB_ID"] == str(job.job_id)
-
-
-@pytest.mark.slurm
-@pytest.mark.slow
-def test_sbatch_tiny_cpu_training_job(cluster, tmp_path):
-    """The real trainer through sbatch --wait: exit code, job log, metrics and checkpoint."""
-    missing = [p for p in ("megatron_rpt/train.py", "configs/tiny_cpu.yaml") if not (REPO / p).exists()]
-    if missing:
-        pytest.skip(f"needs the trainer ({', '.join(missing)} not written yet)")
-    run = tmp_path / "run"
-    tiny = ["train.steps=2", "checkpoint.save_interval=1", "rl.prompts_per_step=1", "rollout.samples_per_prompt=2",
-            "rl.micro_batch_size=2", "rollout.max_response_tokens=16", "logging.tensorboard=false"]
-    job = cluster.sbatch("examples/rpt_tiny_cpu.sh", *[a for kv in tiny for a in ("--set", kv)],
-                         sbatch_args=_job_args(cluster, tmp_path), env={"RPT_RUN_DIR": str(run)}, wait=True,
-                         timeout=400, cwd=REPO)
-    log_path = next(tmp_path.glob("rpt-tiny-cpu-*.out"))
-    log = log_path.read_text()
-    assert job.returncode == 0, log[-6000:] + cluster.diagnostics(job.job_id)
-    info = cluster.job_info(job.job_id)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0"
-    assert "trainer finished with exit code 0" in log
-    steps = []
-    for path in run.rglob("*.jsonl"):
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
-                steps.append(rec["step"])
-    assert steps and max(steps) == 2, f"no metrics JSONL with steps up to 2 under {run}:\n{log[-3000:]}"
-    ckpt = run / "checkpoints"
-    assert ckpt.is_dir() and any(p.is_file() for p in ckpt.rglob("*")), f"no checkpoint written in {ckpt}"
-
-
 def _rollout_rows(run: Path) -> dict[str, list[tuple]]:
     """Every saved rollout file of a run (logging.save_rollouts): what each step generated and its rewards."""
     out = {}
@@ -414,6 +342,7 @@ def test_sbatch_real_trainer_usr1_requeue_resumes_exactly(cluster, tmp_path):
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-6000:] + cluster.diagnostics(job.job_id)
     assert "received SIGUSR1: will save a checkpoint" in log, f"the trainer never got SIGUSR1:\n{log[-6000:]}"
     assert info["Restarts"] == "1" and "requeueing job" in log, f"the job did not requeue itself:\n{log[-6000:]}"
+    assert "trainer finished with exit code 0" in log, f"the requeued run did not end cleanly:\n{log[-6000:]}"
     resumed = re.findall(r"resumed from (\S+) \(step (\d+),", log)
     assert len(resumed) == 1, f"expected one 'resumed from' line (the requeued run), got {resumed}:\n{log[-6000:]}"
     saved_step = int(resumed[0][1])

