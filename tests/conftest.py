@@ -1,10 +1,12 @@
-"""Shared fixtures: the read-only ../shared directory (skip clearly when absent)."""
+"""Shared fixtures: the read-only ../shared directory (skip clearly when absent), a real SLURM cluster, and
+which test files run in which CI environment."""
 
 import os
 import warnings
 from pathlib import Path
 
 import pytest
+from slurm_cluster import SlurmCluster, missing_requirements
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("RPT_SHARED_DIR", REPO.parent / "shared"))
@@ -26,6 +28,17 @@ def shared():
     return shared_path
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    """A real one-node SLURM cluster (tests/slurm_cluster.py) for one test file; skips when slurm-wlm or
+    munge is missing."""
+    reason = missing_requirements()
+    if reason:
+        pytest.skip(reason)
+    with SlurmCluster() as c:
+        yield c
+
+
 def require_vllm():
     """The ``vllm`` module; when it is not installed: skip, or fail where the test command
     demands the real-vLLM tests (``RPT_REQUIRE_VLLM=1``, set by tools/setup_and_test.sh, or CI)."""
@@ -45,8 +58,9 @@ def require_vllm():
 #   checkpoints, conversion, the bridge into both engines, TP/PP/CP/EP numerics, packing, the process groups,
 #   one trainer step's invariants, checkpoint safety);
 # * ANY_VERSION runs on the OLDEST (0.16, Python 3.11): files whose outcome cannot depend on the megatron-core
-#   version (data preparation and scoring, the data jobs under SLURM, rewards, reports, plots, lint), placed
-#   there so that the two environments take about as long as each other;
+#   version (data preparation and scoring, the data jobs under SLURM and one trainer run on their output,
+#   rewards, reports, plots, lint), placed there so that the two environments take about as long as each
+#   other;
 # * every other file runs on the NEWEST (0.19): the trainer-level runs (the loop, evaluation, SLURM), which
 #   drive the same megatron-core calls that VERSION_MATRIX checks on both.
 # RPT_TEST_SCOPE chooses: all (every file; the default), oldest (VERSION_MATRIX + ANY_VERSION), newest (all
@@ -59,7 +73,7 @@ VERSION_MATRIX = {
 }
 ANY_VERSION = {
     "test_data_corpus.py", "test_data_entropy.py", "test_data_mixture.py", "test_data_prepare.py",
-    "test_data_problems.py", "test_data_slurm.py", "test_data_tokenizer.py", "test_eval_patterns.py",
+    "test_data_problems.py", "test_data_scale.py", "test_data_slurm.py", "test_data_tokenizer.py", "test_eval_patterns.py",
     "test_eval_report.py", "test_gpu_script.py", "test_install_vllm_cpu.py", "test_lint.py", "test_plot.py",
     "test_preflight.py", "test_rl_advantages.py", "test_rl_batch.py", "test_rl_grpo_loss.py",
 }

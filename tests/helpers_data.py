@@ -1,5 +1,6 @@
 """Shared by the data-at-scale tests: a small config over ../shared's three math corpora, the
-prepare_data command line, reading an output directory back, and waiting for a run to be halfway."""
+prepare_data command line, the uninterrupted single-worker reference run, reading an output directory
+back, and waiting for a run to be halfway."""
 
 from __future__ import annotations
 
@@ -11,11 +12,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 import yaml
 
+from megatron_rpt.data.tiny_proxy import make_tiny_proxy
 from tests.conftest import shared_path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))  # tools/ is not a package
+import prepare_data  # noqa: E402
+
 MAX_DOCS = 24
 SHARD_SIZE = 3  # 8 shards: enough to be killed halfway through
 
@@ -46,6 +52,33 @@ def mixture_config(root: Path, data: Path | None = None) -> Path:
 def prepare_args(config: Path, proxy: Path, out: Path, *extra: str) -> list[str]:
     return ["--config", str(config), "--proxy", str(proxy), "--out", str(out), "--max-docs", str(MAX_DOCS),
             "--shard-size", str(SHARD_SIZE), "--threads", "1", "--device", "cpu", "--no-progress", *extra]
+
+
+def prepare_in_process(args: list[str]):
+    """tools/prepare_data.py's main() in this process (its return: the manifest, or None for a worker
+    that did not merge)."""
+    threads = torch.get_num_threads()
+    try:
+        return prepare_data.main(args)
+    finally:
+        torch.set_num_threads(threads)  # --threads 1 must not slow the rest of the session
+
+
+_REFERENCE: dict = {}
+
+
+def reference_run(tmp_path_factory) -> dict:
+    """The run every data-at-scale test compares with, made once per session: one uninterrupted
+    single-worker run of the mixture with a tiny random proxy (root, proxy, config, ref = its output
+    directory, manifest). Each caller gets its own copy of the dict."""
+    if not _REFERENCE:
+        root = tmp_path_factory.mktemp("scored_mixture")
+        proxy = make_tiny_proxy(root / "proxy")
+        config = mixture_config(root)
+        ref = root / "reference"
+        manifest = prepare_in_process(prepare_args(config, proxy, ref))
+        _REFERENCE.update(root=root, proxy=proxy, config=config, ref=ref, manifest=manifest)
+    return dict(_REFERENCE)
 
 
 def subprocess_env() -> dict[str, str]:

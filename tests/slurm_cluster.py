@@ -74,6 +74,9 @@ def node_hardware() -> dict[str, int]:
     return hw
 
 
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
 @dataclass
 class JobResult:
     job_id: int
@@ -256,8 +259,7 @@ class SlurmCluster:
         """Let a requeued job start at once: slurmctld holds requeued jobs ~2 minutes (BeginTime)."""
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
-    def wait_job(self, job_id: int, timeout: float = 300.0, states: tuple[str, ...] = (
-            "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")) -> dict[str, str]:
+    def wait_job(self, job_id: int, timeout: float = 300.0, states: tuple[str, ...] = FINAL_STATES) -> dict[str, str]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info = self.job_info(job_id)
@@ -265,6 +267,28 @@ class SlurmCluster:
                 return info
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} not in {states} after {timeout:.0f}s\n{self.diagnostics(job_id)}")
+
+    def wait_requeued_job(self, job_id: int | str, timeout: float = 300.0) -> tuple[dict[str, str], bool]:
+        """Until a job (or an array task, ``"<job>_<task>"``) that requeues itself has ended; its requeued
+        instance is started at once. Returns the job's final ``scontrol`` info and whether a requeued
+        instance was started.
+
+        slurmctld holds a requeued job for about two minutes (``Reason=BeginTime``), hence
+        :meth:`start_now`; slurmd refuses to launch a job whose previous instance it is still cleaning up
+        ("Job N already killed, do not launch batch job"), hence the pause before it.
+        """
+        deadline, released = time.monotonic() + timeout, False
+        while True:
+            info = self.job_info(job_id)
+            if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime" and not released:
+                time.sleep(3)
+                self.start_now(job_id)
+                released = True
+            if info.get("JobState") in FINAL_STATES:
+                return info, released
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} did not end within {timeout:.0f}s\n{self.diagnostics(job_id)}")
+            time.sleep(0.3)
 
     # ------------------------------------------------------------------ diagnostics & teardown
 

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-import torch
 
 from megatron_rpt.atomic import OutputExistsError
 from megatron_rpt.data.run_state import RunMismatch
@@ -35,35 +34,22 @@ from tests.helpers_data import (
     mixture_data_dir,
     output_bytes,
     prepare_args,
+    prepare_data,
+    prepare_in_process,
     progress_records,
+    reference_run,
     run_quiet,
     subprocess_env,
     torchrun_prepare,
     wait_for_shards,
 )
 
-sys.path.insert(0, str(REPO / "tools"))
-import prepare_data  # noqa: E402
-
 N_SHARDS = 8
-
-
-def prepare_in_process(args: list[str]):
-    threads = torch.get_num_threads()
-    try:
-        return prepare_data.main(args)
-    finally:
-        torch.set_num_threads(threads)  # --threads 1 must not slow the rest of the session
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scale")
-    proxy = make_tiny_proxy(root / "proxy")
-    config = mixture_config(root)
-    ref = root / "reference"
-    manifest = prepare_in_process(prepare_args(config, proxy, ref))
-    return {"root": root, "proxy": proxy, "config": config, "ref": ref, "manifest": manifest}
+    return reference_run(tmp_path_factory)
 
 
 def read_rows(out: Path) -> list[dict]:

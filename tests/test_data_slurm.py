@@ -9,25 +9,18 @@ three math corpora as a weighted mixture scored by a 2-task job array with a tin
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from slurm_cluster import SlurmCluster, missing_requirements  # noqa: E402
-
-from megatron_rpt.data.tiny_proxy import make_tiny_proxy  # noqa: E402
-from tests.helpers_data import (  # noqa: E402
+from tests.helpers_data import (
     REPO,
-    mixture_config,
     output_bytes,
     prepare_args,
     progress_records,
+    reference_run,
     wait_for_shards,
 )
 
@@ -36,25 +29,8 @@ SCRIPT = "examples/prepare_data.sh"
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    reason = missing_requirements()
-    if reason:
-        pytest.skip(reason)
-    with SlurmCluster() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slurm_data")
-    proxy = make_tiny_proxy(root / "proxy")
-    config = mixture_config(root)
-    ref = root / "reference"
-    proc = subprocess.run([sys.executable, "tools/prepare_data.py", *prepare_args(config, proxy, ref)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return {"root": root, "proxy": proxy, "config": config, "ref": ref}
+    return reference_run(tmp_path_factory)
 
 
 def script_args(env) -> list[str]:
@@ -118,15 +94,8 @@ def test_time_limit_signal_requeues_the_task_which_finishes_the_job(cluster, env
     first = f"{job.job_id}_0"
     # What --signal=B:USR1@120 does before the time limit: signal the batch shell of the task.
     cluster.run("scancel", "--signal=USR1", "--batch", first)
-    deadline, released = time.monotonic() + 300, False
-    while tasks(cluster, job.job_id):
-        state = tasks(cluster, job.job_id).get(first)
-        if state and state[0] == "PENDING" and state[1] == "BeginTime" and not released:
-            time.sleep(3)  # slurmd refuses to relaunch a task it is still cleaning up
-            cluster.start_now(first)
-            released = True
-        assert time.monotonic() < deadline, logs_text(logs) + cluster.diagnostics(job.job_id)
-        time.sleep(0.3)
+    _, released = cluster.wait_requeued_job(first)
+    wait_gone(cluster, job.job_id)
     log = logs_text(logs)
     assert released and "stopped for the time limit" in log and "requeueing task" in log, log
     assert "interrupted (SIGUSR1)" in log, log

@@ -25,7 +25,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from slurm_cluster import SlurmCluster, missing_requirements, node_hardware  # noqa: E402
+from slurm_cluster import SlurmCluster, node_hardware  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GPU_RECIPES = {
@@ -275,15 +275,6 @@ def test_launcher_refuses_missing_config(tmp_path):
 # ----------------------------------------------------------------------------- real SLURM
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    reason = missing_requirements()
-    if reason:
-        pytest.skip(reason)
-    with SlurmCluster() as c:
-        yield c
-
-
 def _job_args(cluster: SlurmCluster, out_dir: Path) -> tuple[str, ...]:
     cpus = min(2, node_hardware()["CPUs"])
     return (f"--output={out_dir}/%x-%j.out", f"--cpus-per-task={cpus}")
@@ -326,18 +317,7 @@ def test_sbatch_real_trainer_usr1_requeue_resumes_exactly(cluster, tmp_path):
         time.sleep(0.2)
     signalled_after = len(metrics(run))
     cluster.run("scancel", "--signal=USR1", "--batch", str(job.job_id))
-    deadline = time.monotonic() + 300
-    released = False
-    while True:
-        info = cluster.job_info(job.job_id)
-        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime" and not released:
-            time.sleep(3)  # let slurmd finish cleaning up the first instance (see the stub test above)
-            cluster.start_now(job.job_id)
-            released = True
-        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
-            break
-        assert time.monotonic() < deadline, cluster.diagnostics(job.job_id)
-        time.sleep(0.3)
+    info, _ = cluster.wait_requeued_job(job.job_id)
     log = next(tmp_path.glob("rpt-tiny-cpu-*.out")).read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-6000:] + cluster.diagnostics(job.job_id)
     assert "received SIGUSR1: will save a checkpoint" in log, f"the trainer never got SIGUSR1:\n{log[-6000:]}"
