@@ -73,9 +73,10 @@ VERSION_MATRIX = {
 }
 ANY_VERSION = {
     "test_data_corpus.py", "test_data_entropy.py", "test_data_mixture.py", "test_data_prepare.py",
-    "test_data_problems.py", "test_data_scale.py", "test_data_slurm.py", "test_data_tokenizer.py", "test_eval_patterns.py",
-    "test_eval_report.py", "test_gpu_script.py", "test_install_vllm_cpu.py", "test_lint.py", "test_plot.py",
-    "test_preflight.py", "test_rl_advantages.py", "test_rl_batch.py", "test_rl_grpo_loss.py",
+    "test_data_problems.py", "test_data_scale.py", "test_data_slurm.py", "test_data_tokenizer.py",
+    "test_eval_patterns.py", "test_eval_report.py", "test_gpu_script.py", "test_install_vllm_cpu.py",
+    "test_lint.py", "test_plot.py", "test_preflight.py", "test_rl_advantages.py", "test_rl_batch.py",
+    "test_rl_grpo_loss.py",
 }
 SCOPES = {
     "all": lambda name: True,
