@@ -264,7 +264,10 @@ rpt_launch() {
   if [[ "$_RPT_STOP_SIGNAL" == USR1 ]]; then
     local restarts=${SLURM_RESTART_COUNT:-0}
     if ((in_slurm)) && ((restarts < ${RPT_MAX_REQUEUES:-20})); then
-      echo "[rpt] $(date '+%F %T') stopped for the time limit (trainer exit $rc); requeueing job $job_id" \
+      # $rc is torchrun's: it exits non-zero after forwarding a signal even when every rank saved and
+      # exited 0, so it says nothing about the checkpoint (the trainer's log does).
+      echo "[rpt] $(date '+%F %T') stopped for the time limit (torchrun exit $rc after the signal);" \
+        "requeueing job $job_id" \
         "(restart $((restarts + 1))); it resumes from $run_dir/checkpoints"
       if ! scontrol requeue "$SLURM_JOB_ID"; then
         echo "[rpt] error: scontrol requeue failed; resubmit with RPT_RUN_DIR=$run_dir to resume" >&2
@@ -276,7 +279,7 @@ rpt_launch() {
     return 0
   fi
   if [[ -n "$_RPT_STOP_SIGNAL" ]]; then
-    echo "[rpt] stopped by SIG$_RPT_STOP_SIGNAL (trainer exit $rc)"
+    echo "[rpt] stopped by SIG$_RPT_STOP_SIGNAL (torchrun exit $rc after the signal)"
     return "$rc"
   fi
   echo "[rpt] $(date '+%F %T') trainer finished with exit code $rc"
