@@ -211,9 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     wall["total"] = time.perf_counter() - t_all
 
     kept = ("documents", "documents_evaluated", "positions", "positions_per_doc_cap", "positions_in_buckets",
-            "difficulty_scorer", "unwinnable")
+            "unwinnable")
+    scorer = f"the base model's top-{cfg.data.entropy_top_k} entropy (its standard-mode pass), shared by every row"
     table = EvalReport(base.thresholds, [row for r in reports for row in r.rows],
-                       {k: v for k, v in base.meta.items() if k in kept})
+                       {**{k: v for k, v in base.meta.items() if k in kept}, "difficulty_scorer": scorer})
     write_report(table, out, stem="mini_table1_table")
     text = json.dumps(result_json(args, argv, cfg, base_dir, table, runs, wall), indent=2, default=str) + "\n"
     (out / "mini_table1.json").write_text(text)
