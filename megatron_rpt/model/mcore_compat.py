@@ -19,6 +19,8 @@ call site:
   megatron-core's own writer ("mcore", the one 0.16 uses). 0.19 logs "MCore's async save is
   deprecated" for it, and for every *synchronous* save too (its sync save runs the same writer);
   :func:`checkpoint_save_kwargs` silences that one record, nothing else.
+* ``CROSS_ENTROPY_TAKES_TP_GROUP_SINCE``: ``vocab_parallel_cross_entropy`` takes the
+  tensor-parallel group (``tp_group``); before, it always reduces over parallel_state's TP group.
 * The CUDA streams and events of 0.19's gradient sync live in :mod:`cpu_compat` (covered for
   every version: the shim is a superset).
 """
@@ -40,6 +42,7 @@ HYBRID_MODEL_SINCE = (0, 19)
 CP_SPLIT_TAKES_HYBRID_CP_SINCE = (0, 19)
 COMMON_STATE_IN_TORCH_DIST_SINCE = (0, 19)
 ASYNC_STRATEGY_SINCE = (0, 19)
+CROSS_ENTROPY_TAKES_TP_GROUP_SINCE = (0, 19)
 
 
 class ModelClass(str, enum.Enum):
@@ -89,15 +92,27 @@ def model_class_of(model: Any) -> ModelClass:
     raise TypeError(f"{name} is neither of {[c.value for c in ModelClass]}; megatron-rpt builds only those")
 
 
-def get_batch_on_this_cp_rank(batch: dict[str, Any], cp_group: Any = None) -> dict[str, Any]:
-    """Megatron's own load-balanced CP split of ``batch`` (reference for ours), on any version."""
-    from megatron.core import parallel_state
+def get_batch_on_this_cp_rank(batch: dict[str, Any], cp_group: Any) -> dict[str, Any]:
+    """Megatron's own load-balanced CP split of ``batch`` over ``cp_group`` (reference for ours), on any version."""
     from megatron.core.utils import get_batch_on_this_cp_rank as split
 
-    group = cp_group if cp_group is not None else parallel_state.get_context_parallel_group()
     if mcore_version() >= CP_SPLIT_TAKES_HYBRID_CP_SINCE:
-        return split(batch, is_hybrid_cp=False, cp_group=group)
-    return split(batch, cp_group=group)
+        return split(batch, is_hybrid_cp=False, cp_group=cp_group)
+    return split(batch, cp_group=cp_group)
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_group: Any) -> torch.Tensor:
+    """Megatron's cross entropy of vocab-parallel ``logits`` (overwritten in place) over ``tp_group``.
+
+    Before 0.19 megatron-core reduces over its own TP group, which is the policy's
+    (:class:`~megatron_rpt.topology.Topology` reads it from there), so the argument is dropped.
+    """
+    # lazy: the module's version facts are read without importing megatron-core (seconds)
+    from megatron.core import tensor_parallel
+
+    if mcore_version() >= CROSS_ENTROPY_TAKES_TP_GROUP_SINCE:
+        return tensor_parallel.vocab_parallel_cross_entropy(logits, labels, tp_group=tp_group)
+    return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
 
 
 @functools.cache
