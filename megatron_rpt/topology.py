@@ -7,9 +7,9 @@ and the weight bridge read the layout from it instead of calling ``parallel_stat
 and there, and a test can build one by hand (:meth:`Topology.single`, or the constructor) to
 exercise layout logic without ``torch.distributed``. :func:`replica_ranks` is Megatron's rank
 assignment for any layout, without initialising anything (the rollout layout and the config check
-compare engines with it). Only this module and :mod:`megatron_rpt.distributed` (which sets the
-parallel state up) touch ``parallel_state``; everything else is handed a :class:`Topology` or one of
-its groups (``tests/test_topology_owner.py`` checks it).
+compare engines with it). Only this module, :mod:`megatron_rpt.distributed` (which sets the
+parallel state up) and the stage flags of ``model/build.py`` touch ``parallel_state``; everything
+else is handed a :class:`Topology` or one of its groups (``tests/test_topology_owner.py`` checks it).
 """
 
 from __future__ import annotations
