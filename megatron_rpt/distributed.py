@@ -32,6 +32,9 @@ import torch.multiprocessing as mp
 from megatron_rpt.config import ParallelConfig
 from megatron_rpt.model import cpu_compat
 
+# megatron is imported inside the functions that set it up (# lazy): data preparation
+# (tools/prepare_data.py) imports this module for die_with_parent and must not pay its seconds-long import.
+
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -97,8 +100,8 @@ def init_distributed(
     the slowest one at the next collective, and torch's own NCCL default (10 minutes) is
     shorter than a long-response rollout phase.
     """
-    from megatron.core import parallel_state
-    from megatron.core import tensor_parallel as mtp
+    from megatron.core import parallel_state  # lazy: see the module's imports
+    from megatron.core import tensor_parallel as mtp  # lazy: see the module's imports
 
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
@@ -158,7 +161,7 @@ def all_reduce_numbers(values: Sequence[float], op: dist.ReduceOp = dist.ReduceO
 
 
 def destroy_distributed() -> None:
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # lazy: see the module's imports
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

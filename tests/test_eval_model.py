@@ -310,12 +310,13 @@ def _two_rank_worker(cfg_path: str, hf_dir: str, log_dir: str, ckpt_root: str) -
     from megatron_rpt.model.hf_config import load_hf_config
     from megatron_rpt.model.loading import load_hf_into_model
     from megatron_rpt.rollout.layout import RolloutLayout
+    from megatron_rpt.topology import Topology
 
     init_distributed(1, 1)  # data-parallel size 2
     cfg = load_config(cfg_path, [f"logging.dir={log_dir}"], validate_paths=False)
     model = load_hf_model(cfg, hf_dir)
     trainer = SimpleNamespace(cfg=cfg, engine=model.engine, tokenizer=model.tokenizer,
-                              layout=RolloutLayout.build(cfg.parallel, cfg.rollout.tensor_parallel),
+                              layout=RolloutLayout.build(cfg.parallel, cfg.rollout.tensor_parallel, Topology.current()),
                               dp_size=parallel_state.get_data_parallel_world_size())
     first = evaluate_during_training(trainer, step=5)
     second = evaluate_during_training(trainer, step=6)  # cached positions and (self-scored) buckets

@@ -80,9 +80,10 @@ def _cp_rank_checks():
     rank = parallel_state.get_context_parallel_rank()
     batch = _batch(3, 16, seed=7)
     ours = split_for_context_parallel(batch, 2, rank)
-    theirs = get_batch_on_this_cp_rank({k: v.clone() for k, v in batch.items() if k != "prompt_lengths"})
+    cp_group = parallel_state.get_context_parallel_group()
+    theirs = get_batch_on_this_cp_rank({k: v.clone() for k, v in batch.items() if k != "prompt_lengths"}, cp_group)
     same_split = all(torch.equal(ours[k], theirs[k]) for k in theirs)
-    gathered = {k: gather_from_context_parallel(ours[k]) for k in ("tokens", "loss_mask", "logits")}
+    gathered = {k: gather_from_context_parallel(ours[k], cp_group) for k in ("tokens", "loss_mask", "logits")}
     gather_ok = all(torch.equal(gathered[k], batch[k]) for k in gathered)
 
     # DDP's gradient reduction group: each rank's gradient is (rank + 1); the result is their mean

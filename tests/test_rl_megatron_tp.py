@@ -69,10 +69,12 @@ def _batch():
 def _policy_loss(model, batch, old, ref):
     from megatron_rpt.config import RLConfig
     from megatron_rpt.rl import grpo_loss, vocab_parallel_logprobs_and_entropy
+    from megatron_rpt.topology import Topology
 
     logits = model(batch.tokens, batch.position_ids, None)
     logprobs, entropy = vocab_parallel_logprobs_and_entropy(
-        logits, batch.labels, temperature=TEMPERATURE, true_vocab_size=TRUE_VOCAB, entropy_grad=True
+        logits, batch.labels, temperature=TEMPERATURE, true_vocab_size=TRUE_VOCAB, entropy_grad=True,
+        tp_group=Topology.current().tp_group,
     )
     cfg = RLConfig(clip_low=0.2, clip_high=0.28, dual_clip=1.5, kl_coef=0.05, kl_type="k3", entropy_coef=0.01)
     old = logprobs.detach() if old is None else old
@@ -104,6 +106,7 @@ def _worker() -> dict:
     # ---- 1. random vocab-parallel logits at TP=2 vs float64 full-vocab reference
     init_distributed(tensor_parallel=2, seed=11)
     rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
     g = torch.Generator().manual_seed(3)
     padded = 512
     full = torch.randn(3, 5, padded, generator=g, dtype=torch.float64) * 4
@@ -111,7 +114,8 @@ def _worker() -> dict:
     w_lp, w_ent = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
     part = padded // 2
     local = full[..., rank * part:(rank + 1) * part].float().requires_grad_()
-    lp, ent = vocab_parallel_logprobs_and_entropy(local, labels, TEMPERATURE, TRUE_VOCAB, entropy_grad=True)
+    lp, ent = vocab_parallel_logprobs_and_entropy(local, labels, TEMPERATURE, TRUE_VOCAB, entropy_grad=True,
+                                                  tp_group=tp_group)
     ((w_lp * lp).sum() + (w_ent * ent).sum()).backward()
     full_ref = full.clone().requires_grad_()
     ref_lp, ref_ent = _reference_logprobs_entropy(full_ref, labels)
@@ -124,7 +128,7 @@ def _worker() -> dict:
     # the chunked pass (what the trainer runs) over chunks of 4 tokens: same values and gradients
     local_c = full[..., rank * part:(rank + 1) * part].float().requires_grad_()
     lp_c, ent_c = chunked_logprobs_and_entropy(local_c, labels, TEMPERATURE, TRUE_VOCAB, chunk_tokens=4,
-                                               entropy_grad=True)
+                                               entropy_grad=True, tp_group=tp_group)
     ((w_lp * lp_c).sum() + (w_ent * ent_c).sum()).backward()
     out["chunked_lp_err"] = (lp_c.double() - ref_lp.detach()).abs().max().item()
     out["chunked_ent_err"] = (ent_c.double() - ref_ent.detach()).abs().max().item()

@@ -16,6 +16,8 @@ from typing import Sequence
 
 import torch
 
+from megatron_rpt.topology import Topology
+
 
 def random_tokens(vocab_size: int, batch: int, seq_len: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
@@ -33,13 +35,13 @@ def hf_logits(hf_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def megatron_logits(model_chunks: Sequence[torch.nn.Module], tokens: torch.Tensor) -> torch.Tensor | None:
+def megatron_logits(model_chunks: Sequence[torch.nn.Module], tokens: torch.Tensor,
+                    topo: Topology | None = None) -> torch.Tensor | None:
     """Full padded-vocab logits [batch, seq, padded_vocab] on the last pipeline stage, None elsewhere.
 
     Every rank must pass the same ``tokens``. One micro-batch, no attention mask (causal).
-    Leaves the chunks in eval mode.
+    Leaves the chunks in eval mode. ``topo`` defaults to the one read from Megatron.
     """
-    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
@@ -71,10 +73,11 @@ def megatron_logits(model_chunks: Sequence[torch.nn.Module], tokens: torch.Tenso
         forward_only=True,
         collect_non_loss_data=True,
     )
-    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+    topo = topo if topo is not None else Topology.current()
+    if not topo.is_last_stage:
         return None
     logits = outputs[0]
-    if ps.get_tensor_model_parallel_world_size() > 1:
+    if topo.tp_size > 1:
         logits = gather_from_tensor_model_parallel_region(logits.contiguous())
     return logits.float().cpu()
 
@@ -99,8 +102,6 @@ def megatron_logits_rank(
     checkpoint (loaded, re-sharded, with ``load_megatron_checkpoint``); ``arch_dir`` holds the
     HF config.json. Only tensor-parallel rank 0 of the last pipeline stage returns the logits.
     """
-    from megatron.core import parallel_state as ps
-
     from megatron_rpt.config import ModelConfig, ParallelConfig
     from megatron_rpt.distributed import init_distributed
     from megatron_rpt.model.build import build_model_chunks
@@ -108,6 +109,7 @@ def megatron_logits_rank(
     from megatron_rpt.model.loading import load_hf_into_model, load_megatron_checkpoint
 
     init_distributed(tensor_parallel, pipeline_parallel)
+    topo = Topology.current()
     arch = load_hf_config(arch_dir)
     model_cfg = ModelConfig(params_dtype=params_dtype, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     parallel_cfg = ParallelConfig(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel)
@@ -115,9 +117,9 @@ def megatron_logits_rank(
     if is_megatron_checkpoint(source):
         load_megatron_checkpoint(chunks, source)
     else:
-        load_hf_into_model(chunks, source, arch)
-    logits = megatron_logits(chunks, tokens)
-    if logits is None or ps.get_tensor_model_parallel_rank() != 0:
+        load_hf_into_model(chunks, source, arch, topo=topo)
+    logits = megatron_logits(chunks, tokens, topo)
+    if logits is None or topo.tp_rank != 0:
         return None
     return logits[..., : arch.vocab_size].contiguous()
 

@@ -43,8 +43,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from megatron_rpt.config import Config, EvalMode
+from megatron_rpt.data import ProblemStream
+from megatron_rpt.data.entropy_filter import ProxyScorer
 from megatron_rpt.data.tokenizer import default_prefix_ids
 from megatron_rpt.eval.next_token import (
     DecoderLogits,
@@ -55,9 +58,18 @@ from megatron_rpt.eval.next_token import (
     standard_correct,
 )
 from megatron_rpt.eval.reasoning import generate_and_score, reasoning_accuracy, reasoning_params
-from megatron_rpt.eval.report import BucketAccumulator, EvalReport, ReportRow, bucket_names, flat_metrics, in_bucket
+from megatron_rpt.eval.report import (
+    BucketAccumulator,
+    EvalReport,
+    ReportRow,
+    bucket_names,
+    flat_metrics,
+    in_bucket,
+    write_report,
+)
 from megatron_rpt.reward import writable_prefix_tokens
 from megatron_rpt.rollout.handover import engine_awake
+from megatron_rpt.rollout.torch_decoder import Decoder
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +138,6 @@ def scorer_choice(cfg: Config) -> str | None:
 
 
 def _open_scorer(model_dir: str, top_k: int) -> Any:
-    from megatron_rpt.data.entropy_filter import ProxyScorer
-
     if not Path(model_dir, "config.json").is_file():
         raise FileNotFoundError(f"eval.scorer_model={model_dir!r} is not a Hugging Face model directory "
                                 "(no config.json); fix the path or set it to null")
@@ -162,8 +172,6 @@ def _context_entropies(model_dir: str, contexts: Sequence[Sequence[int]], proble
 
 def _heldout_problems(cfg: Config, tokenizer: Any) -> tuple[list[Any], list[Any], dict[str, Any]]:
     """(problems, held-out documents, selection summary) of the validation split."""
-    from megatron_rpt.data import ProblemStream
-
     stream = ProblemStream(cfg.data, tokenizer, dp_rank=0, dp_size=1, split="val")
     docs = list(stream.documents())
     candidates = [(d.doc_id, stream.positions(d)) for d in docs]
@@ -241,8 +249,6 @@ class PositionResults:
 
 def engine_decoder(engine: Any) -> torch.nn.Module | None:
     """The engine's plain-torch decoder when it has one (the built-in engine), else None."""
-    from megatron_rpt.rollout.torch_decoder import Decoder
-
     model = getattr(engine, "model", None)
     return model if isinstance(model, Decoder) else None
 
@@ -379,8 +385,6 @@ def _unpack(trainer_or_parts: Any) -> tuple[Config, Any, Any, int, int, bool, An
 
 def _gather(local: dict[str, Any]) -> list[dict[str, Any]]:
     """Every rank's evaluation share (ranks without an engine send an empty one)."""
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         return [local]
     gathered: list[dict[str, Any]] = [None] * dist.get_world_size()  # type: ignore[list-item]
@@ -409,8 +413,6 @@ def evaluate_during_training(trainer_or_parts: Any, step: int, modes: Sequence[s
     ``validation_set`` replaces the held-out positions (default: built once per config and cached).
     Rank 0 also writes ``<logging.dir>/eval/step_XXXXXX.{json,md}``.
     """
-    import torch.distributed as dist
-
     cfg, engine, tokenizer, dp_rank, dp_size, contributes, _ = _unpack(trainer_or_parts)
     modes = tuple(modes or getattr(cfg.eval, "modes", MODES))
     start = time.perf_counter()
@@ -452,8 +454,6 @@ def evaluate_during_training(trainer_or_parts: Any, step: int, modes: Sequence[s
     metrics["val/time_s"] = time.perf_counter() - start
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
-            from megatron_rpt.eval.report import write_report
-
             write_report(report, Path(cfg.logging.dir) / "eval", stem=f"step_{step:06d}")
         except OSError as exc:  # a full disk must not kill the training run
             log.warning("could not write the evaluation report for step %d: %s", step, exc)

@@ -27,6 +27,9 @@ from megatron_rpt.model.specs import (
     resolve_transformer_impl,
 )
 
+# Every megatron import is inside its function (# lazy): megatron-core takes seconds to import, and the
+# rollout engines and the planner import this module for DTYPES and padded_vocab_size.
+
 # The dtype names configs use (model.params_dtype, rollout.dtype, --dtype) -> torch dtypes.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -74,7 +77,7 @@ def transformer_config(
 ) -> Any:
     """``config_overrides`` replace TransformerConfig fields, e.g. ``perform_initialization=False``
     when the weights are loaded from a checkpoint right after building."""
-    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer import TransformerConfig  # lazy: see the module's imports
 
     impl = resolve_transformer_impl(model_cfg)
     dtype = DTYPES[model_cfg.params_dtype]
@@ -152,7 +155,7 @@ def build_model(
 ) -> Any:
     """One model chunk for this rank (stage flags default to this rank's pipeline position), of
     ``model_class`` (default: the class this megatron-core maintains)."""
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # lazy: see the module's imports
 
     model_class = model_class or policy_model_class()
     config = transformer_config(arch, model_cfg, parallel_cfg, config_overrides, model_class)
@@ -176,15 +179,15 @@ def build_model(
     impl = resolve_transformer_impl(model_cfg)
     if model_class is ModelClass.HYBRID:
         return _hybrid_model(arch, impl, parallel_cfg, common)
-    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt import GPTModel  # lazy: see the module's imports
 
     return GPTModel(transformer_layer_spec=layer_spec(arch, impl), rope_scaling=arch.rope_scaling_factor is not None,
                     rope_scaling_factor=arch.rope_scaling_factor or 8.0, **common)
 
 
 def _hybrid_model(arch: ArchConfig, impl: str, parallel_cfg: ParallelConfig, common: dict[str, Any]) -> Any:
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-    from megatron.core.models.hybrid.hybrid_model import HybridModel
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding  # lazy: as above
+    from megatron.core.models.hybrid.hybrid_model import HybridModel  # lazy: megatron-core >= 0.19 only
 
     pattern = hybrid_layer_pattern(arch, parallel_cfg.pipeline_parallel, parallel_cfg.virtual_pipeline)
     model = HybridModel(hybrid_stack_spec=hybrid_stack_spec(arch, impl), hybrid_layer_pattern=pattern, **common)

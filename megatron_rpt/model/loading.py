@@ -87,6 +87,7 @@ def load_hf_into_model(
     *,
     progress: bool = False,
     validate: bool = True,
+    topo: Topology | None = None,
 ) -> int:
     """Copy the HF checkpoint in ``hf_dir`` into this rank's model chunks; return the tensors loaded.
 
@@ -94,10 +95,10 @@ def load_hf_into_model(
     chunks (``build_model_chunks``; pass ``config_overrides={"perform_initialization": False}``
     to skip the random init that would be overwritten). Works for any TP / PP / VP / EP layout
     and both the local and the Transformer-Engine layer specs. Weights are cast to each
-    parameter's dtype.
+    parameter's dtype. ``topo``: the trainer's :class:`Topology` (default: read from Megatron).
     """
     arch = arch or load_hf_config(hf_dir)
-    topo = Topology.current()
+    topo = topo if topo is not None else Topology.current()
     params: list[tuple[torch.nn.Module, NameMap, str, torch.nn.Parameter]] = []
     for chunk in model_chunks:
         inner = unwrap(chunk)

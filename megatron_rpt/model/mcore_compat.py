@@ -19,12 +19,15 @@ call site:
   megatron-core's own writer ("mcore", the one 0.16 uses). 0.19 logs "MCore's async save is
   deprecated" for it, and for every *synchronous* save too (its sync save runs the same writer);
   :func:`checkpoint_save_kwargs` silences that one record, nothing else.
+* ``CROSS_ENTROPY_TAKES_TP_GROUP_SINCE``: ``vocab_parallel_cross_entropy`` takes the
+  tensor-parallel group (``tp_group``); before, it always reduces over parallel_state's TP group.
 * The CUDA streams and events of 0.19's gradient sync live in :mod:`cpu_compat` (covered for
   every version: the shim is a superset).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import importlib.metadata
@@ -36,10 +39,14 @@ from typing import Any
 
 import torch
 
+# Every megatron import below is inside its function (# lazy): model/build.py (which the rollout engines
+# and the planner import) and the bridge's name maps read these facts without megatron-core's seconds-long import.
+
 HYBRID_MODEL_SINCE = (0, 19)
 CP_SPLIT_TAKES_HYBRID_CP_SINCE = (0, 19)
 COMMON_STATE_IN_TORCH_DIST_SINCE = (0, 19)
 ASYNC_STRATEGY_SINCE = (0, 19)
+CROSS_ENTROPY_TAKES_TP_GROUP_SINCE = (0, 19)
 
 
 class ModelClass(str, enum.Enum):
@@ -55,7 +62,7 @@ def mcore_version() -> tuple[int, int, int]:
     try:
         text = importlib.metadata.version("megatron-core")
     except importlib.metadata.PackageNotFoundError:  # a source checkout on PYTHONPATH
-        from megatron.core import package_info
+        from megatron.core import package_info  # lazy: only a source checkout without package metadata
 
         text = package_info.__version__
     numbers = [int(n) for n in re.findall(r"\d+", text)[:3]]
@@ -89,15 +96,26 @@ def model_class_of(model: Any) -> ModelClass:
     raise TypeError(f"{name} is neither of {[c.value for c in ModelClass]}; megatron-rpt builds only those")
 
 
-def get_batch_on_this_cp_rank(batch: dict[str, Any], cp_group: Any = None) -> dict[str, Any]:
-    """Megatron's own load-balanced CP split of ``batch`` (reference for ours), on any version."""
-    from megatron.core import parallel_state
-    from megatron.core.utils import get_batch_on_this_cp_rank as split
+def get_batch_on_this_cp_rank(batch: dict[str, Any], cp_group: Any) -> dict[str, Any]:
+    """Megatron's own load-balanced CP split of ``batch`` over ``cp_group`` (reference for ours), on any version."""
+    from megatron.core.utils import get_batch_on_this_cp_rank as split  # lazy: see the module's imports
 
-    group = cp_group if cp_group is not None else parallel_state.get_context_parallel_group()
     if mcore_version() >= CP_SPLIT_TAKES_HYBRID_CP_SINCE:
-        return split(batch, is_hybrid_cp=False, cp_group=group)
-    return split(batch, cp_group=group)
+        return split(batch, is_hybrid_cp=False, cp_group=cp_group)
+    return split(batch, cp_group=cp_group)
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_group: Any) -> torch.Tensor:
+    """Megatron's cross entropy of vocab-parallel ``logits`` (overwritten in place) over ``tp_group``.
+
+    Before 0.19 megatron-core reduces over its own TP group, which is the policy's
+    (:class:`~megatron_rpt.topology.Topology` reads it from there), so the argument is dropped.
+    """
+    from megatron.core import tensor_parallel  # lazy: see the module's imports
+
+    if mcore_version() >= CROSS_ENTROPY_TAKES_TP_GROUP_SINCE:
+        return tensor_parallel.vocab_parallel_cross_entropy(logits, labels, tp_group=tp_group)
+    return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
 
 
 @functools.cache
@@ -111,6 +129,7 @@ def read_common_state_in_torch_dist() -> None:
     """
     if mcore_version() >= COMMON_STATE_IN_TORCH_DIST_SINCE:
         return
+    # lazy: see the module's imports
     from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME, TorchCommonLoadStrategy
 
     legacy_load_common = TorchCommonLoadStrategy.load_common
@@ -125,8 +144,8 @@ def read_common_state_in_torch_dist() -> None:
 
 def _common_state_from_torch_dist(checkpoint_dir: str) -> Any:
     """The ``common_state`` object of a 0.19 checkpoint (as 0.19's ``load_common_state_dict`` reads it)."""
-    import torch.distributed.checkpoint as dcp
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    import torch.distributed.checkpoint as dcp  # lazy: like megatron-core, seconds to import
+    from megatron.core.dist_checkpointing.mapping import ShardedObject  # lazy: see the module's imports
 
     key = ShardedObject("common_state", None, (1,), (0,)).unique_key
     request: dict[str, Any] = {key: io.BytesIO()}
@@ -143,8 +162,6 @@ def transformer_config_kwargs(config_cls: type) -> dict[str, Any]:
     graph scope to "full" (``cuda_graph_scope`` in 0.16, ``cuda_graph_modules`` in 0.19), which its own
     ``__post_init__`` warns is deprecated ("use empty ..."); empty means the same (and no CUDA graph is
     captured: ``cuda_graph_impl`` stays none)."""
-    import dataclasses
-
     names = {f.name for f in dataclasses.fields(config_cls)}
     for name in ("cuda_graph_modules", "cuda_graph_scope"):  # 0.19 keeps cuda_graph_scope as a deprecated alias
         if name in names:

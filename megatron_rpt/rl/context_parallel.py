@@ -22,9 +22,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from megatron_rpt.config import Config, ConfigError
+from megatron_rpt.model.specs import resolve_transformer_impl
 
 
 def context_parallel_positions(seq_len: int, cp_size: int, cp_rank: int) -> Tensor:
@@ -112,16 +114,13 @@ def unsplit_packed_context_parallel(pieces: list[Tensor], cu_seqlens_padded: Ten
     return out
 
 
-def gather_from_context_parallel(local: Tensor, group=None, cu_seqlens_padded: Tensor | None = None) -> Tensor:
+def gather_from_context_parallel(local: Tensor, group: dist.ProcessGroup,
+                                 cu_seqlens_padded: Tensor | None = None) -> Tensor:
     """All-gather every CP rank's ``[b, s / cp, ...]`` share and restore sequence order.
 
-    ``group`` defaults to Megatron's context-parallel group; a collective over it. Packed rows
-    pass their ``cu_seqlens_padded`` (each sequence was split on its own).
+    ``group``: the context-parallel group (the policy's ``topo.cp_group``); a collective over it.
+    Packed rows pass their ``cu_seqlens_padded`` (each sequence was split on its own).
     """
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    group = group if group is not None else parallel_state.get_context_parallel_group()
     size = dist.get_world_size(group)
     if size == 1:
         return local
@@ -171,8 +170,6 @@ def check_context_parallel_config(cfg: Config) -> None:
     sequence does not see (``token-mean`` and ``seq-mean-token-sum`` are sums over tokens
     with global denominators, so they split exactly).
     """
-    from megatron_rpt.model.specs import resolve_transformer_impl
-
     cp = cfg.parallel.context_parallel
     if cp <= 1:
         return

@@ -16,8 +16,10 @@ Two details keep training consistent with the rollouts:
   rank that owns them so they take no probability mass (and the result does not depend
   on the TP size).
 
-Without an initialised Megatron parallel state (single process, e.g. a CPU rollout
-engine or a unit test) the same quantities are computed locally with plain torch.
+The tensor-parallel group is passed in (``tp_group``, the policy's
+:attr:`~megatron_rpt.topology.Topology.tp_group`); without one (or with a group of one rank:
+a single process, a CPU rollout engine, a unit test) the same quantities are computed locally
+with plain torch.
 
 :func:`chunked_logprobs_and_entropy` is what the trainer runs: the same two quantities
 computed over chunks of tokens by one autograd function that keeps no float32 copy of the
@@ -33,21 +35,21 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
-def _tp_state() -> tuple[int, int, object | None]:
-    """(tp rank, tp world size, tp group); (0, 1, None) when Megatron is not initialised."""
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        return 0, 1, None
-    return (
-        parallel_state.get_tensor_model_parallel_rank(),
-        parallel_state.get_tensor_model_parallel_world_size(),
-        parallel_state.get_tensor_model_parallel_group(),
-    )
+from megatron_rpt.model.mcore_compat import vocab_parallel_cross_entropy
 
 
-def scaled_logits(logits: Tensor, temperature: float = 1.0, true_vocab_size: int | None = None) -> Tensor:
+def _tp_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """``group`` when it spans several ranks, else None (the vocabulary is not split)."""
+    return group if group is not None and dist.get_world_size(group) > 1 else None
+
+
+def _tp_rank(group: dist.ProcessGroup | None) -> int:
+    """This rank's index in the tensor-parallel group: which vocabulary slice it holds."""
+    return dist.get_rank(group) if group is not None else 0
+
+
+def scaled_logits(logits: Tensor, temperature: float = 1.0, true_vocab_size: int | None = None,
+                  tp_group: dist.ProcessGroup | None = None) -> Tensor:
     """``logits / temperature`` in float32 with padded vocabulary columns at ``-inf``.
 
     Always returns a NEW tensor: Megatron's cross entropy overwrites its input in place,
@@ -60,7 +62,7 @@ def scaled_logits(logits: Tensor, temperature: float = 1.0, true_vocab_size: int
         return z
     if true_vocab_size <= 0:
         raise ValueError(f"true_vocab_size={true_vocab_size} must be > 0")
-    rank, _, _ = _tp_state()
+    rank = _tp_rank(_tp_group(tp_group))
     part = z.shape[-1]
     start = rank * part
     if start + part <= true_vocab_size:
@@ -109,15 +111,16 @@ def vocab_parallel_entropy(
     logits: Tensor,
     temperature: float = 1.0,
     true_vocab_size: int | None = None,
+    tp_group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """Entropy ``[...]`` of ``softmax(logits / temperature)`` from vocab-parallel ``logits [..., V/tp]``.
 
     Differentiable (the gradient flows back to this rank's logits) when ``logits``
     requires grad.
     """
-    _, world, group = _tp_state()
-    z = scaled_logits(logits, temperature, true_vocab_size)
-    return _VocabParallelEntropy.apply(z, group if world > 1 else None)
+    group = _tp_group(tp_group)
+    z = scaled_logits(logits, temperature, true_vocab_size, group)
+    return _VocabParallelEntropy.apply(z, group)
 
 
 def vocab_parallel_logprobs(
@@ -125,6 +128,7 @@ def vocab_parallel_logprobs(
     labels: Tensor,
     temperature: float = 1.0,
     true_vocab_size: int | None = None,
+    tp_group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """``log softmax(logits / temperature)[label]`` ``[...]`` from vocab-parallel ``logits [..., V/tp]``.
 
@@ -133,8 +137,9 @@ def vocab_parallel_logprobs(
     Returns float32.
     """
     _check_labels(logits, labels)
-    z = scaled_logits(logits, temperature, true_vocab_size)
-    return _logprobs_from_scaled(z, labels)
+    group = _tp_group(tp_group)
+    z = scaled_logits(logits, temperature, true_vocab_size, group)
+    return _logprobs_from_scaled(z, labels, group)
 
 
 def vocab_parallel_logprobs_and_entropy(
@@ -143,6 +148,7 @@ def vocab_parallel_logprobs_and_entropy(
     temperature: float = 1.0,
     true_vocab_size: int | None = None,
     entropy_grad: bool = False,
+    tp_group: dist.ProcessGroup | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(logprobs, entropy), both ``[...]`` float32, sharing one scaled copy of the logits.
 
@@ -150,15 +156,15 @@ def vocab_parallel_logprobs_and_entropy(
     memory); set it True when the loss has an entropy bonus (``rl.entropy_coef > 0``).
     """
     _check_labels(logits, labels)
-    _, world, group = _tp_state()
-    z = scaled_logits(logits, temperature, true_vocab_size)
+    group = _tp_group(tp_group)
+    z = scaled_logits(logits, temperature, true_vocab_size, group)
     # The entropy must read z before the cross entropy below overwrites it in place.
     if entropy_grad:
-        entropy = _VocabParallelEntropy.apply(z, group if world > 1 else None)
+        entropy = _VocabParallelEntropy.apply(z, group)
     else:
         with torch.no_grad():
-            entropy = _VocabParallelEntropy.apply(z.detach(), group if world > 1 else None)
-    return _logprobs_from_scaled(z, labels), entropy
+            entropy = _VocabParallelEntropy.apply(z.detach(), group)
+    return _logprobs_from_scaled(z, labels, group), entropy
 
 
 class _ChunkedLogprobsEntropy(torch.autograd.Function):
@@ -176,7 +182,7 @@ class _ChunkedLogprobsEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, temperature: float,  # type: ignore[override]
                 true_vocab_size: int | None, chunk: int, group: object | None) -> tuple[Tensor, Tensor]:
-        rank, _, _ = _tp_state()
+        rank = _tp_rank(group)
         flat = logits.reshape(-1, logits.shape[-1])
         flat_labels = labels.reshape(-1)
         n, part = flat.shape
@@ -260,6 +266,7 @@ def chunked_logprobs_and_entropy(
     true_vocab_size: int | None = None,
     chunk_tokens: int = 1024,
     entropy_grad: bool = False,
+    tp_group: dist.ProcessGroup | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(logprobs, entropy) like :func:`vocab_parallel_logprobs_and_entropy`, ``chunk_tokens`` at a time.
 
@@ -274,9 +281,8 @@ def chunked_logprobs_and_entropy(
         raise ValueError(f"temperature={temperature} must be > 0 (use the rollout sampling temperature)")
     if true_vocab_size is not None and true_vocab_size <= 0:
         raise ValueError(f"true_vocab_size={true_vocab_size} must be > 0")
-    _, world, group = _tp_state()
     logp, entropy = _ChunkedLogprobsEntropy.apply(logits, labels.long(), temperature, true_vocab_size,
-                                                  chunk_tokens, group if world > 1 else None)
+                                                  chunk_tokens, _tp_group(tp_group))
     return logp, entropy if entropy_grad else entropy.detach()
 
 
@@ -290,11 +296,8 @@ def _check_labels(logits: Tensor, labels: Tensor) -> None:
         raise ValueError(f"labels must be integer token ids, got dtype {labels.dtype}")
 
 
-def _logprobs_from_scaled(z: Tensor, labels: Tensor) -> Tensor:
-    """-CE of ``z`` (consumed: may be overwritten in place) at ``labels``."""
-    _, _, group = _tp_state()
+def _logprobs_from_scaled(z: Tensor, labels: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """-CE of ``z`` (consumed: may be overwritten in place) at ``labels``, over the TP ``group``."""
     if group is None:
         return torch.log_softmax(z, dim=-1).gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    return -vocab_parallel_cross_entropy(z, labels.long())
+    return -vocab_parallel_cross_entropy(z, labels.long(), group)

@@ -9,7 +9,8 @@ data-parallel rank) trains on the samples of the engines inside it, gathered in 
 every rank of the replica holds the same batch. Hence an engine must lie inside one replica:
 :func:`engine_layout_problem` derives Megatron's data-parallel rank of every global rank from its
 own ``RankGenerator`` (order ``tp-cp-ep-dp-pp`` in megatron-core 0.16 and 0.19) and names a
-working ``rollout.tensor_parallel`` when an engine would span two replicas.
+working ``rollout.tensor_parallel`` when an engine would span two replicas
+(:func:`megatron_rpt.topology.replica_ranks`).
 
 :func:`engine_count` is what the config check and the planner count; :class:`RolloutLayout` is the
 same layout at run time (this rank's engine, its replica's engines and a process group over them).
@@ -17,11 +18,13 @@ same layout at run time (this rank's engine, its replica's engines and a process
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
+import torch.distributed as dist
+
 from megatron_rpt.config import Config, ConfigError, ParallelConfig
+from megatron_rpt.topology import Topology, replica_ranks
 
 
 def engine_count(world_size: int, rollout_tp: int) -> int:
@@ -31,23 +34,13 @@ def engine_count(world_size: int, rollout_tp: int) -> int:
     return world_size // rollout_tp
 
 
-def replica_ranks(parallel: ParallelConfig, world_size: int) -> list[list[int]]:
-    """Global ranks of each data-parallel replica (index: the data-parallel rank), as megatron-core
-    assigns them: its ``RankGenerator`` with the default order of ``initialize_model_parallel``."""
-    from megatron.core import parallel_state  # lazy: the config loader stays light without it
-
-    order = inspect.signature(parallel_state.initialize_model_parallel).parameters["order"].default
-    dp = parallel.data_parallel_size(world_size)
-    generator = parallel_state.RankGenerator(tp=parallel.tensor_parallel, ep=1, dp=dp,
-                                             pp=parallel.pipeline_parallel, cp=parallel.context_parallel,
-                                             order=order)
-    return generator.get_ranks("tp-cp-pp")
-
-
 def data_parallel_ranks(parallel: ParallelConfig, world_size: int) -> list[int]:
     """Megatron's data-parallel rank of every global rank."""
+    parallel.data_parallel_size(world_size)  # the layout's own check (ConfigError), before Megatron asserts
     out = [0] * world_size
-    for dp_rank, ranks in enumerate(replica_ranks(parallel, world_size)):
+    replicas = replica_ranks(world_size, parallel.tensor_parallel, parallel.context_parallel,
+                             parallel.pipeline_parallel)
+    for dp_rank, ranks in enumerate(replicas):
         for rank in ranks:
             out[rank] = dp_rank
     return out
@@ -120,8 +113,6 @@ class RolloutLayout:
     @property
     def leader(self) -> bool:
         """The engine's first rank: the one that reports, saves and sends the engine's samples."""
-        import torch.distributed as dist
-
         rank = dist.get_rank() if dist.is_initialized() else 0
         return rank == self.engine_ranks[0]
 
@@ -131,12 +122,10 @@ class RolloutLayout:
         return cls(engine=0, engines=1, engine_ranks=(0,), replica_engines=(0,))
 
     @classmethod
-    def build(cls, parallel: ParallelConfig, rollout_tp: int) -> RolloutLayout:
+    def build(cls, parallel: ParallelConfig, rollout_tp: int, topo: Topology) -> RolloutLayout:
         """Collective (every rank, after Megatron's parallel state is initialised): this rank's layout,
-        with a process group per data-parallel replica (the ranks that train on the same batch)."""
-        import torch.distributed as dist
-        from megatron.core import parallel_state
-
+        with a process group per data-parallel replica (the ranks that train on the same batch);
+        ``topo`` gives this rank's data-parallel rank."""
         if not dist.is_initialized():
             return cls.single()
         world, rank = dist.get_world_size(), dist.get_rank()
@@ -144,7 +133,7 @@ class RolloutLayout:
         check_engine_layout(parallel, world, rollout_tp)
         # Megatron's own assignment, gathered: the groups below are exactly its replicas.
         dp_of: list[int] = [0] * world
-        dist.all_gather_object(dp_of, parallel_state.get_data_parallel_rank())
+        dist.all_gather_object(dp_of, topo.dp_rank)
         replicas: dict[int, list[int]] = {}
         for r, d in enumerate(dp_of):
             replicas.setdefault(d, []).append(r)

@@ -38,6 +38,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.serialization import (
+    get_default_load_sharded_strategy,
+    get_default_save_sharded_strategy,
+)
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelLoadStrategyWrapper,
+    FullyParallelSaveStrategyWrapper,
+)
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_rpt.atomic import write_text_atomic
 from megatron_rpt.bridge.name_maps import unwrap
@@ -82,8 +93,6 @@ def read_complete(path: Path) -> dict[str, Any] | None:
 
 
 def rng_state() -> dict[str, Any]:
-    from megatron.core import tensor_parallel
-
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -96,8 +105,6 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    from megatron.core import tensor_parallel
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -122,41 +129,31 @@ def sharded_state_dict(model_chunks: list[Any], optimizer: Any | None, is_loadin
     return state
 
 
-def _data_parallel_group() -> Any:
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        return None
-    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    return group if dist.get_world_size(group) > 1 else None
+def _replicas(dp_cp_group: Any) -> Any:
+    """The data x context-parallel group when it has several ranks to share the I/O, else None."""
+    return dp_cp_group if dp_cp_group is not None and dist.get_world_size(dp_cp_group) > 1 else None
 
 
-def _save_strategy() -> Any:
+def _save_strategy(dp_cp_group: Any) -> Any:
     """Fully parallel save: data-parallel replicas split the writing of replicated shards
     instead of one replica writing everything."""
-    group = _data_parallel_group()
+    group = _replicas(dp_cp_group)
     if group is None:
         return None
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
-
     return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), group)
 
 
-def _load_strategy(checkpoint_dir: Path) -> Any:
+def _load_strategy(checkpoint_dir: Path, dp_cp_group: Any) -> Any:
     """Fully parallel load: each replica reads a part and they exchange it."""
-    group = _data_parallel_group()
+    group = _replicas(dp_cp_group)
     if group is None:
         return None
-    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
-    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
-
     return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(checkpoint_dir)), group)
 
 
 def save_checkpoint(ckpt_dir: str | Path, step: int, model_chunks: list[Any], optimizer: Any, scheduler: Any,
                     trainer_state: dict[str, Any], keep_last: int = 3, async_queue: Any = None,
-                    info: dict[str, Any] | None = None) -> Path:
+                    info: dict[str, Any] | None = None, dp_cp_group: Any = None) -> Path:
     """Save everything needed for an exact resume at ``step``; returns the checkpoint path.
 
     ``info`` (JSON: the run id, parallel layout, config) goes into ``complete.json`` next to the
@@ -164,10 +161,8 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_chunks: list[Any], op
     tensors are written by a background process (forked, so it sees the weights as of this
     call) and the checkpoint is finalised — checksums, ``complete.json``, rename, ``latest`` —
     when the queue is polled after the write finished; until then the previous checkpoint stays
-    the latest.
+    the latest. ``dp_cp_group`` (the topology's data x context-parallel group) shares the writing.
     """
-    from megatron.core import dist_checkpointing
-
     root = Path(ckpt_dir)
     final = root / iter_name(step)
     tmp = root / (iter_name(step) + ".tmp")
@@ -181,7 +176,8 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_chunks: list[Any], op
         (tmp / "trainer").mkdir()
     _barrier()
     request = dist_checkpointing.save(sharded_state_dict(model_chunks, optimizer), str(tmp / "dist"),
-                                      sharded_strategy=_save_strategy(), async_sharded_save=async_queue is not None,
+                                      sharded_strategy=_save_strategy(dp_cp_group),
+                                      async_sharded_save=async_queue is not None,
                                       content_metadata=content_metadata(model_chunks, {}), **checkpoint_save_kwargs())
     per_rank = dict(trainer_state, rng=rng_state(), scheduler=scheduler.state_dict(), step=step,
                     adam_step=adam_step(optimizer))
@@ -221,8 +217,6 @@ def _dying_with(parent_pid: int, fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 def new_async_queue() -> Any:
     """Megatron's queue of asynchronous saves (``checkpoint.async_save``)."""
-    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
     return AsyncCallsQueue()
 
 
@@ -259,20 +253,18 @@ def candidates(ckpt_dir: str | Path) -> list[Path]:
 
 
 def load_checkpoint(ckpt: str | Path, model_chunks: list[Any], optimizer: Any | None, scheduler: Any | None,
-                    load_optimizer: bool = True) -> dict[str, Any]:
+                    load_optimizer: bool = True, dp_cp_group: Any = None) -> dict[str, Any]:
     """Load one verified checkpoint directory (``iter_X``) and return this rank's trainer state.
 
     A failure here happens after parts of the checkpoint may already be in the model or the
     optimizer, so it is never a reason to try another checkpoint: it raises
-    :class:`CheckpointError` and the run stops.
+    :class:`CheckpointError` and the run stops. ``dp_cp_group`` as in :func:`save_checkpoint`.
     """
-    from torch.distributed.checkpoint.api import CheckpointException
-
     path = Path(ckpt)
     # Another model class (GPTModel <-> HybridModel) is a user decision, stated before anything loads.
     require_model_class(path / "dist", model_class_of(model_chunks[0]))
     try:
-        return _load(path, model_chunks, optimizer if load_optimizer else None, scheduler)
+        return _load(path, model_chunks, optimizer if load_optimizer else None, scheduler, dp_cp_group)
     except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
         raise CheckpointError(f"checkpoint {path} passed verification but could not be loaded ({type(exc).__name__}: "
@@ -280,13 +272,12 @@ def load_checkpoint(ckpt: str | Path, model_chunks: list[Any], optimizer: Any | 
                               "falling back to another checkpoint") from exc
 
 
-def _load(path: Path, model_chunks: list[Any], opt: Any | None, scheduler: Any | None) -> dict[str, Any]:
-    from megatron.core import dist_checkpointing
-
+def _load(path: Path, model_chunks: list[Any], opt: Any | None, scheduler: Any | None,
+          dp_cp_group: Any) -> dict[str, Any]:
     if opt is not None:
         _materialize_optimizer_state(opt)
     state = dist_checkpointing.load(sharded_state_dict(model_chunks, opt, is_loading=True), str(path / "dist"),
-                                    sharded_strategy=_load_strategy(path / "dist"))
+                                    sharded_strategy=_load_strategy(path / "dist", dp_cp_group))
     if len(model_chunks) == 1:
         unwrap(model_chunks[0]).load_state_dict(state["model"])
     else:

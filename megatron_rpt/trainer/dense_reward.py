@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron_rpt.config import Config
 from megatron_rpt.reward import POLICY_REWARDS, group_rewards, prediction_of
 from megatron_rpt.rl import build_micro_batches
+from megatron_rpt.topology import Topology
 
 __all__ = ["first_token_ids", "first_token_probabilities", "apply_policy_rewards"]
 
@@ -37,23 +38,21 @@ def first_token_ids(tokenizer: Any, predictions: Sequence[str | None]) -> list[i
     return out
 
 
-def _share_from_last_stage(values: list[float] | None) -> list[float]:
+def _share_from_last_stage(values: list[float] | None, topo: Topology) -> list[float]:
     """The last pipeline stage's values on every stage (the other stages computed nothing)."""
-    from megatron.core import parallel_state
-
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+    if topo.pp_size == 1:
         assert values is not None
         return values
-    group = parallel_state.get_pipeline_model_parallel_group()
     box = [values]
-    dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=group)
+    dist.broadcast_object_list(box, group=topo.pp_group, group_src=topo.pp_size - 1)
     return box[0]
 
 
 def first_token_probabilities(policy: Any, contexts: Sequence[Sequence[int]], token_ids: Sequence[int],
                               micro_batch_size: int) -> list[float]:
     """P(token_ids[i] | contexts[i]) under the policy at temperature 1, on every rank of the
-    model-parallel group (collective: every rank of it calls this with the same arguments)."""
+    model-parallel group (collective: every rank of it calls this with the same arguments; the last
+    stage shares the result over the pipeline group of ``policy.topo``)."""
     if len(contexts) != len(token_ids):
         raise ValueError(f"{len(contexts)} contexts but {len(token_ids)} tokens")
     if not contexts:
@@ -70,7 +69,7 @@ def first_token_probabilities(policy: Any, contexts: Sequence[Sequence[int]], to
                 if mask.any():  # padding rows fill the last micro-batch
                     values.append(float(lp[row][mask][0].double().exp()))
         values = values[:len(samples)]
-    return _share_from_last_stage(values)
+    return _share_from_last_stage(values, policy.topo)
 
 
 def apply_policy_rewards(cfg: Config, groups: Sequence[Any], policy: Any, tokenizer: Any) -> dict[str, float]:

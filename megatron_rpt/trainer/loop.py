@@ -18,14 +18,26 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
+from megatron_rpt.bridge import WeightBridge
 from megatron_rpt.config import Config, ConfigError, dump_yaml, validate
-from megatron_rpt.distributed import all_reduce_numbers
+from megatron_rpt.data import ProblemStream, load_tokenizer
+from megatron_rpt.distributed import all_reduce_numbers, init_distributed
 from megatron_rpt.errors import TrainingDiverged
+from megatron_rpt.eval import evaluate_during_training
 from megatron_rpt.eval.scaling import write_run_model
+from megatron_rpt.model.build import DTYPES, build_model_chunks
+from megatron_rpt.model.hf_config import load_hf_config
+from megatron_rpt.model.loading import load_hf_into_model, load_megatron_checkpoint
+from megatron_rpt.model.zoo import resolve_model_dir
 from megatron_rpt.reward import POLICY_REWARDS
+from megatron_rpt.rl import check_context_parallel_config, dynamic_sampling_active, group_advantages
+from megatron_rpt.rollout import make_engine
 from megatron_rpt.rollout.handover import engine_awake
 from megatron_rpt.rollout.layout import RolloutLayout
+from megatron_rpt.rollout.vllm_engine import import_vllm
+from megatron_rpt.topology import Topology
 from megatron_rpt.trainer import checkpointing
 from megatron_rpt.trainer.dense_reward import apply_policy_rewards
 from megatron_rpt.trainer.metrics import MemoryReport, MetricsLogger, PhaseTimer
@@ -36,6 +48,8 @@ from megatron_rpt.trainer.mini_batches import (
     split_mini_batches,
 )
 from megatron_rpt.trainer.ntp import NTPStream, ntp_step
+from megatron_rpt.trainer.optimizer import build_optimizer, wrap_ddp
+from megatron_rpt.trainer.policy import MegatronPolicy
 from megatron_rpt.trainer.resume import plan_resume
 from megatron_rpt.trainer.rollout_phase import (
     RolloutGroup,
@@ -70,38 +84,25 @@ class _StopFlag:
 
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = "auto", force_resume: bool = False):
-        from megatron.core import parallel_state
-
-        from megatron_rpt.bridge import WeightBridge
-        from megatron_rpt.data import ProblemStream, load_tokenizer
-        from megatron_rpt.distributed import init_distributed
-        from megatron_rpt.model.build import DTYPES, build_model_chunks
-        from megatron_rpt.model.hf_config import load_hf_config
-        from megatron_rpt.model.zoo import resolve_model_dir
-        from megatron_rpt.rollout import make_engine
-        from megatron_rpt.rollout.vllm_engine import import_vllm
-        from megatron_rpt.trainer.optimizer import build_optimizer, wrap_ddp
-        from megatron_rpt.trainer.policy import MegatronPolicy
-
         self.cfg = cfg
         if cfg.rollout.engine == "vllm":
             import_vllm()  # fail first, with the install line: nothing built, nothing written yet
         p = cfg.parallel
         if p.context_parallel > 1:  # needs TE attention and a CP-splittable loss aggregation
-            from megatron_rpt.rl import check_context_parallel_config
-
             check_context_parallel_config(cfg)
         init_distributed(p.tensor_parallel, p.pipeline_parallel, p.context_parallel, p.expert_parallel,
                          p.virtual_pipeline, seed=cfg.train.seed, timeout_minutes=p.distributed_timeout_minutes)
         self.rank = dist.get_rank()
+        # Read once; the policy, optimizer, loader, bridge, layout and checkpoints get it from here.
+        self.topo = Topology.current()
         validate(cfg, world_size=dist.get_world_size())
         # Before anything is built: this run owns its directories, and what it resumes is verified.
         self.run_locks = lock_run_dirs(cfg)
         self.plan = plan_resume(cfg, resume, dist.get_world_size(), force=force_resume)
-        self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = self.topo.dp_rank
+        self.dp_size = self.topo.dp_size
         # One engine per prompt stream: each draws its own prompts, its replica trains on them all.
-        self.layout = RolloutLayout.build(cfg.parallel, cfg.rollout.tensor_parallel)
+        self.layout = RolloutLayout.build(cfg.parallel, cfg.rollout.tensor_parallel, self.topo)
         self.prompts_per_engine = cfg.rl.prompts_per_step // self.layout.engines
 
         model_dir = None
@@ -124,17 +125,17 @@ class Trainer:
             for ref_chunk, chunk in zip(reference, chunks):
                 ref_chunk.load_state_dict(chunk.state_dict())
                 ref_chunk.requires_grad_(False)
-            self.reference = MegatronPolicy(cfg, self.arch, reference, optimizer=None, scheduler=None)
-        chunks = wrap_ddp(chunks, cfg)
-        optimizer, scheduler = build_optimizer(chunks, cfg)
-        self.policy = MegatronPolicy(cfg, self.arch, chunks, optimizer, scheduler)
+            self.reference = MegatronPolicy(cfg, self.arch, reference, optimizer=None, scheduler=None, topo=self.topo)
+        chunks = wrap_ddp(chunks, cfg, self.topo)
+        optimizer, scheduler = build_optimizer(chunks, cfg, self.topo)
+        self.policy = MegatronPolicy(cfg, self.arch, chunks, optimizer, scheduler, topo=self.topo)
         self.memory = MemoryReport(cfg, self.arch, dist.get_world_size())  # planned vs measured, every step
 
         # Weights come from the bridge before the first rollout (run() syncs first).
         self.engine = make_engine(cfg, self.arch, self.tokenizer, model_dir=model_dir, engine_index=self.layout.engine,
                                   weights_from_bridge=True)
         self.bridge = WeightBridge(chunks, self.arch, bucket_mb=cfg.rollout.bucket_mb,
-                                   dtype=DTYPES[cfg.rollout.dtype])
+                                   dtype=DTYPES[cfg.rollout.dtype], topology=self.topo)
         self.stream = ProblemStream(cfg.data, self.tokenizer, dp_rank=self.layout.engine,
                                     dp_size=self.layout.engines, split="train")
         if cfg.train.objective == "ntp":  # the baseline: every token of the same documents, LM loss
@@ -166,19 +167,18 @@ class Trainer:
         return result if self.rank == 0 else fn()
 
     def _load_initial_weights(self, chunks: list[Any], model_dir: Path | None) -> None:
-        from megatron_rpt.model.loading import load_hf_into_model, load_megatron_checkpoint
-
         if self.cfg.model.load:
             load_megatron_checkpoint(chunks, self.cfg.model.load)
         elif model_dir is not None:
-            load_hf_into_model(chunks, model_dir, self.arch)
+            load_hf_into_model(chunks, model_dir, self.arch, topo=self.topo)
         elif not self.cfg.model.random_init:
             raise ConfigError("no initial weights: set model.hf_checkpoint or model.load, or model.random_init=true")
 
     def _resume(self) -> None:
         """Load the checkpoint :func:`plan_resume` verified (a failure here stops the run)."""
         path = self.plan.checkpoint
-        state = checkpointing.load_checkpoint(path, self.policy.model, self.policy.optimizer, self.policy.scheduler)
+        state = checkpointing.load_checkpoint(path, self.policy.model, self.policy.optimizer, self.policy.scheduler,
+                                              dp_cp_group=self.topo.dp_cp_group)
         self.step = int(state["step"])
         self.stream.load_state_dict(state["data"])
         self.resumed_from = str(path)
@@ -203,7 +203,7 @@ class Trainer:
             checkpointing.save_checkpoint(
                 self.cfg.checkpoint.dir, self.step, self.policy.model, self.policy.optimizer, self.policy.scheduler,
                 trainer_state={"data": self.stream.state_dict()}, keep_last=self.cfg.checkpoint.keep_last,
-                async_queue=self.async_saves, info=self.plan.info,
+                async_queue=self.async_saves, info=self.plan.info, dp_cp_group=self.topo.dp_cp_group,
             )
 
     def _finish_saves(self, blocking: bool) -> None:
@@ -239,8 +239,6 @@ class Trainer:
 
     def _rollout(self) -> tuple[list[RolloutGroup], dict[str, float]]:
         """This engine's share (dynamic sampling per engine), saved, then gathered into the replica's batch."""
-        from megatron_rpt.rl import dynamic_sampling_active
-
         cfg, layout = self.cfg, self.layout
         dynamic = dynamic_sampling_active(self.step, cfg.rl.dynamic_sampling_from_step)
         seed = cfg.rollout.seed + 1_000_003 * self.step + 101 * layout.engine
@@ -255,8 +253,6 @@ class Trainer:
         return groups, metrics
 
     def _mini_batches(self, groups: list[RolloutGroup], metrics: dict[str, float]) -> list[MiniBatch]:
-        from megatron_rpt.rl import group_advantages
-
         cfg = self.cfg
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
         advantages = group_advantages(rewards, normalize_std=cfg.rl.normalize_advantage_std).reshape(-1).tolist()
@@ -265,10 +261,10 @@ class Trainer:
         # Global counts (identical on every rank) for the compute axis of the scaling fit: a
         # replica's batch counted once (data-parallel group), an engine's work once (its first rank).
         trained = sum(len(p) + len(r) for p, r in samples) * cfg.rl.updates_per_batch
-        (metrics["compute/trained_tokens"],) = all_reduce_numbers([trained], group=self._dp_group())
+        (metrics["compute/trained_tokens"],) = all_reduce_numbers([trained], group=self.topo.dp_group)
         generated = metrics["rollout/generated_tokens"] if self.layout.leader else 0.0
         (metrics["compute/generated_tokens"],) = all_reduce_numbers([generated])
-        return split_mini_batches(samples, advantages, engine_logprobs, cfg.rl, self._dp_group(),
+        return split_mini_batches(samples, advantages, engine_logprobs, cfg.rl, self.topo.dp_group,
                                   packing=self.policy.packing)
 
     def _score_old_policy(self, mini_batches: list[MiniBatch]) -> dict[str, float]:
@@ -286,17 +282,10 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Validation metrics on the held-out split (collective: every rank calls it)."""
-        from megatron_rpt.eval import evaluate_during_training
-
         if self.cfg.train.objective == "ntp":
             self.sync_weights()  # NTP steps leave the engine behind the policy
         with self.timer("eval"):
             return evaluate_during_training(self, self.step)
-
-    def _dp_group(self):
-        from megatron.core import parallel_state
-
-        return parallel_state.get_data_parallel_group()
 
     def _reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Average every metric over the ranks that reported it (loss metrics live on the last stage)."""
@@ -322,8 +311,6 @@ class Trainer:
         self.timer.pop()
         progress = None
         if self.rank == 0 and cfg.logging.progress_bar:
-            from tqdm.auto import tqdm
-
             progress = tqdm(total=cfg.train.steps, initial=self.step, desc="rpt", dynamic_ncols=True)
         history: list[dict[str, float]] = []
         exit_reason = "completed"

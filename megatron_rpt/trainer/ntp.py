@@ -92,7 +92,7 @@ def ntp_step(trainer: Any) -> dict[str, float]:
         windows = [trainer.stream.next_sequence() for _ in range(per_rank)]
         micro = lm_micro_batches(windows, cfg.ntp.micro_batch_size)
     tokens = per_rank * cfg.ntp.seq_length
-    (global_tokens,) = all_reduce_numbers([tokens], group=trainer._dp_group())
+    (global_tokens,) = all_reduce_numbers([tokens], group=trainer.topo.dp_group)
     with trainer.timer("update"):
         train_metrics = trainer.policy.lm_train_step(micro, int(global_tokens))
     metrics = {f"train/{k}": v for k, v in train_metrics.items()}

@@ -20,13 +20,16 @@ from megatron_rpt.topology import Topology
 log = logging.getLogger(__name__)
 
 
-def wrap_ddp(model_chunks: list[Any], cfg: Config) -> list[Any]:
+def wrap_ddp(model_chunks: list[Any], cfg: Config, topo: Topology | None = None) -> list[Any]:
+    """Megatron's DDP around each chunk; ``topo`` defaults to the one read from Megatron."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    topo = topo if topo is not None else Topology.current()
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
-        use_distributed_optimizer=use_distributed_optimizer(cfg),
+        use_distributed_optimizer=use_distributed_optimizer(cfg, topo),
         check_for_nan_in_grad=True,
     )
     wrapped = []
@@ -37,25 +40,26 @@ def wrap_ddp(model_chunks: list[Any], cfg: Config) -> list[Any]:
                 ddp_config=ddp_config,
                 module=chunk,
                 # Only the first chunk's buckets may be skipped in overlap mode; harmless otherwise.
-                disable_bucketing=(i > 0) or Topology.current().pp_size > 1,
+                disable_bucketing=(i > 0) or topo.pp_size > 1,
             )
         )
     return wrapped
 
 
-def use_distributed_optimizer(cfg: Config) -> bool:
+def use_distributed_optimizer(cfg: Config, topo: Topology) -> bool:
     """The distributed optimizer reduce-scatters gradients; gloo has no reduce-scatter, so on
     CPU with several data-parallel ranks it falls back to the replicated optimizer."""
     if not cfg.parallel.distributed_optimizer:
         return False
-    if not torch.cuda.is_available() and Topology.current().dp_size > 1:
+    if not torch.cuda.is_available() and topo.dp_size > 1:
         log.warning("parallel.distributed_optimizer: gloo has no reduce-scatter; using the replicated optimizer on CPU")
         return False
     return True
 
 
-def build_optimizer(model_chunks: list[Any], cfg: Config) -> tuple[Any, Any]:
-    """(MegatronOptimizer, OptimizerParamScheduler) for DDP-wrapped ``model_chunks``."""
+def build_optimizer(model_chunks: list[Any], cfg: Config, topo: Topology | None = None) -> tuple[Any, Any]:
+    """(MegatronOptimizer, OptimizerParamScheduler) for DDP-wrapped ``model_chunks``; ``topo`` as in
+    :func:`wrap_ddp`."""
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -74,7 +78,7 @@ def build_optimizer(model_chunks: list[Any], cfg: Config) -> tuple[Any, Any]:
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
         params_dtype=DTYPES[dtype],
-        use_distributed_optimizer=use_distributed_optimizer(cfg),
+        use_distributed_optimizer=use_distributed_optimizer(cfg, topo if topo is not None else Topology.current()),
     )
     optimizer = get_megatron_optimizer(opt_config, model_chunks)
     steps = cfg.train.steps

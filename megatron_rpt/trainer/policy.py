@@ -99,14 +99,15 @@ def _pad_to_multiple(batch: dict[str, torch.Tensor], multiple: int) -> dict[str,
 class MegatronPolicy:
     """DDP-wrapped Megatron model chunks of this rank plus their optimizer and LR schedule."""
 
-    def __init__(self, cfg: Config, arch: ArchConfig, model_chunks: list[Any], optimizer: Any, scheduler: Any):
+    def __init__(self, cfg: Config, arch: ArchConfig, model_chunks: list[Any], optimizer: Any, scheduler: Any,
+                 topo: Topology | None = None):
         self.cfg = cfg
         self.arch = arch
         self.model = model_chunks
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.temperature = cfg.rollout.temperature
-        self.topo = Topology.current()
+        self.topo = topo if topo is not None else Topology.current()  # the trainer hands down its own
         self.is_last_stage = self.topo.is_last_stage
         check_context_parallel_config(cfg)
         self.dp_size = self.topo.dp_size  # without CP: see grpo_loss_scale
@@ -166,21 +167,19 @@ class MegatronPolicy:
         if chunk:  # the logits as the model returned them: no float32 copy
             return chunked_logprobs_and_entropy(logits, mb["labels"], temperature=temperature,
                                                 true_vocab_size=self.arch.vocab_size, chunk_tokens=chunk,
-                                                entropy_grad=entropy_grad)
+                                                entropy_grad=entropy_grad, tp_group=self.topo.tp_group)
         return vocab_parallel_logprobs_and_entropy(
             logits.float(), mb["labels"], temperature=temperature, true_vocab_size=self.arch.vocab_size,
-            entropy_grad=entropy_grad,
+            entropy_grad=entropy_grad, tp_group=self.topo.tp_group,
         )
 
     def _same_count_over_data_parallel(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[dict]:
         """Expert parallelism exchanges tokens between data-parallel ranks in every forward, so
         they must all run as many micro-batches: the ranks with fewer add empty packed ones."""
-        from megatron.core import parallel_state
-
         if self.ep_size == 1 or not micro_batches or not is_packed(micro_batches[0]):
             return micro_batches
         (most,) = all_reduce_numbers([len(micro_batches)], op=torch.distributed.ReduceOp.MAX,
-                                     group=parallel_state.get_data_parallel_group())
+                                     group=self.topo.dp_group)
         extra = int(most) - len(micro_batches)
         sample = micro_batches[0]
         names = [k for k in ("advantages", "old_logprobs", "ref_logprobs") if k in sample]
@@ -210,8 +209,9 @@ class MegatronPolicy:
         if not self.is_last_stage:
             return None
         if self.cp_size > 1:  # every CP rank of this (last) stage joins the gather
-            out = [{"logprobs": gather_from_context_parallel(o["logprobs"], cu_seqlens_padded=mb.get(
-                "cu_seqlens_padded"))} for o, mb in zip(out, micro_batches)]
+            out = [{"logprobs": gather_from_context_parallel(o["logprobs"], self.topo.cp_group,
+                                                             cu_seqlens_padded=mb.get("cu_seqlens_padded"))}
+                   for o, mb in zip(out, micro_batches)]
         # Back on the CPU beside the micro-batches they are attached to (response_values reads both).
         return [o["logprobs"][:, :s].cpu() for o, s in zip(out, seqs)][:count]
 
