@@ -92,7 +92,8 @@ class Trainer:
 
             check_context_parallel_config(cfg)
         init_distributed(p.tensor_parallel, p.pipeline_parallel, p.context_parallel, p.expert_parallel,
-                         p.virtual_pipeline, seed=cfg.train.seed, timeout_minutes=p.distributed_timeout_minutes)
+                         p.virtual_pipeline, seed=cfg.train.seed, timeout_minutes=p.distributed_timeout_minutes,
+                         expert_tensor_parallel=p.expert_tensor_parallel)
         self.rank = dist.get_rank()
         validate(cfg, world_size=dist.get_world_size())
         # Before anything is built: this run owns its directories, and what it resumes is verified.
