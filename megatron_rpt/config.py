@@ -399,6 +399,10 @@ class OptimConfig(Section):
     """Steps of linear warm-up from 0 to optim.lr."""
     lr_schedule: LRSchedule = "constant"
     """After warm-up: constant, or a cosine / linear decay to optim.min_lr at train.steps."""
+    cpu_offload: bool = False
+    """Keep the Adam state and step on the CPU (megatron-core's HybridDeviceOptimizer): GPU room for rollouts."""
+    offload_fraction: Fraction = 1.0
+    """Share of the optimizer state optim.cpu_offload moves to the CPU (1.0: all of it, as verl and slime run)."""
 
     def check(self) -> None:
         if self.lr_schedule != "constant" and self.min_lr > self.lr:
@@ -536,6 +540,9 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Fal
         from megatron_rpt.rollout.layout import check_rollout_layout  # keeps config import-light
 
         check_rollout_layout(cfg, world)
+    if cfg.optim.cpu_offload and not p.distributed_optimizer:
+        raise ConfigError("optim.cpu_offload=true needs parallel.distributed_optimizer=true (megatron-core offloads "
+                          "the distributed optimizer's state shards); set parallel.distributed_optimizer=true")
     longest = cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens
     if cfg.rl.sequence_packing and cfg.rl.micro_batch_tokens is not None and cfg.rl.micro_batch_tokens < longest:
         raise ConfigError(f"rl.micro_batch_tokens={cfg.rl.micro_batch_tokens} is below the longest sample, "

@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from megatron_rpt.config import Config, ConfigError, RewardKind, Template, load_config, parse_override
+from megatron_rpt.config import (
+    Config,
+    ConfigError,
+    RewardKind,
+    Template,
+    from_dict,
+    load_config,
+    parse_override,
+    validate,
+)
 from megatron_rpt.config_schema import explain, iter_fields
 from megatron_rpt.model.hf_config import arch_from_dict, load_hf_config
 
@@ -265,6 +274,29 @@ def test_world_size_rule_is_the_parallel_sections():
     # expert TP 1: the 4 ranks of a stage (TP2 x DP2) hold EP4 x ETP1, which the default ETP=TP cannot
     assert ParallelConfig(tensor_parallel=2, pipeline_parallel=2, expert_parallel=4,
                           expert_tensor_parallel=1).data_parallel_size(8) == 2
+
+
+def test_optimizer_offload_settings_are_megatron_cores():
+    """optim.cpu_offload: megatron-core's own OptimizerConfig fields (0.16 and 0.19), its preconditions refused
+    with one line each (the CPU case through the trainer: test_checkpoint_safety)."""
+    import dataclasses
+
+    from megatron.core.optimizer import OptimizerConfig
+
+    from megatron_rpt.trainer.optimizer import check_optimizer_offload, offload_settings
+
+    cfg = from_dict({"optim": {"cpu_offload": True, "offload_fraction": 0.5}})
+    settings = offload_settings(cfg)
+    assert settings["optimizer_cpu_offload"] is True and settings["optimizer_offload_fraction"] == 0.5
+    assert set(settings) <= {f.name for f in dataclasses.fields(OptimizerConfig)}
+    assert offload_settings(from_dict({})) == {}
+    check_optimizer_offload(cfg, on_gpu=True, te_available=True)
+    with pytest.raises(ConfigError, match=r"optim\.cpu_offload=true needs a GPU"):
+        check_optimizer_offload(cfg, on_gpu=False, te_available=True)
+    with pytest.raises(ConfigError, match=r"optim\.cpu_offload=true needs Transformer Engine"):
+        check_optimizer_offload(cfg, on_gpu=True, te_available=False)
+    with pytest.raises(ConfigError, match=r"optim\.cpu_offload=true needs parallel\.distributed_optimizer=true"):
+        validate(from_dict({"optim": {"cpu_offload": True}, "parallel": {"distributed_optimizer": False}}))
 
 
 def test_uneven_pipeline_split():

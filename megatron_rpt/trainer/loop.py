@@ -80,7 +80,7 @@ class Trainer:
         from megatron_rpt.model.zoo import resolve_model_dir
         from megatron_rpt.rollout import make_engine
         from megatron_rpt.rollout.vllm_engine import import_vllm
-        from megatron_rpt.trainer.optimizer import build_optimizer, wrap_ddp
+        from megatron_rpt.trainer.optimizer import build_optimizer, check_optimizer_offload, wrap_ddp
         from megatron_rpt.trainer.policy import MegatronPolicy
 
         self.cfg = cfg
@@ -91,6 +91,7 @@ class Trainer:
             from megatron_rpt.rl import check_context_parallel_config
 
             check_context_parallel_config(cfg)
+        check_optimizer_offload(cfg)  # GPU only: before anything is built or written
         init_distributed(p.tensor_parallel, p.pipeline_parallel, p.context_parallel, p.expert_parallel,
                          p.virtual_pipeline, seed=cfg.train.seed, timeout_minutes=p.distributed_timeout_minutes,
                          expert_tensor_parallel=p.expert_tensor_parallel)
