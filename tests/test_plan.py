@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from megatron_rpt.config import load_config, validate
-from megatron_rpt.model.hf_config import arch_from_dict, load_hf_config
-from megatron_rpt.plan import (
+from megatron_rpt.memory_plan import (
     GiB,
     Hardware,
     LayerShape,
@@ -29,6 +28,7 @@ from megatron_rpt.plan import (
     refusal,
     stage_params,
 )
+from megatron_rpt.model.hf_config import arch_from_dict, load_hf_config
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = ["configs/rpt_14b.yaml", "configs/rpt_32b.yaml", "configs/rpt_72b.yaml", "configs/rpt_moe_30b_a3b.yaml",

@@ -60,8 +60,8 @@ def test_builtin_engine_is_one_per_rank():
 
 
 def test_planner_counts_engines_and_refuses_a_spanning_engine():
+    from megatron_rpt.memory_plan import Hardware, Layout, Workload, estimate_memory, layout_problems
     from megatron_rpt.model.hf_config import load_hf_config
-    from megatron_rpt.plan import Hardware, Layout, Workload, estimate_memory, layout_problems
 
     cfg = load_config(MOE, validate_paths=False)
     arch = load_hf_config(cfg.model.hf_config)
@@ -75,8 +75,8 @@ def test_planner_counts_engines_and_refuses_a_spanning_engine():
 
 
 def test_planner_builtin_engine_holds_the_whole_model_on_every_rank():
+    from megatron_rpt.memory_plan import Hardware, Layout, Workload, estimate_memory
     from megatron_rpt.model.hf_config import arch_from_dict
-    from megatron_rpt.plan import Hardware, Layout, Workload, estimate_memory
 
     arch = arch_from_dict({"architectures": ["LlamaForCausalLM"], "hidden_size": 256, "num_hidden_layers": 4,
                            "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 512,
