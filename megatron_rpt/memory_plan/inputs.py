@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_rpt.config import Config
+from megatron_rpt.config import Config, ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class Workload:
     logprob_chunk_tokens: int = 1024
     flash_attention: bool = True
     make_vocab_size_divisible_by: int = 128
+    optimizer_offload_fraction: float = 0.0  # share of the optimizer state on the CPU (optim.cpu_offload)
 
     @property
     def seq_len(self) -> int:
@@ -84,6 +85,7 @@ class Workload:
             logprob_chunk_tokens=cfg.rl.logprob_chunk_tokens,
             flash_attention=flash_attention,
             make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
+            optimizer_offload_fraction=cfg.optim.offload_fraction if cfg.optim.cpu_offload else 0.0,
         )
 
 
@@ -98,18 +100,39 @@ class Layout:
     sequence_parallel: bool = False
     distributed_optimizer: bool = True
     vp: int | None = None
+    etp: int | None = None  # expert tensor parallel (None: tp, megatron-core's default)
+    first_stage_layers: int | None = None  # uneven pipeline split (None: even)
+    last_stage_layers: int | None = None
 
     @property
     def gpus(self) -> int:
         return self.tp * self.pp * self.cp * self.dp
 
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
+
+    def parallel(self) -> ParallelConfig:
+        """The ``parallel`` section of this layout (its checks and its pipeline split are the trainer's)."""
+        return ParallelConfig(tensor_parallel=self.tp, pipeline_parallel=self.pp, context_parallel=self.cp,
+                              expert_parallel=self.ep, virtual_pipeline=self.vp, expert_tensor_parallel=self.etp,
+                              first_stage_layers=self.first_stage_layers, last_stage_layers=self.last_stage_layers)
+
+    def stage_layers(self, num_layers: int) -> list[int]:
+        """Decoder layers of each pipeline stage (:meth:`ParallelConfig.stage_layers`; ConfigError when invalid)."""
+        return self.parallel().stage_layers(num_layers)
+
     def label(self) -> str:
         parts = [f"TP{self.tp}", f"PP{self.pp}"]
+        if self.first_stage_layers is not None or self.last_stage_layers is not None:
+            parts[-1] += f"(first {self.first_stage_layers}, last {self.last_stage_layers})"
         if self.vp:
             parts.append(f"VP{self.vp}")
         parts.append(f"CP{self.cp}")
         if self.ep > 1:
             parts.append(f"EP{self.ep}")
+        if self.etp is not None and self.etp != self.tp:
+            parts.append(f"ETP{self.etp}")
         parts.append(f"DP{self.dp}")
         return " ".join(parts) + (f" {self.recompute}" if self.recompute else "")
 
@@ -121,5 +144,7 @@ class Layout:
             raise ValueError(f"{gpus} GPUs are not divisible by TP*PP*CP = {model_parallel}")
         return cls(tp=p.tensor_parallel, pp=p.pipeline_parallel, cp=p.context_parallel, ep=p.expert_parallel,
                    dp=gpus // model_parallel, recompute=cfg.model.recompute, sequence_parallel=p.sequence_parallel,
-                   distributed_optimizer=p.distributed_optimizer, vp=p.virtual_pipeline)
+                   distributed_optimizer=p.distributed_optimizer, vp=p.virtual_pipeline,
+                   etp=p.expert_tensor_parallel, first_stage_layers=p.first_stage_layers,
+                   last_stage_layers=p.last_stage_layers)
 

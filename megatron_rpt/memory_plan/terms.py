@@ -3,13 +3,17 @@
 Memory model (bytes per GPU, worst pipeline stage):
 
 * weights ``P_gpu * b_param`` where ``P_gpu`` are this rank's parameters: attention and
-  MLP matrices split by TP, experts split by EP and expert-TP (= TP, Megatron's default),
-  layers split by PP, embedding on the first and output layer on the last stage.
+  MLP matrices split by TP, experts split by EP and expert-TP (``parallel.expert_tensor_parallel``,
+  TP by default), layers split by PP (evenly, or with ``parallel.first_stage_layers`` /
+  ``last_stage_layers``), embedding on the first and output layer on the last stage; every
+  distinct stage (first, a middle one, last) is evaluated and the worst one reported.
 * grads ``P_gpu * 4``: Megatron's DDP accumulates and reduces gradients in an fp32 buffer
   for bf16/fp16 training; the distributed optimizer keeps that buffer whole (ZeRO-1).
 * optimizer ``P_gpu * 12`` (fp32 master + Adam m + v; 8 for fp32 params, which are their
-  own master), divided by the data-parallel size (DP*CP for dense parameters, DP*CP/EP
-  for experts) with ``parallel.distributed_optimizer`` and not divided without it.
+  own master), divided by the data-parallel size (DP*CP for dense parameters, the expert
+  data-parallel size TP*CP*DP/(EP*expert-TP) for experts) with ``parallel.distributed_optimizer``
+  and not divided without it; ``optim.cpu_offload`` keeps ``1 - optim.offload_fraction`` of it
+  on the GPU.
 * activations: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
   Transformer Models", Sec. 4, per layer ``s*b*h*(34 + 5*a*s/h)`` bytes for GPT
   (16-bit, with dropout), split as 10*sbh replicated across TP unless sequence parallel,
@@ -167,10 +171,10 @@ def stage_params(arch: ArchConfig, layout: Layout, vocab: int, stage: int) -> St
     expert_layer = 0
     if arch.num_experts:
         dense_layer += h * arch.num_experts  # router, replicated across TP
-        expert_layer = arch.num_experts * 3 * h * arch.moe_intermediate_size // (layout.ep * tp)
+        expert_layer = arch.num_experts * 3 * h * arch.moe_intermediate_size // (layout.ep * layout.expert_tp)
     else:
         dense_layer += 3 * h * arch.intermediate_size // tp
-    layers = arch.num_layers // layout.pp
+    layers = layout.stage_layers(arch.num_layers)[stage]
     dense = layers * dense_layer
     first, last = stage == 0, stage == layout.pp - 1
     embedding = vocab * h // tp
@@ -242,7 +246,7 @@ def _stage_activations(shape: LayerShape, arch: ArchConfig, work: Workload, layo
                        stage: int) -> float:
     seq = work.seq_len / layout.cp
     b = work.micro_batch
-    layers = arch.num_layers // layout.pp
+    layers = layout.stage_layers(arch.num_layers)[stage]
     in_flight = min(layout.pp - stage, max(1, math.ceil(microbatches(work, layout))))
     if stage == 0 and layout.vp and layout.pp > 1:
         in_flight *= 1 + (layout.pp - 1) / (layout.pp * layout.vp)
@@ -279,7 +283,9 @@ def estimate_memory(arch: ArchConfig, work: Workload, layout: Layout, hw: Hardwa
     pbytes = DTYPE_BYTES[work.param_dtype]
     grad_bytes = work.grad_bytes if pbytes < 4 else 4
     dense_shards = layout.dp * layout.cp if layout.distributed_optimizer else 1
-    expert_shards = max(1, layout.dp * layout.cp // layout.ep) if layout.distributed_optimizer else 1
+    expert_dp = layout.tp * layout.cp * layout.dp // (layout.ep * layout.expert_tp)  # megatron's expert DP group
+    expert_shards = max(1, expert_dp) if layout.distributed_optimizer else 1
+    on_gpu = 1.0 - work.optimizer_offload_fraction
     overhead = hw.overhead_gib * GiB
 
     rollout, bucket, kv_token, kv_needed, concurrent = 0.0, 0.0, 0.0, 0.0, 0
@@ -309,11 +315,11 @@ def estimate_memory(arch: ArchConfig, work: Workload, layout: Layout, hw: Hardwa
         concurrent = work.rollout_batch
 
     best: MemoryEstimate | None = None
-    for stage in sorted({0, layout.pp - 1}):
+    for stage in sorted({0, min(1, layout.pp - 1), layout.pp - 1}):  # first, a middle stage, last
         params = stage_params(arch, layout, vocab, stage)
         weights = params.total * pbytes
         grads = params.total * grad_bytes
-        opt = _optimizer_bytes_per_param(work) * (params.dense / dense_shards + params.expert / expert_shards)
+        opt = _optimizer_bytes_per_param(work) * (params.dense / dense_shards + params.expert / expert_shards) * on_gpu
         acts = _stage_activations(shape, arch, work, layout, vocab, stage)
         static = weights + grads + opt + overhead
         resident_vllm = work.rollout_engine == "vllm" and not work.sleep_between_phases
