@@ -29,7 +29,7 @@ from megatron_rpt.memory_plan import (
     refusal,
     stage_params,
 )
-from megatron_rpt.memory_plan.search import balanced_uneven_split
+from megatron_rpt.memory_plan.search import balanced_uneven_split, layout_problems
 from megatron_rpt.model.hf_config import arch_from_dict, load_hf_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -277,6 +277,19 @@ def test_recipe_layout_fits_its_gpu_count(path):
             expert_tensor_parallel=lay.etp, first_stage_layers=lay.first_stage_layers,
             last_stage_layers=lay.last_stage_layers, virtual_pipeline=lay.vp))
         validate(trial)
+
+
+def test_planner_keeps_the_prompts_divisible_by_the_engines():
+    """24 GPUs hold the 32B recipe in memory (PP6 as 10 + 4 x 11 + 10), but 24 / rollout TP 8 = 3 engines cannot
+    share 256 prompts evenly, which the config loader refuses; so the planner does too."""
+    cfg = load_config("configs/rpt_32b.yaml", validate_paths=False)
+    arch = load_hf_config(cfg.model.hf_config)
+    work = Workload.from_config(cfg)
+    lay = Layout(tp=4, pp=6, dp=1, sequence_parallel=True, first_stage_layers=10, last_stage_layers=10)
+    assert estimate_memory(arch, work, lay, Hardware(gpus=24)).peak < 80 * GiB
+    assert layout_problems(arch, work, lay) == ["rl.prompts_per_step=256 is not divisible by the 3 rollout engines "
+                                                "(24 GPUs / rollout TP 8)"]
+    assert min_gpus_that_fit(arch, work, Hardware(gpus=8)) == 32
 
 
 def test_paper_recipe_hyperparameters():

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Plan TP/PP/CP/EP/DP layouts for an RPT config on N GPUs: per-GPU memory and step time.
 
-    python tools/plan.py --config configs/rpt_32b.yaml --gpus 64 --gpu-mem 80 [--top 10] [--json]
+    python tools/plan.py --config configs/rpt_32b.yaml --gpus 32 --gpu-mem 80 [--top 10] [--json]
 
 Exit status 0 when some layout fits, 2 (with the smallest requirement and fixes) when none
 does or the config is invalid. The model behind the numbers: megatron_rpt/memory_plan/.

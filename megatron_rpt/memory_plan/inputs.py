@@ -58,6 +58,7 @@ class Workload:
     flash_attention: bool = True
     make_vocab_size_divisible_by: int = 128
     optimizer_offload_fraction: float = 0.0  # share of the optimizer state on the CPU (optim.cpu_offload)
+    prompts_per_step: int = 0  # each rollout engine draws its own share of them (0: not checked)
 
     @property
     def seq_len(self) -> int:
@@ -86,6 +87,7 @@ class Workload:
             flash_attention=flash_attention,
             make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
             optimizer_offload_fraction=cfg.optim.offload_fraction if cfg.optim.cpu_offload else 0.0,
+            prompts_per_step=cfg.rl.prompts_per_step,
         )
 
 

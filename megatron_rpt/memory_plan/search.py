@@ -45,6 +45,11 @@ def layout_problems(arch: ArchConfig, work: Workload, layout: Layout) -> list[st
                    f"{layout.dp}*{work.micro_batch}")
     if work.rollout_engine == "vllm" and layout.gpus % work.rollout_tp:
         out.append(f"rollout TP={work.rollout_tp} must divide the {layout.gpus} GPUs")
+    elif work.rollout_engine == "vllm" and work.prompts_per_step % (layout.gpus // work.rollout_tp):
+        # check_rollout_layout's rule: every engine draws the same number of prompts.
+        out.append(f"rl.prompts_per_step={work.prompts_per_step} is not divisible by the "
+                   f"{layout.gpus // work.rollout_tp} rollout engines ({layout.gpus} GPUs / rollout TP "
+                   f"{work.rollout_tp})")
     elif work.rollout_engine == "vllm" and not out:
         # A vLLM engine's ranks must train one data-parallel replica (rollout/layout.py).
         problem = engine_layout_problem(layout.parallel(), layout.gpus, work.rollout_tp)
