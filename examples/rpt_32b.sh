@@ -1,5 +1,5 @@
 #!/bin/bash
-# RPT on DeepSeek-R1-Distill-Qwen-32B: 8 nodes x 8 H100 80GB (TP8, DP8).
+# RPT on DeepSeek-R1-Distill-Qwen-32B: 4 nodes x 8 H100 80GB (TP4, PP8).
 # Config: configs/rpt_32b.yaml. Submit from the repository root (trailing arguments go to
 # the trainer); set RPT_CKPT / RPT_TOKENIZER / RPT_HF_DIR / RPT_PROXY_MODEL / RPT_DATA and RPT_RUNS_ROOT (or
 # SCRATCH: checkpoints go to $RPT_RUNS_ROOT/<job>-<id>, never into the repository) first:
@@ -7,7 +7,7 @@
 # Requeues itself at the time limit and resumes from the last checkpoint; launcher knobs
 # (run dir, NCCL settings, extra args) are documented in examples/lib/launch.sh.
 #SBATCH --job-name=rpt-32b
-#SBATCH --nodes=8
+#SBATCH --nodes=4
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=64
@@ -17,13 +17,13 @@
 #SBATCH --output=logs/%x-%j.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
-#SBATCH --signal=B:USR1@1620
+#SBATCH --signal=B:USR1@2520
 set -euo pipefail
 
 export GPUS_PER_NODE=8
 # The trainer stops between RL steps: the grace (torchrun's wait after the signal) covers one
 # step plus the save, at least twice tools/plan.py's step estimate; the USR1 lead exceeds it.
-export RPT_SAVE_GRACE_S=${RPT_SAVE_GRACE_S:-1500}
+export RPT_SAVE_GRACE_S=${RPT_SAVE_GRACE_S:-2400}
 export RPT_CONFIG=${RPT_CONFIG:-configs/rpt_32b.yaml}
 
 # shellcheck source-path=SCRIPTDIR source=lib/launch.sh

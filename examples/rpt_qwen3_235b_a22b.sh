@@ -1,5 +1,6 @@
 #!/bin/bash
-# RPT on Qwen3-235B-A22B (MoE, 128 experts): 32 nodes x 8 H100 80GB (TP4, PP2, CP4, EP32, DP8, full recompute).
+# RPT on Qwen3-235B-A22B (MoE, 128 experts): 16 nodes x 8 H100 80GB (TP4, PP8 as 11+6x12+11, CP4,
+# EP16 with expert TP 1, optimizer on the CPU).
 # Config: configs/rpt_qwen3_235b_a22b.yaml. Submit from the repository root (trailing arguments go to
 # the trainer); set RPT_CKPT / RPT_TOKENIZER / RPT_PROXY_MODEL / RPT_DATA and RPT_RUNS_ROOT (or
 # SCRATCH: checkpoints go to $RPT_RUNS_ROOT/<job>-<id>, never into the repository) first:
@@ -7,7 +8,7 @@
 # Requeues itself at the time limit and resumes from the last checkpoint; launcher knobs
 # (run dir, NCCL settings, extra args) are documented in examples/lib/launch.sh.
 #SBATCH --job-name=rpt-qwen3-235b-a22b
-#SBATCH --nodes=32
+#SBATCH --nodes=16
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=64

@@ -110,6 +110,12 @@ class ParallelConfig(Section):
     """Context-parallel size: each sequence is split over this many ranks (needs Transformer Engine)."""
     expert_parallel: PosInt = 1
     """Expert-parallel size of a MoE model; must divide the experts and data_parallel x context_parallel."""
+    expert_tensor_parallel: PosInt | None = None
+    """Tensor-parallel size of the expert MLPs; null: tensor_parallel (peers run 1 with expert_parallel >= 8)."""
+    first_stage_layers: PosInt | None = None
+    """Decoder layers on the first pipeline stage (uneven split, e.g. fewer beside the embedding); null: even."""
+    last_stage_layers: PosInt | None = None
+    """Decoder layers on the last pipeline stage (uneven split, e.g. fewer beside the output layer); null: even."""
     sequence_parallel: bool = False
     """Shard norm and dropout activations over the TP ranks (needs tensor_parallel > 1)."""
     distributed_optimizer: bool = True
@@ -125,6 +131,45 @@ class ParallelConfig(Section):
         if self.virtual_pipeline is not None and self.pipeline_parallel < 2:
             raise ConfigError(f"parallel.virtual_pipeline={self.virtual_pipeline} needs parallel.pipeline_parallel "
                               f">= 2 (it is {self.pipeline_parallel}); set virtual_pipeline=null")
+        for key in ("first_stage_layers", "last_stage_layers"):
+            layers = getattr(self, key)
+            if layers is not None and self.pipeline_parallel < 2:
+                raise ConfigError(f"parallel.{key}={layers} needs parallel.pipeline_parallel >= 2 (it is "
+                                  f"{self.pipeline_parallel}); set {key}=null")
+            if layers is not None and self.virtual_pipeline and layers % self.virtual_pipeline:
+                raise ConfigError(f"parallel.{key}={layers} is not divisible by parallel.virtual_pipeline="
+                                  f"{self.virtual_pipeline} (each model chunk of the stage gets the same layers); "
+                                  f"use a multiple of {self.virtual_pipeline}")
+
+    @property
+    def expert_tensor_size(self) -> int:
+        """The expert MLPs' tensor-parallel size (megatron-core's default: the dense tensor_parallel)."""
+        return self.tensor_parallel if self.expert_tensor_parallel is None else self.expert_tensor_parallel
+
+    def stage_layers(self, num_layers: int) -> list[int]:
+        """Decoder layers of each pipeline rank (megatron-core's split: first / last stage as set, the rest
+        even); the one owner of the split for the architecture check, HybridModel's pattern and the planner."""
+        pp, vp = self.pipeline_parallel, self.virtual_pipeline or 1
+        first, last = self.first_stage_layers, self.last_stage_layers
+        middle_stages = pp - (first is not None) - (last is not None)
+        middle_layers = num_layers - (first or 0) - (last or 0)
+        uneven = first is not None or last is not None
+        what = (f"num_hidden_layers={num_layers} with parallel.first_stage_layers={first}, last_stage_layers={last}"
+                if uneven else f"num_hidden_layers={num_layers}")
+        if middle_layers < 0 or bool(middle_layers) != bool(middle_stages) or (
+                middle_stages and middle_layers % (middle_stages * vp)):
+            raise ConfigError(
+                f"parallel.pipeline_parallel={pp}{f' x virtual_pipeline={vp}' if vp > 1 else ''} cannot split "
+                f"{what}: the {max(middle_layers, 0)} remaining layers must fill the {middle_stages} middle stages "
+                f"evenly{' (and their model chunks)' if vp > 1 else ''}; change the stage layer counts or the "
+                "pipeline size")
+        per_middle = middle_layers // middle_stages if middle_stages else 0
+        counts = [per_middle] * pp
+        if first is not None:
+            counts[0] = first
+        if last is not None:
+            counts[-1] = last
+        return counts
 
     @property
     def model_parallel_size(self) -> int:
@@ -140,9 +185,12 @@ class ParallelConfig(Section):
                 f"{mp}; launch a multiple of {mp} ranks or change parallel.*"
             )
         dp = world_size // mp
-        if self.expert_parallel > 1 and (dp * self.context_parallel) % self.expert_parallel:
-            raise ConfigError(f"parallel.expert_parallel={self.expert_parallel} must divide data_parallel*"
-                              f"context_parallel={dp * self.context_parallel} for world size {world_size}")
+        expert_ranks = self.expert_parallel * self.expert_tensor_size
+        stage_ranks = self.tensor_parallel * self.context_parallel * dp  # the ranks of one pipeline stage
+        if expert_ranks > 1 and stage_ranks % expert_ranks:
+            raise ConfigError(f"parallel.expert_parallel*expert_tensor_parallel = {self.expert_parallel}*"
+                              f"{self.expert_tensor_size} = {expert_ranks} must divide tensor_parallel*"
+                              f"context_parallel*data_parallel = {stage_ranks} for world size {world_size}")
         return dp
 
 
@@ -351,6 +399,10 @@ class OptimConfig(Section):
     """Steps of linear warm-up from 0 to optim.lr."""
     lr_schedule: LRSchedule = "constant"
     """After warm-up: constant, or a cosine / linear decay to optim.min_lr at train.steps."""
+    cpu_offload: bool = False
+    """Keep the Adam state and step on the CPU (megatron-core's HybridDeviceOptimizer): GPU room for rollouts."""
+    offload_fraction: Fraction = 1.0
+    """Share of the optimizer state optim.cpu_offload moves to the CPU (1.0: all of it, as verl and slime run)."""
 
     def check(self) -> None:
         if self.lr_schedule != "constant" and self.min_lr > self.lr:
@@ -488,6 +540,9 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Fal
         from megatron_rpt.rollout.layout import check_rollout_layout  # keeps config import-light
 
         check_rollout_layout(cfg, world)
+    if cfg.optim.cpu_offload and not p.distributed_optimizer:
+        raise ConfigError("optim.cpu_offload=true needs parallel.distributed_optimizer=true (megatron-core offloads "
+                          "the distributed optimizer's state shards); set parallel.distributed_optimizer=true")
     longest = cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens
     if cfg.rl.sequence_packing and cfg.rl.micro_batch_tokens is not None and cfg.rl.micro_batch_tokens < longest:
         raise ConfigError(f"rl.micro_batch_tokens={cfg.rl.micro_batch_tokens} is below the longest sample, "

@@ -92,13 +92,15 @@ def init_distributed(
     virtual_pipeline: int | None = None,
     seed: int = 1234,
     timeout_minutes: int = 30,
+    expert_tensor_parallel: int | None = None,
 ) -> None:
     """Initialise torch.distributed (from torchrun env vars) and Megatron's parallel state.
 
     ``timeout_minutes`` (``parallel.distributed_timeout_minutes``) bounds every collective of
     the world group and of Megatron's groups: ranks that finish their rollouts first wait for
     the slowest one at the next collective, and torch's own NCCL default (10 minutes) is
-    shorter than a long-response rollout phase.
+    shorter than a long-response rollout phase. ``expert_tensor_parallel`` None: the expert MLPs
+    are split like the dense ones (``tensor_parallel``), megatron-core's default.
     """
     from megatron.core import parallel_state  # lazy: see the module's imports
     from megatron.core import tensor_parallel as mtp  # lazy: see the module's imports
@@ -118,7 +120,7 @@ def init_distributed(
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
     layout = ParallelConfig(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
                             context_parallel=context_parallel, expert_parallel=expert_parallel,
-                            virtual_pipeline=virtual_pipeline)
+                            virtual_pipeline=virtual_pipeline, expert_tensor_parallel=expert_tensor_parallel)
     layout.data_parallel_size(dist.get_world_size())  # the layout's own check, before Megatron asserts
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -128,6 +130,7 @@ def init_distributed(
         virtual_pipeline_model_parallel_size=virtual_pipeline,
         context_parallel_size=context_parallel,
         expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=expert_tensor_parallel,
         distributed_timeout_minutes=timeout_minutes,
     )
     mtp.model_parallel_cuda_manual_seed(seed)

@@ -9,7 +9,8 @@ loader and the bridge would round-trip, but not compute the same logits).
 
 One spawn of two ranks runs every layout (each spawn pays megatron's import time): TP=2 (Qwen2
 untied with QKV bias, Qwen3 tied with QK-norm), PP=2, PP=2 x virtual 2 (tied, interleaved
-layers), EP=2 (Qwen3-MoE) and TP=1 (data parallel, the zero-copy path). Vocabulary padding rows
+layers), PP=2 uneven (3 + 1 layers), EP=2 (Qwen3-MoE), TP=2 x EP=2 with expert TP 1 and TP=1 (data
+parallel, the zero-copy path). Vocabulary padding rows
 are filled with noise after loading so that a padding row leaking into the stream shows.
 """
 
@@ -42,7 +43,12 @@ LAYOUTS = {
     "pp2_vp2_qwen3": ("qwen3", 1, 2, 1, 2),
     "ep2_moe": ("moe", 1, 1, 2, None),
     "tp1_qwen2": ("qwen2", 1, 1, 1, None),
+    "pp2_uneven_qwen3": ("qwen3", 1, 2, 1, None),
+    "tp2_ep2_etp1_moe": ("moe", 2, 1, 2, None),
 }
+# further parallel.* fields of a case: an uneven pipeline split (3 + 1 layers, tied embedding on both ends) and
+# expert TP 1 under TP 2 (each rank holds two whole experts, the dense layers TP-split)
+LAYOUT_EXTRA = {"pp2_uneven_qwen3": {"first_stage_layers": 3}, "tp2_ep2_etp1_moe": {"expert_tensor_parallel": 1}}
 
 
 class Recorder:
@@ -76,7 +82,8 @@ class Retainer:
 # --------------------------------------------------------------------------- worker side
 
 
-def _load(ckpt: str, tp: int = 1, pp: int = 1, ep: int = 1, vp: int | None = None, trainable: bool = False):
+def _load(ckpt: str, tp: int = 1, pp: int = 1, ep: int = 1, vp: int | None = None, trainable: bool = False,
+          extra: dict | None = None):
     """Megatron chunks at this layout holding the HF checkpoint (vocabulary padding: noise).
 
     ``trainable``: built as the trainer builds its policy. Megatron sets a weight's
@@ -90,9 +97,10 @@ def _load(ckpt: str, tp: int = 1, pp: int = 1, ep: int = 1, vp: int | None = Non
     from megatron_rpt.model.hf_config import load_hf_config
     from megatron_rpt.model.loading import load_hf_into_model
 
-    init_distributed(tp, pp, 1, ep, vp, seed=1)
+    parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep, virtual_pipeline=vp,
+                              **(extra or {}))
+    init_distributed(tp, pp, 1, ep, vp, seed=1, expert_tensor_parallel=parallel.expert_tensor_parallel)
     arch = load_hf_config(ckpt)
-    parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep, virtual_pipeline=vp)
     chunks = build_model_chunks(arch, ModelConfig(), parallel, {} if trainable else {"perform_initialization": False})
     load_hf_into_model(chunks, ckpt, arch)
     _noise_in_vocab_padding(chunks, arch, tp)
@@ -187,7 +195,7 @@ def _worker(ckpts: dict[str, str]) -> dict:
 
     out: dict = {}
     for case, (ckpt, tp, pp, ep, vp) in LAYOUTS.items():
-        arch, chunks = _load(ckpts[ckpt], tp, pp, ep, vp)
+        arch, chunks = _load(ckpts[ckpt], tp, pp, ep, vp, extra=LAYOUT_EXTRA.get(case))
         out[case] = _run(chunks, arch)
         topo = Topology.current()
         out[case]["topo"] = {k: v for k, v in vars(topo).items() if isinstance(v, int | None)}
@@ -215,7 +223,7 @@ def _worker(ckpts: dict[str, str]) -> dict:
             # a rank without an engine still serves the collectives
             out["pp2_one_engine"] = _run(chunks, arch, engine=dist.get_rank() == 0, dtype=torch.bfloat16)
             out["pp2_retained_bf16"] = _run(chunks, arch, retainer=True, dtype=torch.bfloat16)
-        elif case == "pp2_vp2_qwen3":
+        elif case in ("pp2_vp2_qwen3", "pp2_uneven_qwen3"):
             out[case]["chunk_layers"] = _chunk_layers(chunks, arch)
         elif case == "ep2_moe":
             out["ep2_retained"] = _run(chunks, arch, retainer=True)
@@ -290,13 +298,14 @@ def test_megatron_logits_equal_transformers_on_the_original(runs, checkpoints, c
 @pytest.mark.parametrize("case", list(LAYOUTS))
 def test_topology_reads_each_layout_from_megatron(runs, case):
     _, tp, pp, ep, vp = LAYOUTS[case]
-    for rank, result in enumerate(runs):  # two ranks: the one parallel dimension of size 2 is indexed by rank
+    etp = LAYOUT_EXTRA.get(case, {}).get("expert_tensor_parallel", tp)  # Megatron's default: expert-TP = TP
+    for rank, result in enumerate(runs):  # two ranks: a parallel dimension of size 2 is indexed by rank
         dp = 2 // (tp * pp)
         assert result[case]["topo"] == {
             "tp_size": tp, "tp_rank": rank if tp == 2 else 0, "pp_size": pp, "pp_rank": rank if pp == 2 else 0,
             "vp_size": vp, "dp_size": dp, "dp_rank": rank if dp == 2 else 0, "cp_size": 1, "cp_rank": 0,
             "ep_size": ep, "ep_rank": rank if ep == 2 else 0,
-            "etp_size": tp, "etp_rank": rank if tp == 2 else 0,  # Megatron's default: expert-TP = TP
+            "etp_size": etp, "etp_rank": rank if etp == 2 else 0,
             "mp_rank": rank if dp == 1 else 0, "mp_src": 0 if dp == 1 else rank,
         }, f"rank {rank}"
 
@@ -365,6 +374,15 @@ def test_virtual_pipeline_interleaves_layers_and_streams_them_all(runs, original
     for result in runs:
         _assert_same(result["pp2_vp2_qwen3"]["got"], original["qwen3"])
         assert "lm_head.weight" not in result["pp2_vp2_qwen3"]["got"]
+
+
+@pytest.mark.slow
+def test_uneven_pipeline_stages_stream_every_layer_once(runs, original):
+    # first_stage_layers=3 over 4 layers: megatron-core builds 3 + 1 (not 2 + 2), and the bridge names each
+    # layer by its global index (the loader and the bridge read it from the built layers).
+    assert [r["pp2_uneven_qwen3"]["chunk_layers"] for r in runs] == [[[0, 1, 2]], [[3]]]
+    for result in runs:
+        _assert_same(result["pp2_uneven_qwen3"]["got"], original["qwen3"])
 
 
 @pytest.mark.slow

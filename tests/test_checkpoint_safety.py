@@ -88,7 +88,8 @@ def test_every_damaged_file_fails_verification(base, tmp_path):
     assert {"dist/.metadata", "dist/metadata.json", "trainer/rank_00000.pt"} <= set(expected)
     assert meta["layout"] == {"tensor_parallel": 1, "pipeline_parallel": 1, "virtual_pipeline": None,
                               "context_parallel": 1, "expert_parallel": 1, "data_parallel": 1, "world_size": 1,
-                              "rollout_engines": 1}
+                              "rollout_engines": 1, "expert_tensor_parallel": 1, "first_stage_layers": None,
+                              "last_stage_layers": None}
     assert verify_manifest(src, meta["files"]) is None
     shard = _shard(src).relative_to(src).as_posix()
     damages = {
@@ -129,6 +130,22 @@ def test_resume_rules(base, tmp_path, caplog):
     with pytest.raises(CheckpointError, match=r"DP=1 with 1 rollout engines \(1 ranks\); this run is .* DP=2 "
                                               r"with 2 rollout engines \(2 ranks\)"):
         plan_resume(cfg, "auto", world_size=2)
+    # The stage split and expert TP are part of the layout; a checkpoint written before they were recorded
+    # has megatron-core's defaults (even split, expert TP = TP) and still resumes.
+    done = b.ckpt / "iter_0000004" / "complete.json"
+    written = done.read_text()
+    meta = json.loads(written)
+    for key in ("expert_tensor_parallel", "first_stage_layers", "last_stage_layers"):
+        meta["layout"].pop(key)
+    done.write_text(json.dumps(meta))
+    assert plan_resume(cfg, "auto", world_size=1).checkpoint == b.ckpt / "iter_0000004"
+    for key, value, shown in (("expert_tensor_parallel", 2, "TP=1 PP=1 ETP=2 VP=None"),
+                              ("first_stage_layers", 3, "TP=1 PP=1 first_stage_layers=3 VP=None")):
+        done.write_text(json.dumps({**meta, "layout": {**meta["layout"], key: value}}))
+        with pytest.raises(CheckpointError, match=rf"written at {shown} CP=1 EP=1 DP=1 .*; this run is TP=1 PP=1 "
+                                                  r"VP=None"):
+            plan_resume(cfg, "auto", world_size=1)
+    done.write_text(written)
     # Rewinding inside checkpoint.dir sets the newer checkpoint aside (after the load).
     rewind = plan_resume(cfg, str(b.ckpt / "iter_0000002"), world_size=1)
     assert rewind.checkpoint == b.ckpt / "iter_0000002"
@@ -370,6 +387,13 @@ def test_user_errors_in_the_trainer_are_one_line(base, tmp_path):
                 expect=2)
     assert error_line(val) == ("error: data.val_documents=100000 holds out every document of the corpus (512 rows), "
                                "leaving nothing to train on; lower it below 512 (the paper holds out 200)")
+    # Optimizer offload is megatron-core's GPU -> CPU move: refused on a CPU-only machine before anything is written.
+    offload = train(base.toy, tmp_path / "offload", tmp_path / "offload_ckpt", "train.steps=1",
+                    "optim.cpu_offload=true", resume="none", expect=2)
+    assert error_line(offload) == ("error: optim.cpu_offload=true needs a GPU (it moves the optimizer state from the "
+                                   "GPU to the CPU; here there is no GPU and the state is in CPU memory already); set "
+                                   "optim.cpu_offload=false")
+    assert not (tmp_path / "offload_ckpt").exists()
     truncated = tmp_path / "truncated"
     shutil.copytree(base.ckpt / "iter_0000004" / "dist", truncated)
     shard = max(truncated.glob("*.distcp"), key=lambda p: p.stat().st_size)

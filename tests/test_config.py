@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from megatron_rpt.config import Config, ConfigError, RewardKind, Template, load_config, parse_override
+from megatron_rpt.config import (
+    Config,
+    ConfigError,
+    RewardKind,
+    Template,
+    from_dict,
+    load_config,
+    parse_override,
+    validate,
+)
 from megatron_rpt.config_schema import explain, iter_fields
 from megatron_rpt.model.hf_config import arch_from_dict, load_hf_config
 
@@ -256,11 +265,60 @@ def test_world_size_rule_is_the_parallel_sections():
     from megatron_rpt.config import ParallelConfig
 
     layout = ParallelConfig(tensor_parallel=2, pipeline_parallel=2, expert_parallel=4)
-    with pytest.raises(ConfigError, match=r"parallel\.expert_parallel=4 must divide data_parallel\*context_parallel=2"):
+    with pytest.raises(ConfigError, match=r"parallel\.expert_parallel\*expert_tensor_parallel = 4\*2 = 8 must divide "
+                       r"tensor_parallel\*context_parallel\*data_parallel = 4"):
         layout.data_parallel_size(8)
     with pytest.raises(ConfigError, match=r"world size 6 is not divisible"):
         layout.data_parallel_size(6)
     assert ParallelConfig(tensor_parallel=2).data_parallel_size(8) == 4
+    # expert TP 1: the 4 ranks of a stage (TP2 x DP2) hold EP4 x ETP1, which the default ETP=TP cannot
+    assert ParallelConfig(tensor_parallel=2, pipeline_parallel=2, expert_parallel=4,
+                          expert_tensor_parallel=1).data_parallel_size(8) == 2
+
+
+def test_optimizer_offload_settings_are_megatron_cores():
+    """optim.cpu_offload: megatron-core's own OptimizerConfig fields (0.16 and 0.19), its preconditions refused
+    with one line each (the CPU case through the trainer: test_checkpoint_safety)."""
+    import dataclasses
+
+    from megatron.core.optimizer import OptimizerConfig
+
+    from megatron_rpt.trainer.optimizer import check_optimizer_offload, offload_settings
+
+    cfg = from_dict({"optim": {"cpu_offload": True, "offload_fraction": 0.5}})
+    settings = offload_settings(cfg)
+    assert settings["optimizer_cpu_offload"] is True and settings["optimizer_offload_fraction"] == 0.5
+    assert set(settings) <= {f.name for f in dataclasses.fields(OptimizerConfig)}
+    assert offload_settings(from_dict({})) == {}
+    check_optimizer_offload(cfg, on_gpu=True, te_available=True)
+    with pytest.raises(ConfigError, match=r"optim\.cpu_offload=true needs a GPU"):
+        check_optimizer_offload(cfg, on_gpu=False, te_available=True)
+    with pytest.raises(ConfigError, match=r"optim\.cpu_offload=true needs Transformer Engine"):
+        check_optimizer_offload(cfg, on_gpu=True, te_available=False)
+    with pytest.raises(ConfigError, match=r"optim\.cpu_offload=true needs parallel\.distributed_optimizer=true"):
+        validate(from_dict({"optim": {"cpu_offload": True}, "parallel": {"distributed_optimizer": False}}))
+
+
+def test_uneven_pipeline_split():
+    """megatron-core's split by hand: the set stage counts, the remaining layers even over the middle stages."""
+    from megatron_rpt.config import ParallelConfig
+
+    assert ParallelConfig(pipeline_parallel=2, first_stage_layers=3).stage_layers(4) == [3, 1]
+    assert ParallelConfig(pipeline_parallel=8, first_stage_layers=11, last_stage_layers=11).stage_layers(94) == \
+        [11, 12, 12, 12, 12, 12, 12, 11]  # 94 - 22 = 72 over 6 middle stages
+    assert ParallelConfig(pipeline_parallel=4, last_stage_layers=4, virtual_pipeline=2).stage_layers(28) == \
+        [8, 8, 8, 4]
+    assert ParallelConfig(pipeline_parallel=4).stage_layers(28) == [7, 7, 7, 7]
+    with pytest.raises(ConfigError, match=r"pipeline_parallel=4 cannot split num_hidden_layers=30 with parallel\."
+                                          r"first_stage_layers=5, last_stage_layers=None: the 25 remaining layers "
+                                          r"must fill the 3 middle stages evenly"):
+        ParallelConfig(pipeline_parallel=4, first_stage_layers=5).stage_layers(30)
+    with pytest.raises(ConfigError, match=r"the 2 remaining layers must fill the 0 middle stages"):
+        ParallelConfig(pipeline_parallel=2, first_stage_layers=1, last_stage_layers=1).stage_layers(4)
+    with pytest.raises(ConfigError, match=r"first_stage_layers=3 needs parallel\.pipeline_parallel >= 2 \(it is 1\)"):
+        ParallelConfig(first_stage_layers=3).check()
+    with pytest.raises(ConfigError, match=r"last_stage_layers=3 is not divisible by parallel\.virtual_pipeline=2"):
+        ParallelConfig(pipeline_parallel=2, virtual_pipeline=2, last_stage_layers=3).check()
 
 
 def test_recipes_evaluate_as_the_paper():

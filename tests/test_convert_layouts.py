@@ -160,6 +160,10 @@ def test_hybrid_layer_pattern_follows_the_pipeline_split():
     assert hybrid_layer_pattern(four, 2) == "*-*-|*-*-"
     assert hybrid_layer_pattern(four, 2, 2) == "*-|*-|*-|*-"
     assert hybrid_layer_pattern(ARCHS["qwen3_moe"], 2) == "*E|*E"
+    assert hybrid_layer_pattern(four, 2, first_stage_layers=3) == "*-*-*-|*-"  # uneven: GPTModel's 3 + 1
+    six = arch_from_dict({**BASE, "architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 6})
+    # 4 + 2 layers, two chunks per rank, segments chunk-major (v0r0 v0r1 v1r0 v1r1) as megatron-core numbers them
+    assert hybrid_layer_pattern(six, 2, 2, first_stage_layers=4) == "*-*-|*-|*-*-|*-"
     with pytest.raises(ConfigError, match=r"= 3 does not divide the 4 layers"):
         hybrid_layer_pattern(four, 3)
 

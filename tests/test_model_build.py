@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from megatron_rpt.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_rpt.memory_plan import Layout, stage_params
 from megatron_rpt.model.build import fusion_settings, padded_vocab_size
 from megatron_rpt.model.hf_config import arch_from_dict
 from megatron_rpt.model.mcore_compat import mcore_version
@@ -18,7 +19,6 @@ from megatron_rpt.model.specs import (
     resolve_transformer_impl,
     transformer_engine_available,
 )
-from megatron_rpt.plan import Layout, stage_params
 
 QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 96, "num_hidden_layers": 2, "num_attention_heads": 6,
          "num_key_value_heads": 2, "intermediate_size": 160, "vocab_size": 1000, "rope_theta": 1e6}

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from megatron_rpt.config import load_config, validate
-from megatron_rpt.model.hf_config import arch_from_dict, load_hf_config
-from megatron_rpt.plan import (
+from megatron_rpt.memory_plan import (
     GiB,
     Hardware,
     LayerShape,
     Layout,
+    StageParams,
     Workload,
     estimate_memory,
     estimate_step_time,
@@ -29,6 +29,8 @@ from megatron_rpt.plan import (
     refusal,
     stage_params,
 )
+from megatron_rpt.memory_plan.search import balanced_uneven_split, layout_problems
+from megatron_rpt.model.hf_config import arch_from_dict, load_hf_config
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = ["configs/rpt_14b.yaml", "configs/rpt_32b.yaml", "configs/rpt_72b.yaml", "configs/rpt_moe_30b_a3b.yaml",
@@ -118,6 +120,37 @@ def test_moe_experts_split_by_ep_and_tp_optimizer_by_expert_dp():
     assert mem.optimizer == 12 * (p.dense / 4 + p.expert / 1)
 
 
+def test_uneven_stages_expert_tp1_and_optimizer_offload_by_hand():
+    """The layouts peers run MoE at: PP3 split 1 + 3 + 1, EP4 with expert TP 1 under TP2, 3/4 of the optimizer
+    state offloaded to the CPU; the worst stage is the middle one, which a first/last-only check would miss."""
+    arch = arch_from_dict({
+        "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64, "num_hidden_layers": 5,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_experts": 8,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 32, "intermediate_size": 128, "vocab_size": 256,
+    })
+    assert balanced_uneven_split(5, 3) == (1, 1)
+    assert balanced_uneven_split(94, 8) == (11, 11)  # Qwen3-235B over PP8: 11 + 6 x 12 + 11, as NeMo-RL runs it
+    assert balanced_uneven_split(94, 4) == (23, 23)  # 23 + 24 + 24 + 23
+    assert balanced_uneven_split(28, 4) is None and balanced_uneven_split(7, 2) is None
+    lay = Layout(tp=2, pp=3, ep=4, dp=4, etp=1, first_stage_layers=1, last_stage_layers=1)
+    assert lay.stage_layers(5) == [1, 3, 1] and lay.gpus == 24
+    q, kv = 4 * 16, 2 * 16
+    dense_layer = (64 * (q + 2 * kv) + q * 64) // 2 + 2 * 64 + 2 * 16 + 64 * 8  # attention / TP, norms, router
+    expert_layer = (8 // 4) * 3 * 64 * 32  # two whole experts per rank: EP4, expert TP 1 (not / TP)
+    embedding = 256 * 64 // 2
+    assert (dense_layer, expert_layer) == (6816, 12288)
+    assert stage_params(arch, lay, 256, 0) == StageParams(dense=dense_layer + embedding, expert=expert_layer)
+    assert stage_params(arch, lay, 256, 1) == StageParams(dense=3 * dense_layer, expert=3 * expert_layer)
+    assert stage_params(arch, lay, 256, 2) == StageParams(dense=dense_layer + embedding + 64, expert=expert_layer)
+    work = Workload(prompt_len=16, response_len=16, micro_batch=1, sequences_per_step=16, rollout_engine="builtin",
+                    rollout_batch=1, optimizer_offload_fraction=0.75)
+    mem = estimate_memory(arch, work, lay, Hardware(gpus=24, overhead_gib=0))
+    assert mem.stage == 1 and mem.params_per_gpu == 3 * (dense_layer + expert_layer)
+    # dense state over DP*CP = 4 ranks; experts over the expert data-parallel size TP*CP*DP/(EP*ETP) = 8/4 = 2;
+    # a quarter of it stays on the GPU
+    assert mem.optimizer == 12 * (3 * dense_layer / 4 + 3 * expert_layer / 2) * 0.25
+
+
 # ----------------------------------------------------------------------------- a 1B model by hand
 
 
@@ -199,9 +232,9 @@ def test_vllm_kv_cache_by_hand():
     assert mem.kv_bytes_per_token == per_token == 98_304
     seqs_per_engine = 256 * 8 // (32 // 2)
     assert mem.kv_needed == seqs_per_engine * (4096 + 8192) * per_token
-    vllm = 0.4 * 80 * 2**30
+    vllm = 0.6 * 80 * 2**30  # rollout.gpu_memory_utilization=0.6, as peers run vLLM
     kv_room = vllm - 14_770_033_664 * 2 / 2 - 2**30  # minus rollout weights (bf16 / TP 2) and ~1 GiB
-    assert mem.concurrent_sequences == int(kv_room // (12288 * per_token)) == 15
+    assert mem.concurrent_sequences == int(kv_room // (12288 * per_token)) == 29
 
 
 # ----------------------------------------------------------------------------- step time
@@ -240,8 +273,23 @@ def test_recipe_layout_fits_its_gpu_count(path):
         lay = cand.layout
         trial = dataclasses.replace(cfg, parallel=dataclasses.replace(
             cfg.parallel, tensor_parallel=lay.tp, pipeline_parallel=lay.pp, context_parallel=lay.cp,
-            expert_parallel=lay.ep, sequence_parallel=lay.sequence_parallel, world_size=gpus))
+            expert_parallel=lay.ep, sequence_parallel=lay.sequence_parallel, world_size=gpus,
+            expert_tensor_parallel=lay.etp, first_stage_layers=lay.first_stage_layers,
+            last_stage_layers=lay.last_stage_layers, virtual_pipeline=lay.vp))
         validate(trial)
+
+
+def test_planner_keeps_the_prompts_divisible_by_the_engines():
+    """24 GPUs hold the 32B recipe in memory (PP6 as 10 + 4 x 11 + 10), but 24 / rollout TP 8 = 3 engines cannot
+    share 256 prompts evenly, which the config loader refuses; so the planner does too."""
+    cfg = load_config("configs/rpt_32b.yaml", validate_paths=False)
+    arch = load_hf_config(cfg.model.hf_config)
+    work = Workload.from_config(cfg)
+    lay = Layout(tp=4, pp=6, dp=1, sequence_parallel=True, first_stage_layers=10, last_stage_layers=10)
+    assert estimate_memory(arch, work, lay, Hardware(gpus=24)).peak < 80 * GiB
+    assert layout_problems(arch, work, lay) == ["rl.prompts_per_step=256 is not divisible by the 3 rollout engines "
+                                                "(24 GPUs / rollout TP 8)"]
+    assert min_gpus_that_fit(arch, work, Hardware(gpus=8)) == 32
 
 
 def test_paper_recipe_hyperparameters():
@@ -256,7 +304,9 @@ def test_paper_recipe_hyperparameters():
         other = load_config(path, validate_paths=False)
         # sequence packing is how a batch is laid out, not an RL setting (off where CP is on)
         same_rl = dataclasses.replace(other.rl, sequence_packing=cfg.rl.sequence_packing)
-        assert (same_rl, other.optim, other.train) == (cfg.rl, cfg.optim, cfg.train)
+        # so is where the optimizer state lives (optim.cpu_offload)
+        same_optim = dataclasses.replace(other.optim, cpu_offload=cfg.optim.cpu_offload)
+        assert (same_rl, same_optim, other.train) == (cfg.rl, cfg.optim, cfg.train)
 
 
 def test_recipe_paths_come_from_the_environment(monkeypatch):
@@ -292,8 +342,8 @@ def _cli():
     return mod
 
 
-@pytest.mark.parametrize("path,gpus", [("configs/rpt_14b.yaml", 32), ("configs/rpt_72b.yaml", 128),
-                                       ("configs/rpt_moe_30b_a3b.yaml", 16)])
+@pytest.mark.parametrize("path,gpus", [("configs/rpt_14b.yaml", 32), ("configs/rpt_72b.yaml", 32),
+                                       ("configs/rpt_moe_30b_a3b.yaml", 8)])
 def test_cli_json_for_recipes(path, gpus, capsys):
     assert _cli().main(["--config", path, "--gpus", str(gpus), "--gpu-mem", "80", "--top", "5", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -310,8 +360,8 @@ def test_cli_refuses_with_exit_code_2(capsys):
 
 
 def test_cli_table_subprocess():
-    """The real command line, as documented: python tools/plan.py --config ... --gpus 64 --gpu-mem 80."""
-    proc = subprocess.run([sys.executable, "tools/plan.py", "--config", "configs/rpt_32b.yaml", "--gpus", "64",
+    """The real command line, as documented: python tools/plan.py --config ... --gpus 32 --gpu-mem 80."""
+    proc = subprocess.run([sys.executable, "tools/plan.py", "--config", "configs/rpt_32b.yaml", "--gpus", "32",
                            "--gpu-mem", "80", "--top", "10"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "TP8 PP1 CP1 DP8" in proc.stdout and "configured layout" in proc.stdout and "fits" in proc.stdout
+    assert "TP4 PP8 CP1 DP1" in proc.stdout and "configured layout" in proc.stdout and "fits" in proc.stdout

@@ -40,16 +40,17 @@ def test_engine_spanning_two_replicas_is_refused_with_a_working_value():
 
 
 def test_config_load_refuses_the_old_moe_layout_and_accepts_the_recipe():
-    # The recipe as it was (training TP2 PP2 EP4, rollout TP4 on 16 ranks): vLLM group [0..3] spans DP 0 and 1.
+    # An old recipe (training TP2 PP2 EP4, rollout TP4 on 16 ranks): vLLM group [0..3] spans DP 0 and 1.
     with pytest.raises(ConfigError, match=r"rollout\.tensor_parallel=4 puts global ranks \[0, 1, 2, 3\] in one vLLM "
                                           r"engine, but Megatron gives them data-parallel ranks \[0, 1\].*set "
                                           r"rollout\.tensor_parallel=2"):
-        load_config(MOE, ["parallel.tensor_parallel=2", "parallel.expert_parallel=4"], validate_paths=False)
-    cfg = load_config(MOE, validate_paths=False)
-    assert (cfg.parallel.tensor_parallel, cfg.rollout.tensor_parallel) == (4, 4)
-    # Prompts split over engines, not data-parallel ranks: 16 ranks / rollout TP4 = 4 engines.
-    with pytest.raises(ConfigError, match=r"rl\.prompts_per_step=258 is not divisible by the 4 rollout engines"):
-        load_config(MOE, ["rl.prompts_per_step=258"], validate_paths=False)
+        load_config(MOE, ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2", "parallel.expert_parallel=4",
+                          "parallel.world_size=16"], validate_paths=False)
+    cfg = load_config(MOE, validate_paths=False)  # TP2 PP4 on 8 ranks: one replica holds every engine
+    assert (cfg.parallel.tensor_parallel, cfg.rollout.tensor_parallel, cfg.parallel.world_size) == (2, 4, 8)
+    # Prompts split over engines, not data-parallel ranks: 8 ranks / rollout TP4 = 2 engines.
+    with pytest.raises(ConfigError, match=r"rl\.prompts_per_step=257 is not divisible by the 2 rollout engines"):
+        load_config(MOE, ["rl.prompts_per_step=257"], validate_paths=False)
 
 
 def test_builtin_engine_is_one_per_rank():
@@ -60,23 +61,23 @@ def test_builtin_engine_is_one_per_rank():
 
 
 def test_planner_counts_engines_and_refuses_a_spanning_engine():
+    from megatron_rpt.memory_plan import Hardware, Layout, Workload, estimate_memory, layout_problems
     from megatron_rpt.model.hf_config import load_hf_config
-    from megatron_rpt.plan import Hardware, Layout, Workload, estimate_memory, layout_problems
 
     cfg = load_config(MOE, validate_paths=False)
     arch = load_hf_config(cfg.model.hf_config)
     work = Workload.from_config(cfg)
-    assert layout_problems(arch, work, Layout.from_config(cfg, 16)) == []
+    assert layout_problems(arch, work, Layout.from_config(cfg, 8)) == []
     spanning = Layout(tp=2, pp=2, ep=4, dp=4, sequence_parallel=True)
     assert any("puts global ranks [0, 1, 2, 3] in one vLLM engine" in p for p in layout_problems(arch, work, spanning))
-    # 4 engines share 256 prompts x 8 samples: 512 sequences of KV each.
-    mem = estimate_memory(arch, work, Layout.from_config(cfg, 16), Hardware(gpus=16, gpu_mem_gib=80))
-    assert mem.kv_needed == 256 * 8 // 4 * work.seq_len * mem.kv_bytes_per_token
+    # 2 engines share 256 prompts x 8 samples: 1024 sequences of KV each.
+    mem = estimate_memory(arch, work, Layout.from_config(cfg, 8), Hardware(gpus=8, gpu_mem_gib=80))
+    assert mem.kv_needed == 256 * 8 // 2 * work.seq_len * mem.kv_bytes_per_token
 
 
 def test_planner_builtin_engine_holds_the_whole_model_on_every_rank():
+    from megatron_rpt.memory_plan import Hardware, Layout, Workload, estimate_memory
     from megatron_rpt.model.hf_config import arch_from_dict
-    from megatron_rpt.plan import Hardware, Layout, Workload, estimate_memory
 
     arch = arch_from_dict({"architectures": ["LlamaForCausalLM"], "hidden_size": 256, "num_hidden_layers": 4,
                            "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 512,

@@ -126,11 +126,11 @@ def test_gpu_recipe_matches_its_config(script, config, monkeypatch):
 def _assert_grace_covers_a_step(script: str, cfg, grace: int) -> None:
     """The trainer stops between RL steps: after the signal it finishes the step and saves.
 
-    Two lower bounds on a step, from the planner's model on H100s (megatron_rpt/plan.py): its
+    Two lower bounds on a step, from the planner's model on H100s (megatron_rpt/memory_plan/): its
     estimate, doubled (it is a simple throughput model); and the longest response decoded one
     token at a time at 50 ms per token (decoding a 72B model at TP8) plus its training time.
     """
-    from megatron_rpt.plan import Hardware, plan_config
+    from megatron_rpt.memory_plan import Hardware, plan_config
 
     planned = plan_config(cfg, Hardware(gpus=cfg.parallel.world_size)).configured.time
     latency_bound = cfg.rollout.max_response_tokens * 0.050 + planned.train_s

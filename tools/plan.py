@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Plan TP/PP/CP/EP/DP layouts for an RPT config on N GPUs: per-GPU memory and step time.
 
-    python tools/plan.py --config configs/rpt_32b.yaml --gpus 64 --gpu-mem 80 [--top 10] [--json]
+    python tools/plan.py --config configs/rpt_32b.yaml --gpus 32 --gpu-mem 80 [--top 10] [--json]
 
 Exit status 0 when some layout fits, 2 (with the smallest requirement and fixes) when none
-does or the config is invalid. The model behind the numbers: megatron_rpt/plan.py.
+does or the config is invalid. The model behind the numbers: megatron_rpt/memory_plan/.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_rpt.config import ConfigError, load_config  # noqa: E402
-from megatron_rpt.plan import Hardware, plan_config, render_table  # noqa: E402
+from megatron_rpt.memory_plan import Hardware, plan_config, render_table  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

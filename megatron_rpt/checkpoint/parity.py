@@ -12,7 +12,7 @@ Owns:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -95,8 +95,11 @@ def megatron_logits_rank(
     pipeline_parallel: int,
     make_vocab_size_divisible_by: int = 128,
     params_dtype: str = "float32",
+    layout: dict[str, Any] | None = None,
 ) -> torch.Tensor | None:
     """Per-rank: build the model at (TP, PP), load ``source``, return the real-vocab logits.
+
+    ``layout``: further ``parallel.*`` fields (expert_parallel, expert_tensor_parallel, first_stage_layers, ...).
 
     ``source`` is a HF model directory (loaded with ``load_hf_into_model``) or a Megatron dist
     checkpoint (loaded, re-sharded, with ``load_megatron_checkpoint``); ``arch_dir`` holds the
@@ -108,11 +111,14 @@ def megatron_logits_rank(
     from megatron_rpt.model.hf_config import load_hf_config
     from megatron_rpt.model.loading import load_hf_into_model, load_megatron_checkpoint
 
-    init_distributed(tensor_parallel, pipeline_parallel)
+    parallel_cfg = ParallelConfig(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
+                                  **(layout or {}))
+    parallel_cfg.check()
+    init_distributed(tensor_parallel, pipeline_parallel, expert_parallel=parallel_cfg.expert_parallel,
+                     expert_tensor_parallel=parallel_cfg.expert_tensor_parallel)
     topo = Topology.current()
     arch = load_hf_config(arch_dir)
     model_cfg = ModelConfig(params_dtype=params_dtype, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
-    parallel_cfg = ParallelConfig(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel)
     chunks = build_model_chunks(arch, model_cfg, parallel_cfg, {"perform_initialization": False})
     if is_megatron_checkpoint(source):
         load_megatron_checkpoint(chunks, source)

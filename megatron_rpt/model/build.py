@@ -60,15 +60,22 @@ def fusion_settings(on_gpu: bool, impl: str) -> dict[str, bool]:
     )
 
 
-def hybrid_layer_pattern(arch: ArchConfig, pipeline_parallel: int = 1, virtual_pipeline: int | None = None) -> str:
+def hybrid_layer_pattern(arch: ArchConfig, pipeline_parallel: int = 1, virtual_pipeline: int | None = None,
+                         first_stage_layers: int | None = None, last_stage_layers: int | None = None) -> str:
     """HybridModel's layer pattern: "*-" ("*E" for MoE) per decoder layer, with a "|" between the
-    ``pipeline_parallel * virtual_pipeline`` segments (the even split GPTModel makes)."""
+    ``pipeline_parallel * virtual_pipeline`` segments, split as GPTModel splits the layers (evenly, or
+    with the uneven first / last stage counts; HybridModel reads an uneven split only from the pipes)."""
     segments = pipeline_parallel * (virtual_pipeline or 1)
-    if arch.num_layers % segments:
+    if first_stage_layers is None and last_stage_layers is None and arch.num_layers % segments:
         raise ConfigError(f"parallel.pipeline_parallel x virtual_pipeline = {segments} does not divide the "
                           f"{arch.num_layers} layers of {arch.hf_architecture}; choose a divisor of it")
+    layout = ParallelConfig(pipeline_parallel=pipeline_parallel, virtual_pipeline=virtual_pipeline,
+                            first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers)
+    per_rank = layout.stage_layers(arch.num_layers)
     unit = "*E" if arch.num_experts else "*-"
-    return "|".join([unit * (arch.num_layers // segments)] * segments)
+    # Segment vp_stage * pipeline_parallel + pp_rank is chunk vp_stage of rank pp_rank (megatron-core's order).
+    return "|".join(unit * (layers // (virtual_pipeline or 1)) for _ in range(virtual_pipeline or 1)
+                    for layers in per_rank)
 
 
 def transformer_config(
@@ -83,7 +90,8 @@ def transformer_config(
     dtype = DTYPES[model_cfg.params_dtype]
     on_gpu = torch.cuda.is_available()
     # HybridModel counts its attention and MLP layers separately: two per decoder layer.
-    per_decoder_layer = 2 if (model_class or policy_model_class()) is ModelClass.HYBRID else 1
+    model_class = model_class or policy_model_class()
+    per_decoder_layer = 2 if model_class is ModelClass.HYBRID else 1
     kwargs: dict[str, Any] = dict(
         num_layers=arch.num_layers * per_decoder_layer,
         hidden_size=arch.hidden_size,
@@ -110,6 +118,7 @@ def transformer_config(
         virtual_pipeline_model_parallel_size=parallel_cfg.virtual_pipeline,
         context_parallel_size=parallel_cfg.context_parallel,
         expert_model_parallel_size=parallel_cfg.expert_parallel,
+        expert_tensor_parallel_size=parallel_cfg.expert_tensor_size,
         sequence_parallel=parallel_cfg.sequence_parallel,
         use_cpu_initialization=not on_gpu,
         **fusion_settings(on_gpu, impl),
@@ -117,6 +126,9 @@ def transformer_config(
         attention_softmax_in_fp32=True,
         deallocate_pipeline_outputs=on_gpu,
     )
+    if model_class is ModelClass.GPT:  # HybridModel: the split is in its pattern
+        kwargs.update(num_layers_in_first_pipeline_stage=parallel_cfg.first_stage_layers,
+                      num_layers_in_last_pipeline_stage=parallel_cfg.last_stage_layers)
     if model_cfg.recompute == "full":
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif model_cfg.recompute == "selective":
@@ -189,7 +201,8 @@ def _hybrid_model(arch: ArchConfig, impl: str, parallel_cfg: ParallelConfig, com
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding  # lazy: as above
     from megatron.core.models.hybrid.hybrid_model import HybridModel  # lazy: megatron-core >= 0.19 only
 
-    pattern = hybrid_layer_pattern(arch, parallel_cfg.pipeline_parallel, parallel_cfg.virtual_pipeline)
+    pattern = hybrid_layer_pattern(arch, parallel_cfg.pipeline_parallel, parallel_cfg.virtual_pipeline,
+                                   parallel_cfg.first_stage_layers, parallel_cfg.last_stage_layers)
     model = HybridModel(hybrid_stack_spec=hybrid_stack_spec(arch, impl), hybrid_layer_pattern=pattern, **common)
     if arch.rope_scaling_factor is not None:
         # HybridModel has no rope_scaling argument; Llama 3 scaling is GPTModel's RotaryEmbedding

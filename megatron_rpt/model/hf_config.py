@@ -195,7 +195,9 @@ def check_parallel_layout(arch: ArchConfig, p: ParallelConfig) -> None:
             f"{_divisors(arch.num_key_value_heads)}"
         )
     stages = p.pipeline_parallel * (p.virtual_pipeline or 1)
-    if arch.num_layers % stages:
+    if p.first_stage_layers is not None or p.last_stage_layers is not None:
+        p.stage_layers(arch.num_layers)  # the uneven split's own check
+    elif arch.num_layers % stages:
         raise ConfigError(
             f"parallel.pipeline_parallel={p.pipeline_parallel}"
             f"{f' x virtual_pipeline={p.virtual_pipeline}' if p.virtual_pipeline else ''} does not divide "
@@ -208,3 +210,6 @@ def check_parallel_layout(arch: ArchConfig, p: ParallelConfig) -> None:
         )
     if not arch.num_experts and p.expert_parallel > 1:
         raise ConfigError(f"parallel.expert_parallel={p.expert_parallel} needs a MoE model; set it to 1")
+    if not arch.num_experts and p.expert_tensor_parallel is not None:
+        raise ConfigError(f"parallel.expert_tensor_parallel={p.expert_tensor_parallel} needs a MoE model; set it "
+                          "to null")

@@ -48,7 +48,7 @@ from megatron_rpt.trainer.mini_batches import (
     split_mini_batches,
 )
 from megatron_rpt.trainer.ntp import NTPStream, ntp_step
-from megatron_rpt.trainer.optimizer import build_optimizer, wrap_ddp
+from megatron_rpt.trainer.optimizer import build_optimizer, check_optimizer_offload, wrap_ddp
 from megatron_rpt.trainer.policy import MegatronPolicy
 from megatron_rpt.trainer.resume import plan_resume
 from megatron_rpt.trainer.rollout_phase import (
@@ -90,8 +90,10 @@ class Trainer:
         p = cfg.parallel
         if p.context_parallel > 1:  # needs TE attention and a CP-splittable loss aggregation
             check_context_parallel_config(cfg)
+        check_optimizer_offload(cfg)  # GPU only: before anything is built or written
         init_distributed(p.tensor_parallel, p.pipeline_parallel, p.context_parallel, p.expert_parallel,
-                         p.virtual_pipeline, seed=cfg.train.seed, timeout_minutes=p.distributed_timeout_minutes)
+                         p.virtual_pipeline, seed=cfg.train.seed, timeout_minutes=p.distributed_timeout_minutes,
+                         expert_tensor_parallel=p.expert_tensor_parallel)
         self.rank = dist.get_rank()
         # Read once; the policy, optimizer, loader, bridge, layout and checkpoints get it from here.
         self.topo = Topology.current()

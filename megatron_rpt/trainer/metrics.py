@@ -131,13 +131,13 @@ class MemoryReport:
     ``memory/planned_train_gib`` is what the planner says PyTorch allocates for training (weights,
     gradients, optimizer state, activations of the worst pipeline stage); ``memory/planned_peak_gib``
     adds the rollout engine's reservation, the weight-sync bucket and the overhead
-    (:func:`megatron_rpt.plan.estimate_memory`). ``memory/measured_peak_gib`` is
+    (:func:`megatron_rpt.memory_plan.estimate_memory`). ``memory/measured_peak_gib`` is
     ``torch.cuda.max_memory_allocated`` on a GPU, and on CPU the process's peak RSS (which also
     holds Python, the libraries and the rollout engine, so it sits above the planned training part).
     """
 
     def __init__(self, cfg: Any, arch: Any, world_size: int) -> None:
-        from megatron_rpt.plan import Hardware, Layout, Workload, estimate_memory
+        from megatron_rpt.memory_plan import Hardware, Layout, Workload, estimate_memory
 
         on_gpu = torch.cuda.is_available()
         device_gib = (torch.cuda.get_device_properties(0).total_memory if on_gpu

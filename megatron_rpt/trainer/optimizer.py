@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from megatron_rpt.config import Config
+from megatron_rpt.config import Config, ConfigError
 from megatron_rpt.model.build import DTYPES
+from megatron_rpt.model.specs import transformer_engine_available
 from megatron_rpt.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,35 @@ def use_distributed_optimizer(cfg: Config, topo: Topology) -> bool:
     return True
 
 
+def check_optimizer_offload(cfg: Config, on_gpu: bool | None = None, te_available: bool | None = None) -> None:
+    """:class:`ConfigError` unless ``optim.cpu_offload`` can run here; checked before anything is built.
+
+    megatron-core's HybridDeviceOptimizer moves the state between a GPU and the CPU (on a CPU-only
+    machine it is in CPU memory already), and its path reuses the precision-aware optimizer, which
+    megatron-core 0.16 accepts only with Transformer Engine >= 2.1 installed. ``on_gpu`` /
+    ``te_available`` None: this machine's.
+    """
+    if not cfg.optim.cpu_offload:
+        return
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    te_available = transformer_engine_available() if te_available is None else te_available
+    if not on_gpu:
+        raise ConfigError("optim.cpu_offload=true needs a GPU (it moves the optimizer state from the GPU to the CPU; "
+                          "here there is no GPU and the state is in CPU memory already); set optim.cpu_offload=false")
+    if not te_available:
+        raise ConfigError("optim.cpu_offload=true needs Transformer Engine (megatron-core's offload reuses its "
+                          "precision-aware optimizer), which is not installed; install it or set "
+                          "optim.cpu_offload=false")
+
+
+def offload_settings(cfg: Config) -> dict[str, Any]:
+    """OptimizerConfig fields of ``optim.cpu_offload`` (the flags megatron-core documents for it)."""
+    if not cfg.optim.cpu_offload:
+        return {}
+    return dict(optimizer_cpu_offload=True, optimizer_offload_fraction=cfg.optim.offload_fraction,
+                use_precision_aware_optimizer=True, overlap_cpu_optimizer_d2h_h2d=True)
+
+
 def build_optimizer(model_chunks: list[Any], cfg: Config, topo: Topology | None = None) -> tuple[Any, Any]:
     """(MegatronOptimizer, OptimizerParamScheduler) for DDP-wrapped ``model_chunks``; ``topo`` as in
     :func:`wrap_ddp`."""
@@ -79,6 +109,7 @@ def build_optimizer(model_chunks: list[Any], cfg: Config, topo: Topology | None 
         fp16=dtype == "float16",
         params_dtype=DTYPES[dtype],
         use_distributed_optimizer=use_distributed_optimizer(cfg, topo if topo is not None else Topology.current()),
+        **offload_settings(cfg),
     )
     optimizer = get_megatron_optimizer(opt_config, model_chunks)
     steps = cfg.train.steps

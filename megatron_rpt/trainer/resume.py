@@ -13,8 +13,8 @@ them for users):
   checkpoint under that directory. Rewinding inside ``checkpoint.dir`` sets the newer
   checkpoints aside as ``iter_X.superseded``; from another directory, ``checkpoint.dir`` must
   hold no checkpoints of its own.
-* The parallel layout (TP, PP, VP, CP, EP, DP and the number of rollout engines) must be the
-  checkpoint's: the optimizer state is saved per data-parallel rank and the data-stream state per
+* The parallel layout (TP, PP and its stage split, VP, CP, EP, expert TP, DP and the number of rollout
+  engines) must be the checkpoint's: the optimizer state is saved per data-parallel rank and the data-stream state per
   rollout engine (each engine reads its own shard), neither is resharded. The message says how to
   carry the weights over instead (``model.load``, which reshards them).
 * Identity: a checkpoint records its run id and config. Resuming one's own ``checkpoint.dir``
@@ -96,11 +96,17 @@ def layout_of(cfg: Config, world_size: int) -> dict[str, Any]:
     return {"tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
             "virtual_pipeline": p.virtual_pipeline, "context_parallel": p.context_parallel,
             "expert_parallel": p.expert_parallel, "data_parallel": p.data_parallel_size(world_size),
+            "expert_tensor_parallel": p.expert_tensor_size, "first_stage_layers": p.first_stage_layers,
+            "last_stage_layers": p.last_stage_layers,
             "rollout_engines": engine_count(world_size, cfg.rollout.tensor_parallel), "world_size": world_size}
 
 
 def _layout_text(layout: dict[str, Any]) -> str:
-    return (f"TP={layout.get('tensor_parallel')} PP={layout.get('pipeline_parallel')} "
+    uneven = "".join(f" {key}={layout[key]}" for key in ("first_stage_layers", "last_stage_layers")
+                     if layout.get(key) is not None)
+    etp = layout.get("expert_tensor_parallel")
+    return (f"TP={layout.get('tensor_parallel')} PP={layout.get('pipeline_parallel')}{uneven} "
+            f"{f'ETP={etp} ' if etp != layout.get('tensor_parallel') else ''}"
             f"VP={layout.get('virtual_pipeline')} CP={layout.get('context_parallel')} "
             f"EP={layout.get('expert_parallel')} DP={layout.get('data_parallel')} "
             f"with {layout.get('rollout_engines')} rollout engines ({layout.get('world_size')} ranks)")
@@ -112,6 +118,10 @@ def _saved_layout(meta: dict[str, Any]) -> dict[str, Any]:
     layout = dict(meta.get("layout") or {})
     if layout and "rollout_engines" not in layout:
         layout["rollout_engines"] = layout.get("data_parallel")
+    if layout:  # written before expert TP and uneven stages were settings: megatron-core's defaults
+        layout.setdefault("expert_tensor_parallel", layout.get("tensor_parallel"))
+        layout.setdefault("first_stage_layers", None)
+        layout.setdefault("last_stage_layers", None)
     return layout
 
 
