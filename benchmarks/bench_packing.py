@@ -1,6 +1,6 @@
 """Update-phase throughput, packed vs padded micro-batches, on the lengths of a real rollout.
 
-Builds the real trainer (``megatron_rpt.trainer.loop.Trainer``) on a config (default:
+Builds the real trainer (``megatron_rpt.trainer.trainer.Trainer``) on a config (default:
 ``configs/tiny_cpu_reasoning.yaml``, SmolLM2-135M, the paper's prompt template, 64-token
 responses), runs ONE real rollout step with its engine (the prompt and response lengths that
 step produced are recorded), then times ``MegatronPolicy.train_step`` (forward + backward +
@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO))
 def _bench(config: str, overrides: list[str], repeats: int) -> dict:
     from megatron_rpt.config import load_config
     from megatron_rpt.rl import build_micro_batches, group_advantages
-    from megatron_rpt.trainer.loop import Trainer
     from megatron_rpt.trainer.rollout_phase import collect_step_groups
+    from megatron_rpt.trainer.trainer import Trainer
 
     run_dir = tempfile.mkdtemp(prefix="bench_packing_")
     cfg = load_config(config, [*overrides, f"logging.dir={run_dir}", "checkpoint.dir=null",

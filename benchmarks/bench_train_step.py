@@ -1,6 +1,6 @@
 """Training-step benchmark: time per phase (rollout / logprob / update / sync), tokens/s, MFU.
 
-Runs the real trainer (``megatron_rpt.trainer.loop.Trainer``) in one process for a few steps on a
+Runs the real trainer (``megatron_rpt.trainer.trainer.Trainer``) in one process for a few steps on a
 config (default: ``configs/tiny_cpu.yaml``, SmolLM2-135M on OmniMATH; ``--set`` overrides as in the
 trainer) and reports, per phase, the mean seconds over the measured steps (the first step is
 warm-up and dropped), token throughput, and the achieved FLOP/s:
@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 def _bench(config: str, overrides: list[str], steps: int) -> dict:
     from megatron_rpt.config import load_config
-    from megatron_rpt.trainer.loop import Trainer
+    from megatron_rpt.trainer.trainer import Trainer
 
     run_dir = tempfile.mkdtemp(prefix="bench_train_step_")
     cfg = load_config(config, [*overrides, f"train.steps={steps + 1}", f"logging.dir={run_dir}",

@@ -73,7 +73,7 @@ def check_node(cfg: Config, gpus: int) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_rpt.train import parse_args as trainer_args  # the same command line as the trainer
+    from megatron_rpt.trainer.__main__ import parse_args as trainer_args  # the same command line as the trainer
 
     parser = argparse.ArgumentParser(prog="python -m megatron_rpt.preflight", add_help=True)
     parser.add_argument("--gpus", type=int, default=0, help="GPUs this node must have (0: a CPU run)")

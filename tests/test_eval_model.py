@@ -89,7 +89,7 @@ logging: {{dir: {root / 'run'}}}
 
 @pytest.fixture(scope="module")
 def loaded(tiny):
-    from megatron_rpt.eval.loading import load_hf_model
+    from megatron_rpt.eval.engine_loading import load_hf_model
 
     cfg = load_config(tiny.cfg_path, validate_paths=False)
     return cfg, load_hf_model(cfg, tiny.model_dir, name="tiny")
@@ -202,7 +202,7 @@ def test_heldout_positions_caps_and_document_scorer(tiny, loaded):
 
 @pytest.fixture(scope="module")
 def hf_run(tiny):
-    from megatron_rpt.evaluate import main
+    from megatron_rpt.eval.__main__ import main
 
     out = tiny.root / "out_hf"
     assert main(["--config", str(tiny.cfg_path), "--hf", str(tiny.model_dir), "--out", str(out),
@@ -252,7 +252,7 @@ def test_cli_hf_matches_independent_reference(tiny, hf_run):
 
 
 def _megatron_eval_worker(cfg_path: str, ckpt_root: str, out: str) -> int:
-    from megatron_rpt.evaluate import main
+    from megatron_rpt.eval.__main__ import main
 
     return main(["--config", cfg_path, "--ckpt", ckpt_root, "--out", out, "--mode", "standard", "--quiet"])
 
@@ -274,7 +274,7 @@ def test_cli_megatron_checkpoint_matches_hf(tiny, hf_run, two_rank_run):
 
 
 def test_cli_bad_paths(tiny, tmp_path, capsys):
-    from megatron_rpt.evaluate import main
+    from megatron_rpt.eval.__main__ import main
 
     base = ["--config", str(tiny.cfg_path), "--quiet", "--out", str(tmp_path / "o")]
     assert main(base + ["--hf", str(tmp_path / "missing")]) == 2
@@ -301,15 +301,15 @@ def _two_rank_worker(cfg_path: str, hf_dir: str, log_dir: str, ckpt_root: str) -
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_rpt.checkpoint.model_ckpt import save_model_checkpoint
     from megatron_rpt.config import ModelConfig, ParallelConfig
     from megatron_rpt.distributed import init_distributed
     from megatron_rpt.eval import evaluate_during_training
-    from megatron_rpt.eval.loading import load_hf_model
+    from megatron_rpt.eval.engine_loading import load_hf_model
     from megatron_rpt.model.build import build_model_chunks
     from megatron_rpt.model.hf_config import load_hf_config
-    from megatron_rpt.model.loading import load_hf_into_model
     from megatron_rpt.rollout.layout import RolloutLayout
+    from megatron_rpt.weights.load import load_hf_into_model
+    from megatron_rpt.weights.megatron_ckpt import save_model_checkpoint
 
     init_distributed(1, 1)  # data-parallel size 2
     cfg = load_config(cfg_path, [f"logging.dir={log_dir}"], validate_paths=False)

@@ -37,7 +37,7 @@ GPU_RECIPES = {
 }
 LAUNCH_LIB = REPO / "examples" / "lib" / "launch.sh"
 
-# Stand-in for megatron_rpt.train, to test the launcher alone: records its argv and
+# Stand-in for megatron_rpt.trainer, to test the launcher alone: records its argv and
 # environment; with STUB_WAIT_FOR_SIGNAL=1 on the first run it waits for a signal, then
 # "checkpoints" (writes a file) and exits 0 the way the trainer does after saving.
 STUB_TRAINER = r'''
@@ -335,7 +335,7 @@ def test_sbatch_usr1_requeue_and_resume(cluster, tmp_path):
 @pytest.mark.slow
 def test_sbatch_tiny_cpu_training_job(cluster, tmp_path):
     """The real trainer through sbatch --wait: exit code, job log, metrics and checkpoint."""
-    missing = [p for p in ("megatron_rpt/train.py", "configs/tiny_cpu.yaml") if not (REPO / p).exists()]
+    missing = [p for p in ("megatron_rpt/trainer/__main__.py", "configs/tiny_cpu.yaml") if not (REPO / p).exists()]
     if missing:
         pytest.skip(f"needs the trainer ({', '.join(missing)} not written yet)")
     run = tmp_path / "run"

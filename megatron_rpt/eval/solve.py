@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
     from megatron_rpt.atomic import write_text_atomic
-    from megatron_rpt.eval.loading import ModelLoadError, load_hf_model, load_megatron_model
+    from megatron_rpt.eval.engine_loading import ModelLoadError, load_hf_model, load_megatron_model
 
     megatron = args.ckpt is not None
     try:

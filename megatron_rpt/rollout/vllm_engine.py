@@ -71,7 +71,7 @@ class VLLMUnavailable(UserError, ImportError):
 
 
 def import_vllm() -> Any:
-    """The ``vllm`` module, or :class:`VLLMUnavailable` with the install line (train.py prints it)."""
+    """The ``vllm`` module, or :class:`VLLMUnavailable` with the install line (the command lines print it)."""
     try:
         import vllm
     except ImportError as exc:

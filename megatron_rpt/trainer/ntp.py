@@ -8,7 +8,7 @@ of ``ntp.sequences_per_step`` sequences on the Megatron policy (every parallel l
 
 This is the paper's "continual next-token prediction" comparison: a user runs it at the token
 budget an RPT run spent (``compute/trained_tokens`` in its metrics; ``benchmarks/mini_table1.py``
-matches them) and evaluates both with ``python -m megatron_rpt.evaluate``. Windows cross document
+matches them) and evaluates both with ``python -m megatron_rpt.eval``. Windows cross document
 boundaries without resetting attention, as ordinary pre-training does.
 """
 

@@ -102,7 +102,7 @@ class MegatronPolicy:
     def __init__(self, cfg: Config, arch: ArchConfig, model_chunks: list[Any], optimizer: Any, scheduler: Any):
         self.cfg = cfg
         self.arch = arch
-        self.model = model_chunks
+        self.chunks = model_chunks
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.temperature = cfg.rollout.temperature
@@ -124,7 +124,7 @@ class MegatronPolicy:
 
         micro_batches = [mb if is_packed(mb) else _pad_to_multiple(mb, self.seq_multiple) for mb in micro_batches]
         # Micro-batches are built on the CPU (rollouts, packing); the model may live on a GPU.
-        device = next(self.model[0].parameters()).device
+        device = next(self.chunks[0].parameters()).device
         micro_batches = [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                           for k, v in mb.items()} for mb in micro_batches]
         for mb in micro_batches:
@@ -145,12 +145,12 @@ class MegatronPolicy:
             output = model(mb["tokens"], mb["position_ids"], None, **kwargs)
             return output, partial(loss_fn, mb)
 
-        vp = len(self.model)
+        vp = len(self.chunks)
         iterators = [iter(micro_batches) for _ in range(vp)] if vp > 1 else iter(micro_batches)
         return get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iterators,
-            model=self.model if vp > 1 else self.model[0],
+            model=self.chunks if vp > 1 else self.chunks[0],
             num_microbatches=len(micro_batches),
             seq_length=seq_length,
             micro_batch_size=micro_batch_size,
@@ -196,7 +196,7 @@ class MegatronPolicy:
         ``temperature``: default the rollout's (the policy ratio's); 1 for the language model's own
         probabilities (the dense reward's P(y0 | x<t)).
         """
-        for chunk in self.model:
+        for chunk in self.chunks:
             chunk.eval()
 
         def loss_fn(mb, logits):
@@ -264,7 +264,7 @@ class MegatronPolicy:
         return self._optimizer_step(micro_batches, loss_fn)
 
     def _optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn) -> dict[str, float]:
-        for chunk in self.model:
+        for chunk in self.chunks:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -290,7 +290,7 @@ class MegatronPolicy:
         return metrics
 
     def _local_grads_finite(self) -> bool:
-        for chunk in self.model:
+        for chunk in self.chunks:
             for param in chunk.parameters():
                 grad = getattr(param, "main_grad", None)
                 if grad is not None and not torch.isfinite(grad).all():

@@ -105,7 +105,7 @@ def megatron_logits_rank(
     from megatron_rpt.distributed import init_distributed
     from megatron_rpt.model.build import build_model_chunks
     from megatron_rpt.model.hf_config import load_hf_config
-    from megatron_rpt.model.loading import load_hf_into_model, load_megatron_checkpoint
+    from megatron_rpt.weights.load import load_hf_into_model, load_megatron_checkpoint
 
     init_distributed(tensor_parallel, pipeline_parallel)
     arch = load_hf_config(arch_dir)
@@ -138,12 +138,12 @@ def verify(
     Megatron loads ``ckpt_dir`` (a converted dist checkpoint) when given, else ``hf_dir``
     directly. Launches TP*PP ranks.
     """
-    from megatron_rpt.checkpoint.convert import NO_TIMEOUT, check_parallel_layout, read_meta
-    from megatron_rpt.checkpoint.hf_io import HFCheckpointReader
-    from megatron_rpt.checkpoint.model_ckpt import resolve_checkpoint_dir
     from megatron_rpt.config import ConfigError
     from megatron_rpt.distributed import spawn
-    from megatron_rpt.model.loading import validate_hf_checkpoint
+    from megatron_rpt.weights.convert import NO_TIMEOUT, check_parallel_layout, read_meta
+    from megatron_rpt.weights.hf_io import HFCheckpointReader
+    from megatron_rpt.weights.load import validate_hf_checkpoint
+    from megatron_rpt.weights.megatron_ckpt import resolve_checkpoint_dir
 
     arch = check_parallel_layout(hf_dir, tensor_parallel, pipeline_parallel)
     if seq_len < 1 or batch < 1:

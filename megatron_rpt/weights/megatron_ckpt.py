@@ -15,7 +15,7 @@ Megatron-LM checkpoints load too):
     (e.g. ``singleton_local_shards``) still loads;
   * a directory with ``latest_checkpointed_iteration.txt`` resolves to its ``iter_XXXXXXX``;
   * the content metadata also records the model class (``GPTModel`` / ``HybridModel``); a
-    checkpoint of the other class loads through :mod:`megatron_rpt.checkpoint.interop`.
+    checkpoint of the other class loads through :mod:`megatron_rpt.weights.interop`.
 HybridModel keys carry the hybrid layer index instead of a stacked layer axis
 (``decoder.layers.0.self_attention...``, ``decoder.layers.1.mlp...``) and the final norm is
 ``decoder.final_norm.weight``.
@@ -33,15 +33,15 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_rpt.bridge.name_maps import unwrap
-from megatron_rpt.checkpoint.hf_io import CheckpointError
-from megatron_rpt.checkpoint.interop import (
+from megatron_rpt.distributed import die_with_parent
+from megatron_rpt.model.mcore_compat import checkpoint_save_kwargs, read_common_state_in_torch_dist
+from megatron_rpt.weights.hf_io import CheckpointError
+from megatron_rpt.weights.interop import (
     content_metadata,
     sharded_state_dict_for,
     stored_keys,
     stored_model_class,
 )
-from megatron_rpt.distributed import die_with_parent
-from megatron_rpt.model.mcore_compat import checkpoint_save_kwargs, read_common_state_in_torch_dist
 
 # Sharding metadata used when *we* save; Megatron's defaults (stacked, homogeneous layers).
 SHARDED_METADATA: dict[str, Any] = {"singleton_local_shards": False}

@@ -72,8 +72,8 @@ def _tokenizer_for(cfg: Config, *dirs: Path | None) -> Any:
 def _safetensors_stream(model_dir: Path, arch: ArchConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the checkpoint, after checking (headers only) that none is missing: the
     standard mode reads the decoder directly, where a never-written weight would go unnoticed."""
-    from megatron_rpt.checkpoint.hf_io import HFCheckpointReader
-    from megatron_rpt.model.loading import validate_hf_checkpoint
+    from megatron_rpt.weights.hf_io import HFCheckpointReader
+    from megatron_rpt.weights.load import validate_hf_checkpoint
 
     with HFCheckpointReader(model_dir) as reader:
         validate_hf_checkpoint(reader, arch)
@@ -127,7 +127,7 @@ def resolve_megatron_checkpoint(path: str | Path) -> Path:
                 return cand / "dist"
         raise ModelLoadError(f"--ckpt {path}: a training checkpoint directory without any complete iter_* "
                              "checkpoint (each needs complete.json and dist/metadata.json)")
-    from megatron_rpt.checkpoint.model_ckpt import resolve_checkpoint_dir
+    from megatron_rpt.weights.megatron_ckpt import resolve_checkpoint_dir
 
     try:
         return resolve_checkpoint_dir(p)  # converter output / Megatron-LM layout
@@ -204,10 +204,10 @@ def load_megatron_model(cfg: Config, ckpt_dir: str | Path, name: str | None = No
     dropped once the engine holds the weights.
     """
     from megatron_rpt.bridge.resharding import WeightBridge
-    from megatron_rpt.checkpoint.model_ckpt import load_model_checkpoint
     from megatron_rpt.distributed import init_distributed
     from megatron_rpt.model.build import DTYPES, build_model_chunks
     from megatron_rpt.rollout import make_engine
+    from megatron_rpt.weights.megatron_ckpt import load_model_checkpoint
 
     given = Path(ckpt_dir)
     mcore_dir = resolve_megatron_checkpoint(given)

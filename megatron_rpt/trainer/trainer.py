@@ -166,7 +166,7 @@ class Trainer:
         return result if self.rank == 0 else fn()
 
     def _load_initial_weights(self, chunks: list[Any], model_dir: Path | None) -> None:
-        from megatron_rpt.model.loading import load_hf_into_model, load_megatron_checkpoint
+        from megatron_rpt.weights.load import load_hf_into_model, load_megatron_checkpoint
 
         if self.cfg.model.load:
             load_megatron_checkpoint(chunks, self.cfg.model.load)
@@ -178,7 +178,7 @@ class Trainer:
     def _resume(self) -> None:
         """Load the checkpoint :func:`plan_resume` verified (a failure here stops the run)."""
         path = self.plan.checkpoint
-        state = checkpointing.load_checkpoint(path, self.policy.model, self.policy.optimizer, self.policy.scheduler)
+        state = checkpointing.load_checkpoint(path, self.policy.chunks, self.policy.optimizer, self.policy.scheduler)
         self.step = int(state["step"])
         self.stream.load_state_dict(state["data"])
         self.resumed_from = str(path)
@@ -201,7 +201,7 @@ class Trainer:
             return
         with self.timer("checkpoint"):
             checkpointing.save_checkpoint(
-                self.cfg.checkpoint.dir, self.step, self.policy.model, self.policy.optimizer, self.policy.scheduler,
+                self.cfg.checkpoint.dir, self.step, self.policy.chunks, self.policy.optimizer, self.policy.scheduler,
                 trainer_state={"data": self.stream.state_dict()}, keep_last=self.cfg.checkpoint.keep_last,
                 async_queue=self.async_saves, info=self.plan.info,
             )

@@ -1,4 +1,4 @@
-"""``python -m megatron_rpt.evaluate --config CFG (--hf DIR | --ckpt DIR) [--mode standard|reasoning|both]``
+"""``python -m megatron_rpt.eval --config CFG (--hf DIR | --ckpt DIR) [--mode standard|reasoning|both]``
 
 Next-token prediction accuracy on the held-out validation split, by difficulty (the paper's
 Table 1): every position of the ``data.val_documents`` held-out documents (``eval.positions_per_doc``
@@ -26,11 +26,11 @@ from pathlib import Path
 
 from megatron_rpt.config import Config, ConfigError, EvalMode, load_config
 
-log = logging.getLogger("megatron_rpt.evaluate")
+log = logging.getLogger("megatron_rpt.eval")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m megatron_rpt.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m megatron_rpt.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config (data, template, eval.* settings)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf", metavar="DIR", help="Hugging Face model directory (config.json + safetensors)")
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = _modes(args, cfg)
 
     from megatron_rpt.atomic import write_text_atomic
-    from megatron_rpt.eval.loading import ModelLoadError, load_hf_model, load_megatron_model
+    from megatron_rpt.eval.engine_loading import ModelLoadError, load_hf_model, load_megatron_model
     from megatron_rpt.eval.report import format_table, write_report
     from megatron_rpt.eval.runner import run_evaluation
 

@@ -33,9 +33,9 @@ from megatron_rpt.bridge.name_maps import (
     named_parameters_global,
     unwrap,
 )
-from megatron_rpt.checkpoint.hf_io import CheckpointError, HFCheckpointReader
 from megatron_rpt.model.hf_config import ArchConfig, load_hf_config
 from megatron_rpt.topology import Topology
+from megatron_rpt.weights.hf_io import CheckpointError, HFCheckpointReader
 
 
 def validate_hf_checkpoint(reader: HFCheckpointReader, arch: ArchConfig) -> int:
@@ -163,6 +163,6 @@ def load_megatron_checkpoint(
     model_chunks: Sequence[torch.nn.Module], ckpt_dir: str | Path, strict: bool = True
 ) -> None:
     """Load model weights from a Megatron dist checkpoint into this rank's chunks (any TP/PP)."""
-    from megatron_rpt.checkpoint.model_ckpt import load_model_checkpoint
+    from megatron_rpt.weights.megatron_ckpt import load_model_checkpoint
 
     load_model_checkpoint(model_chunks, ckpt_dir, strict=strict)

@@ -4,10 +4,10 @@ Owns the per-rank workers and the orchestration (validation, atomic output, side
 
 * :func:`hf_to_mcore`: launches TP*PP ranks (gloo on CPU, NCCL on GPU); each builds its model
   chunk(s) without random init, reads only its slices of the HF safetensors
-  (:func:`~megatron_rpt.model.loading.load_hf_into_model`) and writes them with
+  (:func:`~megatron_rpt.weights.load.load_hf_into_model`) and writes them with
   ``dist_checkpointing`` (``torch_dist``), so the result loads at any other TP/PP.
   Memory: on CPU every parameter is first re-homed onto a memory-mapped scratch file
-  (:func:`~megatron_rpt.model.loading.back_parameters_with_files`, in ``<out>.scratch-XXXX``
+  (:func:`~megatron_rpt.weights.load.back_parameters_with_files`, in ``<out>.scratch-XXXX``
   next to the output, deleted at the end), so the shard a rank fills is page cache the kernel
   can write back and evict. A rank's anonymous memory is the framework plus a few of the
   largest tensors (the slice being read and its fused copy while loading, the save's staging),
@@ -41,7 +41,11 @@ import torch
 from megatron_rpt.atomic import atomic_output_dir, check_output_dir, scratch_dir
 from megatron_rpt.bridge.layouts import expected_hf_shapes, from_mcore
 from megatron_rpt.bridge.name_maps import NameMap, global_param_name
-from megatron_rpt.checkpoint.hf_io import (
+from megatron_rpt.config import Config, ConfigError, ModelConfig, ParallelConfig, validate
+from megatron_rpt.model.build import DTYPES
+from megatron_rpt.model.hf_config import ArchConfig, load_hf_config, read_hf_config_dict
+from megatron_rpt.model.mcore_compat import policy_model_class, version_string
+from megatron_rpt.weights.hf_io import (
     CONFIG_FILES,
     TOKENIZER_FILES,
     CheckpointError,
@@ -49,10 +53,6 @@ from megatron_rpt.checkpoint.hf_io import (
     HFShardWriter,
     copy_model_files,
 )
-from megatron_rpt.config import Config, ConfigError, ModelConfig, ParallelConfig, validate
-from megatron_rpt.model.build import DTYPES
-from megatron_rpt.model.hf_config import ArchConfig, load_hf_config, read_hf_config_dict
-from megatron_rpt.model.mcore_compat import policy_model_class, version_string
 
 META_NAME = "rpt_meta.json"
 HF_SUBDIR = "hf"
@@ -123,10 +123,10 @@ def hf_to_mcore_rank(hf_dir: str, out_dir: str, scratch: str, settings: ConvertS
     """Per-rank worker: build this rank's chunks, fill them from HF, save the dist checkpoint."""
     import torch.distributed as dist
 
-    from megatron_rpt.checkpoint.model_ckpt import save_model_checkpoint
     from megatron_rpt.distributed import init_distributed
     from megatron_rpt.model.build import build_model_chunks
-    from megatron_rpt.model.loading import back_parameters_with_files, load_hf_into_model
+    from megatron_rpt.weights.load import back_parameters_with_files, load_hf_into_model
+    from megatron_rpt.weights.megatron_ckpt import save_model_checkpoint
 
     init_distributed(settings.tensor_parallel, settings.pipeline_parallel, virtual_pipeline=settings.virtual_pipeline)
     rank = dist.get_rank()
@@ -149,7 +149,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, settings: ConvertSettings, 
     """Convert a HF model directory into a Megatron dist checkpoint at ``out`` (all or nothing)."""
     from megatron_rpt.distributed import spawn
     from megatron_rpt.model.build import padded_vocab_size
-    from megatron_rpt.model.loading import validate_hf_checkpoint
+    from megatron_rpt.weights.load import validate_hf_checkpoint
 
     hf_dir = Path(hf_dir)
     check_output_dir(out, force)
@@ -258,8 +258,8 @@ def iter_mcore_tensors(ckpt_dir: str | Path, arch: ArchConfig, divisible_by: int
     from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from megatron_rpt.checkpoint.model_ckpt import checkpoint_sharded_state_dict, resolve_checkpoint_dir
     from megatron_rpt.model.build import build_model
+    from megatron_rpt.weights.megatron_ckpt import checkpoint_sharded_state_dict, resolve_checkpoint_dir
 
     path = resolve_checkpoint_dir(ckpt_dir)
     stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
@@ -345,8 +345,8 @@ def mcore_to_hf_rank(ckpt_dir: str, hf_config_dir: str, out_dir: str, dtype: str
 def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, dtype: str | None = None, hf_config: str | Path | None = None,
                 max_shard_size: int = 5 << 30, force: bool = False, progress: bool = True) -> Path:
     """Export a Megatron dist checkpoint to a HF model directory at ``out`` (all or nothing)."""
-    from megatron_rpt.checkpoint.model_ckpt import resolve_checkpoint_dir
     from megatron_rpt.distributed import spawn
+    from megatron_rpt.weights.megatron_ckpt import resolve_checkpoint_dir
 
     ckpt_dir = Path(ckpt_dir)
     check_output_dir(out, force)

@@ -27,13 +27,13 @@ from typing import Any
 
 import torch
 
-from megatron_rpt.checkpoint.hf_io import CheckpointError
 from megatron_rpt.model.mcore_compat import (
     ModelClass,
     model_class_of,
     read_common_state_in_torch_dist,
     version_string,
 )
+from megatron_rpt.weights.hf_io import CheckpointError
 
 MODEL_CLASS_KEY = "model_class"
 MCORE_VERSION_KEY = "megatron_core"
