@@ -251,10 +251,22 @@ def test_cli_hf_matches_independent_reference(tiny, hf_run):
     assert (hf_run / "eval.md").read_text().startswith("# Next-token prediction accuracy")
 
 
-def _megatron_eval_worker(cfg_path: str, ckpt_root: str, out: str) -> int:
-    from megatron_rpt.eval.__main__ import main
+def _megatron_eval_worker(cfg_path: str, ckpt_root: str, out: str) -> tuple[int, bool, bool]:
+    """The CLI's exit code, and whether the process group the Megatron load creates is gone after a
+    block that failed (so the next load in this process can start) and after the CLI."""
+    import torch.distributed as dist
 
-    return main(["--config", cfg_path, "--ckpt", ckpt_root, "--out", out, "--mode", "standard", "--quiet"])
+    from megatron_rpt.eval.__main__ import main
+    from megatron_rpt.eval.engine_loading import model_in_engine
+
+    cfg = load_config(cfg_path, [], validate_paths=False)
+    with pytest.raises(ValueError, match="inside the block"):
+        with model_in_engine(cfg, None, ckpt_root):
+            assert dist.is_initialized()
+            raise ValueError("inside the block")
+    torn_down_after_error = not dist.is_initialized()
+    rc = main(["--config", cfg_path, "--ckpt", ckpt_root, "--out", out, "--mode", "standard", "--quiet"])
+    return rc, torn_down_after_error, not dist.is_initialized()
 
 
 @pytest.mark.slow
@@ -263,7 +275,8 @@ def test_cli_megatron_checkpoint_matches_hf(tiny, hf_run, two_rank_run):
     from megatron_rpt.distributed import spawn
 
     out = tiny.root / "out_mcore"
-    assert spawn(_megatron_eval_worker, 1, str(tiny.cfg_path), str(two_rank_run.ckpt_root), str(out)) == [0]
+    assert spawn(_megatron_eval_worker, 1, str(tiny.cfg_path), str(two_rank_run.ckpt_root), str(out)) == [
+        (0, True, True)]
     ours, ref = _positions(out), _positions(hf_run)
     assert [r["standard_prediction"] for r in ours] == [r["standard_prediction"] for r in ref]
     assert [r["entropy"] for r in ours] == pytest.approx([r["entropy"] for r in ref], abs=1e-4)

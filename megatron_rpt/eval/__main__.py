@@ -100,24 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     modes = _modes(args, cfg)
 
     from megatron_rpt.atomic import write_text_atomic
-    from megatron_rpt.eval.engine_loading import ModelLoadError, load_hf_model, load_megatron_model
+    from megatron_rpt.eval.engine_loading import LOAD_ERRORS, model_in_engine
     from megatron_rpt.eval.report import format_table, write_report
     from megatron_rpt.eval.runner import run_evaluation
 
-    megatron = args.ckpt is not None
     try:
-        loaded = load_megatron_model(cfg, args.ckpt, args.name) if megatron else load_hf_model(cfg, args.hf, args.name)
-        log.info("evaluating %s (%s) in mode(s) %s", loaded.name, loaded.source, ", ".join(modes))
-        report, val, res = run_evaluation(cfg, loaded.engine, loaded.tokenizer, loaded.name, modes,
-                                          progress=not args.quiet, extra_meta={"source": loaded.source})
-    except (ModelLoadError, ConfigError, ValueError, FileNotFoundError) as exc:
+        with model_in_engine(cfg, args.hf, args.ckpt, args.name) as loaded:
+            log.info("evaluating %s (%s) in mode(s) %s", loaded.name, loaded.source, ", ".join(modes))
+            report, val, res = run_evaluation(cfg, loaded.engine, loaded.tokenizer, loaded.name, modes,
+                                              progress=not args.quiet, extra_meta={"source": loaded.source})
+    except LOAD_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if megatron:
-            from megatron_rpt.distributed import destroy_distributed
-
-            destroy_distributed()
     out = Path(args.out) if args.out else Path(cfg.logging.dir) / "eval" / loaded.name.replace("/", "_")
     print(format_table(report))
     print(f"difficulty scorer: {val.scorer}")

@@ -4,6 +4,7 @@ Owns: :func:`load_hf_model` (``--hf DIR``: safetensors streamed straight into th
 :func:`load_megatron_model` (``--ckpt DIR``: the weights loaded through Megatron-Core on CPU --
 TP=PP=1 in one gloo process -- then streamed into the engine by the
 :class:`~megatron_rpt.bridge.resharding.WeightBridge`, the same path the trainer syncs with),
+:func:`model_in_engine` (either one for a ``with`` block, the command lines' one load/teardown path),
 and :func:`resolve_megatron_checkpoint`, which accepts every Megatron layout we write:
 
 * ``tools/convert.py hf-to-mcore`` output (a dist checkpoint: ``metadata.json``; the HF config and
@@ -20,6 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,17 +29,23 @@ from typing import Any
 import torch
 
 from megatron_rpt.config import Config, ConfigError, ParallelConfig
+from megatron_rpt.distributed import destroy_distributed
 from megatron_rpt.errors import UserError
 from megatron_rpt.model.hf_config import ArchConfig, load_hf_config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoadedModel", "load_hf_model", "load_megatron_model", "resolve_megatron_checkpoint",
-           "eval_engine_config"]
+__all__ = ["LOAD_ERRORS", "LoadedModel", "load_hf_model", "load_megatron_model", "model_in_engine",
+           "resolve_megatron_checkpoint", "eval_engine_config"]
 
 
 class ModelLoadError(UserError, FileNotFoundError):
     """The model to evaluate cannot be found or read; the message names the path and the fix."""
+
+
+# What the evaluation command lines report as one ``error:`` line: a user's mistake (config, path,
+# checkpoint) and the ValueError / FileNotFoundError that data and checkpoint readers raise for a bad file.
+LOAD_ERRORS = (UserError, ValueError, FileNotFoundError)
 
 
 @dataclass
@@ -228,3 +236,23 @@ def load_megatron_model(cfg: Config, ckpt_dir: str | Path, name: str | None = No
     del bridge, chunks
     label = name or (given.name if not given.name.startswith("iter_") else f"{given.parent.name}/{given.name}")
     return LoadedModel(label, f"megatron:{mcore_dir}", arch, engine, tokenizer)
+
+
+@contextmanager
+def model_in_engine(cfg: Config, hf_dir: str | Path | None, ckpt_dir: str | Path | None,
+                    name: str | None = None) -> Iterator[LoadedModel]:
+    """The model of ``--hf`` or ``--ckpt`` (exactly one is set) in a rollout engine, for a ``with`` block.
+
+    Loading a Megatron checkpoint initialises a single-rank process group (and the engine may hold
+    vLLM, whose shutdown destroys that group), so both are torn down when the block ends, also on an
+    error: a caller in the same process (tests, a notebook) can load the next model. Catch
+    :data:`LOAD_ERRORS` around the block to report a bad input as one line.
+    """
+    if (hf_dir is None) == (ckpt_dir is None):
+        raise ValueError(f"model_in_engine needs exactly one of hf_dir ({hf_dir!r}) and ckpt_dir ({ckpt_dir!r})")
+    megatron = ckpt_dir is not None
+    try:
+        yield load_megatron_model(cfg, ckpt_dir, name) if megatron else load_hf_model(cfg, hf_dir, name)
+    finally:
+        if megatron:
+            destroy_distributed()

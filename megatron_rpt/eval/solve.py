@@ -99,22 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
     from megatron_rpt.atomic import write_text_atomic
-    from megatron_rpt.eval.engine_loading import ModelLoadError, load_hf_model, load_megatron_model
+    from megatron_rpt.eval.engine_loading import LOAD_ERRORS, model_in_engine
 
-    megatron = args.ckpt is not None
     try:
         cfg = load_config(args.config, args.overrides, validate_paths=False)
         problems = heldout_problems(cfg, args.field, args.max_problems)
-        loaded = load_megatron_model(cfg, args.ckpt) if megatron else load_hf_model(cfg, args.hf)
-        rows = _generate(cfg, loaded, problems, args.samples, progress=not args.quiet)
-    except (ModelLoadError, ConfigError, ValueError, FileNotFoundError) as exc:
+        with model_in_engine(cfg, args.hf, args.ckpt) as loaded:
+            rows = _generate(cfg, loaded, problems, args.samples, progress=not args.quiet)
+    except LOAD_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if megatron:
-            from megatron_rpt.distributed import destroy_distributed
-
-            destroy_distributed()
     out = Path(args.out) / "responses.jsonl"
     write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"wrote {len(rows)} problem-solving responses ({len(problems)} problems) to {out}")
