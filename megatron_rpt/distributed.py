@@ -97,6 +97,7 @@ def init_distributed(
     the slowest one at the next collective, and torch's own NCCL default (10 minutes) is
     shorter than a long-response rollout phase.
     """
+    # lazy: the data-prep workers import this module (die_with_parent) and must not pay for megatron-core
     from megatron.core import parallel_state
     from megatron.core import tensor_parallel as mtp
 
@@ -158,7 +159,7 @@ def all_reduce_numbers(values: Sequence[float], op: dist.ReduceOp = dist.ReduceO
 
 
 def destroy_distributed() -> None:
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # lazy: as in init_distributed
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

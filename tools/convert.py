@@ -47,6 +47,12 @@ import signal
 import sys
 from pathlib import Path
 
+from megatron_rpt.atomic import OutputExistsError
+from megatron_rpt.config import ConfigError
+from megatron_rpt.weights import convert
+from megatron_rpt.weights.hf_io import CheckpointError, parse_size
+from megatron_rpt.weights.parity import verify
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -107,8 +113,6 @@ def _worker_error(exc: RuntimeError) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_rpt.weights import convert
-
     if args.command == "hf-to-mcore":
         settings = convert.ConvertSettings(
             tensor_parallel=args.tp, pipeline_parallel=args.pp, virtual_pipeline=args.vp, dtype=args.dtype,
@@ -118,14 +122,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"written": str(out), **convert.read_meta(out)}))
         return 0
     if args.command == "mcore-to-hf":
-        from megatron_rpt.weights.hf_io import parse_size
-
         out = convert.mcore_to_hf(args.ckpt, args.out, dtype=args.dtype, hf_config=args.hf_config,
                                   max_shard_size=parse_size(args.max_shard_size), force=args.force,
                                   progress=not args.no_progress)
         print(json.dumps({"written": str(out)}))
         return 0
-    from megatron_rpt.weights.parity import verify
 
     report = verify(args.hf, args.ckpt, tensor_parallel=args.tp, pipeline_parallel=args.pp, seq_len=args.seq_len,
                     batch=args.batch, seed=args.seed, atol=args.atol)
@@ -140,9 +141,6 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_rpt.atomic import OutputExistsError
-    from megatron_rpt.config import ConfigError
-    from megatron_rpt.weights.hf_io import CheckpointError
 
     signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -24,7 +24,11 @@ import typing
 import warnings
 from pathlib import Path
 
+from megatron_rpt.atomic import write_text_atomic
 from megatron_rpt.config import Config, ConfigError, EvalMode, load_config
+from megatron_rpt.data.tokenizer import token_bytes
+from megatron_rpt.eval.report import format_table, write_report
+from megatron_rpt.eval.runner import run_evaluation
 
 log = logging.getLogger("megatron_rpt.eval")
 
@@ -57,8 +61,6 @@ def _modes(args: argparse.Namespace, cfg: Config) -> tuple[str, ...]:
 
 
 def _position_rows(val, res, tokenizer, save_responses: bool) -> str:
-    from megatron_rpt.data.tokenizer import token_bytes
-
     lines = []
     for i, problem in enumerate(val.problems):
         row = {
@@ -99,10 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     modes = _modes(args, cfg)
 
-    from megatron_rpt.atomic import write_text_atomic
+    # lazy: after the warning filters above: megatron-core warns on import where TE / Apex are missing
     from megatron_rpt.eval.engine_loading import LOAD_ERRORS, model_in_engine
-    from megatron_rpt.eval.report import format_table, write_report
-    from megatron_rpt.eval.runner import run_evaluation
 
     try:
         with model_in_engine(cfg, args.hf, args.ckpt, args.name) as loaded:

@@ -21,7 +21,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from megatron_rpt.atomic import write_text_atomic
 from megatron_rpt.config import Config, ConfigError, load_config
+from megatron_rpt.data.corpus import CorpusStream, heldout_doc_ids, open_sources
+from megatron_rpt.data.templates import render_chat
+from megatron_rpt.eval.engine_loading import LOAD_ERRORS, model_in_engine
+from megatron_rpt.eval.reasoning import reasoning_params
 
 log = logging.getLogger("megatron_rpt.solve")
 
@@ -31,15 +36,11 @@ SOLVING_INSTRUCTION = "Please reason step by step, and put your final answer wit
 
 def solving_prompt(problem: str, tokenizer: Any, use_chat_template: bool) -> str:
     """The problem, then the instruction on its own line, as one user turn."""
-    from megatron_rpt.data.templates import render_chat
-
     return render_chat(f"{problem}\n{SOLVING_INSTRUCTION}", tokenizer, use_chat_template)
 
 
 def heldout_problems(cfg: Config, field: str, limit: int | None = None) -> list[tuple[str, str]]:
     """(doc id, problem text) of the held-out documents, in corpus order."""
-    from megatron_rpt.data.corpus import CorpusStream, heldout_doc_ids, open_sources
-
     d = cfg.data
     if not d.paths and not d.hf_dataset:
         raise ConfigError("problem solving reads the raw rows: set data.paths (a prepared directory holds only "
@@ -77,8 +78,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _generate(cfg: Config, loaded: Any, problems: list[tuple[str, str]], samples: int,
               progress: bool) -> list[dict[str, Any]]:
-    from megatron_rpt.eval.reasoning import reasoning_params
-
     params = dataclasses.replace(reasoning_params(cfg), n=samples)
     tok = loaded.tokenizer
     rows = []
@@ -98,8 +97,6 @@ def _generate(cfg: Config, loaded: Any, problems: list[tuple[str, str]], samples
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
-    from megatron_rpt.atomic import write_text_atomic
-    from megatron_rpt.eval.engine_loading import LOAD_ERRORS, model_in_engine
 
     try:
         cfg = load_config(args.config, args.overrides, validate_paths=False)

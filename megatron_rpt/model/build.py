@@ -74,6 +74,7 @@ def transformer_config(
 ) -> Any:
     """``config_overrides`` replace TransformerConfig fields, e.g. ``perform_initialization=False``
     when the weights are loaded from a checkpoint right after building."""
+    # lazy: the rollout engines (DTYPES) and the planner (padded_vocab_size) import this module without megatron-core
     from megatron.core.transformer import TransformerConfig
 
     impl = resolve_transformer_impl(model_cfg)
@@ -152,7 +153,7 @@ def build_model(
 ) -> Any:
     """One model chunk for this rank (stage flags default to this rank's pipeline position), of
     ``model_class`` (default: the class this megatron-core maintains)."""
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # lazy: as in transformer_config
 
     model_class = model_class or policy_model_class()
     config = transformer_config(arch, model_cfg, parallel_cfg, config_overrides, model_class)
@@ -176,13 +177,14 @@ def build_model(
     impl = resolve_transformer_impl(model_cfg)
     if model_class is ModelClass.HYBRID:
         return _hybrid_model(arch, impl, parallel_cfg, common)
-    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt import GPTModel  # lazy: as in transformer_config
 
     return GPTModel(transformer_layer_spec=layer_spec(arch, impl), rope_scaling=arch.rope_scaling_factor is not None,
                     rope_scaling_factor=arch.rope_scaling_factor or 8.0, **common)
 
 
 def _hybrid_model(arch: ArchConfig, impl: str, parallel_cfg: ParallelConfig, common: dict[str, Any]) -> Any:
+    # lazy: megatron-core >= 0.19 only (HybridModel), and as in transformer_config
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.models.hybrid.hybrid_model import HybridModel
 

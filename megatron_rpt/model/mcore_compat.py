@@ -25,6 +25,7 @@ call site:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import importlib.metadata
@@ -35,6 +36,7 @@ import re
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 
 HYBRID_MODEL_SINCE = (0, 19)
 CP_SPLIT_TAKES_HYBRID_CP_SINCE = (0, 19)
@@ -55,7 +57,7 @@ def mcore_version() -> tuple[int, int, int]:
     try:
         text = importlib.metadata.version("megatron-core")
     except importlib.metadata.PackageNotFoundError:  # a source checkout on PYTHONPATH
-        from megatron.core import package_info
+        from megatron.core import package_info  # lazy: the fallback of a fallback
 
         text = package_info.__version__
     numbers = [int(n) for n in re.findall(r"\d+", text)[:3]]
@@ -91,6 +93,7 @@ def model_class_of(model: Any) -> ModelClass:
 
 def get_batch_on_this_cp_rank(batch: dict[str, Any], cp_group: Any = None) -> dict[str, Any]:
     """Megatron's own load-balanced CP split of ``batch`` (reference for ours), on any version."""
+    # lazy: the planner and the rollout engines import this module (through model.build) without megatron-core
     from megatron.core import parallel_state
     from megatron.core.utils import get_batch_on_this_cp_rank as split
 
@@ -111,6 +114,7 @@ def read_common_state_in_torch_dist() -> None:
     """
     if mcore_version() >= COMMON_STATE_IN_TORCH_DIST_SINCE:
         return
+    # lazy: see get_batch_on_this_cp_rank
     from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME, TorchCommonLoadStrategy
 
     legacy_load_common = TorchCommonLoadStrategy.load_common
@@ -125,8 +129,7 @@ def read_common_state_in_torch_dist() -> None:
 
 def _common_state_from_torch_dist(checkpoint_dir: str) -> Any:
     """The ``common_state`` object of a 0.19 checkpoint (as 0.19's ``load_common_state_dict`` reads it)."""
-    import torch.distributed.checkpoint as dcp
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.mapping import ShardedObject  # lazy: see get_batch_on_this_cp_rank
 
     key = ShardedObject("common_state", None, (1,), (0,)).unique_key
     request: dict[str, Any] = {key: io.BytesIO()}
@@ -143,8 +146,6 @@ def transformer_config_kwargs(config_cls: type) -> dict[str, Any]:
     graph scope to "full" (``cuda_graph_scope`` in 0.16, ``cuda_graph_modules`` in 0.19), which its own
     ``__post_init__`` warns is deprecated ("use empty ..."); empty means the same (and no CUDA graph is
     captured: ``cuda_graph_impl`` stays none)."""
-    import dataclasses
-
     names = {f.name for f in dataclasses.fields(config_cls)}
     for name in ("cuda_graph_modules", "cuda_graph_scope"):  # 0.19 keeps cuda_graph_scope as a deprecated alias
         if name in names:

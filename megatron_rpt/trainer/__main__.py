@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     started = False
     try:
         cfg = load_config(args.config, args.overrides)
-        from megatron_rpt.trainer.trainer import Trainer  # heavy (megatron-core): after the config is known good
+        # lazy: megatron-core is slow to import and warns on import: only after the config is known good
+        from megatron_rpt.trainer.trainer import Trainer
 
         started = True
         trainer = Trainer(cfg, resume=args.resume, force_resume=args.force_resume)
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         if started:
-            from megatron_rpt.distributed import destroy_distributed
+            from megatron_rpt.distributed import destroy_distributed  # lazy: as the Trainer above
 
             destroy_distributed()
     if trainer.rank == 0:

@@ -12,6 +12,9 @@ import logging
 from typing import Any
 
 import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_rpt.config import Config
 from megatron_rpt.model.build import DTYPES
@@ -21,8 +24,6 @@ log = logging.getLogger(__name__)
 
 
 def wrap_ddp(model_chunks: list[Any], cfg: Config) -> list[Any]:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
@@ -56,10 +57,6 @@ def use_distributed_optimizer(cfg: Config) -> bool:
 
 def build_optimizer(model_chunks: list[Any], cfg: Config) -> tuple[Any, Any]:
     """(MegatronOptimizer, OptimizerParamScheduler) for DDP-wrapped ``model_chunks``."""
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     o = cfg.optim
     dtype = cfg.model.params_dtype
     opt_config = OptimizerConfig(

@@ -27,6 +27,10 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_rpt.config import Config
 from megatron_rpt.distributed import all_reduce_numbers
@@ -65,8 +69,6 @@ def packing_spec(cfg: Config) -> PackingSpec | None:
 
 def packed_seq_params(mb: dict[str, torch.Tensor]) -> Any:
     """Megatron-Core's ``PackedSeqParams`` (THD) of a packed micro-batch, on its tokens' device."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
     device = mb["tokens"].device
     cu = mb["cu_seqlens"].to(device=device, dtype=torch.int32)
     padded = mb["cu_seqlens_padded"].to(device=device, dtype=torch.int32)
@@ -120,8 +122,6 @@ class MegatronPolicy:
     # ------------------------------------------------------------------ schedule plumbing
 
     def _run(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn, forward_only: bool) -> list[Any]:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         micro_batches = [mb if is_packed(mb) else _pad_to_multiple(mb, self.seq_multiple) for mb in micro_batches]
         # Micro-batches are built on the CPU (rollouts, packing); the model may live on a GPU.
         device = next(self.chunks[0].parameters()).device
@@ -175,8 +175,6 @@ class MegatronPolicy:
     def _same_count_over_data_parallel(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[dict]:
         """Expert parallelism exchanges tokens between data-parallel ranks in every forward, so
         they must all run as many micro-batches: the ranks with fewer add empty packed ones."""
-        from megatron.core import parallel_state
-
         if self.ep_size == 1 or not micro_batches or not is_packed(micro_batches[0]):
             return micro_batches
         (most,) = all_reduce_numbers([len(micro_batches)], op=torch.distributed.ReduceOp.MAX,
@@ -302,7 +300,6 @@ class MegatronPolicy:
         """Loss metrics of the whole sequences: each CP rank saw only its share of the tokens."""
         if self.cp_size == 1:
             return merge_metrics(outputs)
-        import torch.distributed as dist
 
         local = [{k: float(v) for k, v in o.items()} for o in outputs]
         gathered: list[list[dict[str, float]]] = [None] * self.cp_size  # type: ignore[list-item]
