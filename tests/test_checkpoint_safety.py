@@ -314,13 +314,13 @@ def _diverge(toy: str, root: str, how: str) -> str:
 
     from megatron_rpt.bridge.name_maps import unwrap
     from megatron_rpt.errors import TrainingDiverged
-    from megatron_rpt.trainer import loop
+    from megatron_rpt.trainer.trainer import Trainer
 
     os.environ["RPT_TOY_DIR"] = toy
     cfg = load_config(REPO / "configs/toy_learn.yaml", [
         f"logging.dir={root}/run", "logging.progress_bar=false", "logging.tensorboard=false", "train.steps=6",
         "train.eval_interval=0", f"checkpoint.dir={root}/ckpt", "checkpoint.save_interval=2"])
-    trainer = loop.Trainer(cfg, resume="none")
+    trainer = Trainer(cfg, resume="none")
     if how == "nan_weights":  # a NaN in the policy's weights after step 2's sync: the engine still samples
         real_sync, calls = trainer.sync_weights, []
 

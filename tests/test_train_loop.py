@@ -110,12 +110,12 @@ def _run_sabotaged(toy: str, run: str, sabotage: str, engine: str = "builtin") -
     """Module-level so that ``spawn`` can import it: the toy run with one deliberate bug."""
     os.environ["RPT_TOY_DIR"] = toy
     from megatron_rpt.config import load_config
-    from megatron_rpt.trainer import loop
+    from megatron_rpt.trainer.trainer import Trainer
 
     cfg = load_config(REPO / "configs/toy_learn.yaml",
                       [f"logging.dir={run}", "logging.progress_bar=false", "train.steps=30", "train.eval_interval=0",
                        f"rollout.engine={engine}"])
-    trainer = loop.Trainer(cfg, resume=None)
+    trainer = Trainer(cfg, resume=None)
     if sabotage == "no_sync":
         real_sync, calls = trainer.bridge.sync, []
 
