@@ -29,6 +29,7 @@ from megatron_rpt.config import Config, ConfigError, EvalMode, load_config
 from megatron_rpt.data.tokenizer import token_bytes
 from megatron_rpt.eval.report import format_table, write_report
 from megatron_rpt.eval.runner import run_evaluation
+from megatron_rpt.model.mcore_compat import quiet_megatron_import
 
 log = logging.getLogger("megatron_rpt.eval")
 
@@ -88,12 +89,9 @@ def _position_rows(val, res, tokenizer, save_responses: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
-    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    quiet_megatron_import()
     warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module="megatron.*")
-    for name in ("megatron", "megatron.core"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         cfg = load_config(args.config, args.overrides, validate_paths=False)
     except ConfigError as exc:
@@ -101,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     modes = _modes(args, cfg)
 
-    # lazy: after the warning filters above: megatron-core warns on import where TE / Apex are missing
+    # lazy: after quiet_megatron_import: megatron-core warns and logs on import
     from megatron_rpt.eval.engine_loading import LOAD_ERRORS, model_in_engine
 
     try:

@@ -25,8 +25,8 @@ from megatron_rpt.atomic import write_text_atomic
 from megatron_rpt.config import Config, ConfigError, load_config
 from megatron_rpt.data.corpus import CorpusStream, heldout_doc_ids, open_sources
 from megatron_rpt.data.templates import render_chat
-from megatron_rpt.eval.engine_loading import LOAD_ERRORS, model_in_engine
 from megatron_rpt.eval.reasoning import reasoning_params
+from megatron_rpt.model.mcore_compat import quiet_megatron_import
 
 log = logging.getLogger("megatron_rpt.solve")
 
@@ -97,6 +97,9 @@ def _generate(cfg: Config, loaded: Any, problems: list[tuple[str, str]], samples
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+    quiet_megatron_import()
+    # lazy: after quiet_megatron_import: megatron-core warns and logs on import
+    from megatron_rpt.eval.engine_loading import LOAD_ERRORS, model_in_engine
 
     try:
         cfg = load_config(args.config, args.overrides, validate_paths=False)

@@ -33,6 +33,7 @@ import io
 import logging
 import os
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -62,6 +63,16 @@ def mcore_version() -> tuple[int, int, int]:
         text = package_info.__version__
     numbers = [int(n) for n in re.findall(r"\d+", text)[:3]]
     return tuple(numbers + [0] * (3 - len(numbers)))  # type: ignore[return-value]
+
+
+def quiet_megatron_import() -> None:
+    """Hide what megatron-core prints on import: warnings where Transformer Engine / Apex are missing
+    (every CPU machine; its torch fallbacks are what runs there) and its INFO log lines. The
+    command lines call this before they import it."""
+    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    for name in ("megatron", "megatron.core"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def version_string() -> str:
