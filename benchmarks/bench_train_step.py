@@ -1,6 +1,6 @@
 """Training-step benchmark: time per phase (rollout / logprob / update / sync), tokens/s, MFU.
 
-Runs the real trainer (``megatron_rpt.trainer.loop.Trainer``) in one process for a few steps on a
+Runs the real trainer (``megatron_rpt.trainer.trainer.Trainer``) in one process for a few steps on a
 config (default: ``configs/tiny_cpu.yaml``, SmolLM2-135M on OmniMATH; ``--set`` overrides as in the
 trainer) and reports, per phase, the mean seconds over the measured steps (the first step is
 warm-up and dropped), token throughput, and the achieved FLOP/s:
@@ -30,14 +30,16 @@ from pathlib import Path
 
 import torch
 
+from megatron_rpt.config import load_config
+from megatron_rpt.distributed import spawn
+from megatron_rpt.rollout.handover import release_cuda_cache
+from megatron_rpt.trainer.trainer import Trainer
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
 def _bench(config: str, overrides: list[str], steps: int) -> dict:
-    from megatron_rpt.config import load_config
-    from megatron_rpt.trainer.loop import Trainer
-
     run_dir = tempfile.mkdtemp(prefix="bench_train_step_")
     cfg = load_config(config, [*overrides, f"train.steps={steps + 1}", f"logging.dir={run_dir}",
                                "checkpoint.dir=null", "logging.progress_bar=false", "logging.tensorboard=false",
@@ -53,8 +55,6 @@ def _bench(config: str, overrides: list[str], steps: int) -> dict:
 
     cuda: dict[str, float] = {}
     if torch.cuda.is_available():
-        from megatron_rpt.rollout.handover import release_cuda_cache
-
         cuda = {"max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
                 "reserved_gib": torch.cuda.memory_reserved() / 2**30}
         cuda["released_by_empty_cache_gib"] = release_cuda_cache() / 2**30
@@ -88,8 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/bench_train_step.json"))
     args = parser.parse_args(argv)
     os.chdir(REPO)
-
-    from megatron_rpt.distributed import spawn
 
     (res,) = spawn(_bench, 1, args.config, args.overrides, args.steps)
     on_gpu = torch.cuda.is_available()

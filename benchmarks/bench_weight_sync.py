@@ -55,6 +55,20 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from transformers import Qwen2Config
+
+from megatron_rpt.bridge import WeightBridge
+from megatron_rpt.bridge.layouts import hf_from_tp_shards
+from megatron_rpt.bridge.name_maps import NameMap, named_parameters_global
+from megatron_rpt.bridge.resharding import _all_gather_in_place
+from megatron_rpt.config import ModelConfig, ParallelConfig
+from megatron_rpt.distributed import init_distributed, spawn
+from megatron_rpt.model.build import build_model_chunks
+from megatron_rpt.model.hf_config import arch_from_dict
+from megatron_rpt.rollout import BuiltinEngine
+from megatron_rpt.rollout.vllm_engine import VLLMEngine
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {"small": {
@@ -87,8 +101,6 @@ def peak_rss_bytes() -> int:
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
     dist.barrier()
 
 
@@ -115,11 +127,6 @@ class Memcpy:
 def collective_limit(bridge, tp: int, pp: int, repeats: int) -> float | None:
     """GB/s of the bare collective the bridge is built on (one bucket-sized buffer, gathered
     over TP or broadcast over PP): the transport's own limit on this machine."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from megatron_rpt.bridge.resharding import _all_gather_in_place
-
     if tp == 1 and pp == 1:
         return None
     device = str(bridge._device)  # the transport moves buffers on the model's device (NCCL: CUDA)
@@ -141,12 +148,6 @@ def collective_limit(bridge, tp: int, pp: int, repeats: int) -> float | None:
 
 def naive_sync(chunks, arch, engine, dtype: torch.dtype) -> None:
     """Gather each tensor's TP shards, convert to HF, gather the state to one rank, broadcast, load."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from megatron_rpt.bridge.layouts import hf_from_tp_shards
-    from megatron_rpt.bridge.name_maps import NameMap, named_parameters_global
-
     names = NameMap(arch)
     tp_group, tp = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
     hf: dict[str, torch.Tensor] = {}
@@ -191,13 +192,6 @@ def timed_sync(bridge, engine, device: str):
 def run_layout(tp: int, pp: int, dtype_name: str, bucket_mb: float, repeats: int, model: str = "small",
                model_dtype: str = "fp32") -> dict:
     """One layout on this rank (called on every rank by ``spawn``)."""
-    from megatron_rpt.bridge import WeightBridge
-    from megatron_rpt.config import ModelConfig, ParallelConfig
-    from megatron_rpt.distributed import init_distributed
-    from megatron_rpt.model.build import build_model_chunks
-    from megatron_rpt.model.hf_config import arch_from_dict
-    from megatron_rpt.rollout import BuiltinEngine
-
     init_distributed(tp, pp)
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     arch = arch_from_dict(MODELS[model])
@@ -280,14 +274,6 @@ def run_layout(tp: int, pp: int, dtype_name: str, bucket_mb: float, repeats: int
 
 def run_vllm_layout(tp: int, pp: int, dtype_name: str, bucket_mb: float, repeats: int, model_dir: str) -> dict:
     """One layout pushed into one TP=1 vLLM engine per rank (called on every rank by ``spawn``)."""
-    from megatron_rpt.bridge import WeightBridge
-    from megatron_rpt.config import ModelConfig, ParallelConfig
-    from megatron_rpt.distributed import init_distributed
-    from megatron_rpt.model.build import build_model_chunks
-    from megatron_rpt.model.hf_config import arch_from_dict
-    from megatron_rpt.rollout import BuiltinEngine
-    from megatron_rpt.rollout.vllm_engine import VLLMEngine
-
     init_distributed(tp, pp)
     arch = arch_from_dict(MODELS["small"])
     dtype = DTYPES[dtype_name]
@@ -330,8 +316,6 @@ def run_vllm_layout(tp: int, pp: int, dtype_name: str, bucket_mb: float, repeats
 
 def write_model_dir(path: Path) -> None:
     """config.json of the small model: all vLLM needs with dummy weights and no tokenizer."""
-    from transformers import Qwen2Config
-
     model = MODELS["small"]
     config = Qwen2Config(**{k: v for k, v in model.items() if k not in ("architectures", "model_type")},
                          bos_token_id=None, eos_token_id=None)
@@ -361,8 +345,6 @@ def mb(n: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from megatron_rpt.distributed import spawn
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layouts", default="1x1,1x1:bf16,2x1,1x2", help="TPxPP[:fp32|bf16], comma separated")
     parser.add_argument("--vllm-layouts", default="", help="the same into vLLM's CPU build, e.g. 1x1,2x1")

@@ -38,6 +38,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from megatron_rpt.config import ModelConfig
+from megatron_rpt.distributed import process_group_backend
+from megatron_rpt.model.build import fusion_settings
+from megatron_rpt.model.specs import fp8_hardware_problem
+from megatron_rpt.toy import ALPHABET, prepare_toy
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -65,11 +72,6 @@ def _versions() -> dict[str, str | None]:
 
 
 def env_stage(dry: bool) -> dict[str, Any]:
-    from megatron_rpt.config import ModelConfig
-    from megatron_rpt.distributed import process_group_backend
-    from megatron_rpt.model.build import fusion_settings
-    from megatron_rpt.model.specs import fp8_hardware_problem
-
     cuda = torch.cuda.is_available()
     if not cuda and not dry:
         raise RuntimeError("no CUDA device: run benchmarks/gpu.sh on a GPU machine, or with --dry-run")
@@ -147,8 +149,6 @@ def _run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> d
 
 
 def _random_qwen2(out: Path, shape: dict[str, Any]) -> Path:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     config = Qwen2Config(max_position_embeddings=2048, tie_word_embeddings=False, **shape)
     config.architectures = ["Qwen2ForCausalLM"]
     torch.manual_seed(0)
@@ -175,8 +175,6 @@ def convert_stage(dry: bool, work: Path, timeout: float) -> dict[str, Any]:
 
 
 def train_stage(dry: bool, work: Path, timeout: float, peak_tflops: float) -> dict[str, Any]:
-    from megatron_rpt.toy import ALPHABET, prepare_toy
-
     toy = prepare_toy(work / "toy", num_docs=64 if dry else 256, doc_len=40 if dry else 1100)
     vocab = len(ALPHABET) + 1  # the toy tokenizer's letters + end of text
     config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": vocab,

@@ -91,7 +91,7 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
 def train(args: argparse.Namespace, name: str, sets: list[str]) -> tuple[Path, list[dict], float]:
     """One training run in its own process (as a user runs it); (checkpoint dir, metric rows, seconds)."""
     run = Path(args.out) / name
-    cmd = [sys.executable, "-m", "megatron_rpt.train", "--config", "configs/tiny_cpu.yaml", "--resume", "none"]
+    cmd = [sys.executable, "-m", "megatron_rpt.trainer", "--config", "configs/tiny_cpu.yaml", "--resume", "none"]
     for s in [*common_overrides(args), f"logging.dir={run}", f"checkpoint.dir={run / 'ckpt'}",
               "checkpoint.save_interval=0", "logging.progress_bar=false", "logging.tensorboard=false",
               "logging.save_rollouts=false", "train.eval_interval=0", *sets]:
@@ -138,7 +138,7 @@ def evaluate(cfg: Any, out: Path, name: str, hf_dir: Path | None = None, ckpt: P
     """One model (an HF dir or a Megatron checkpoint) in both modes; (report, validation set).
     Its engine is closed afterwards, so the next model's vLLM engine starts clean."""
     from megatron_rpt.distributed import destroy_distributed
-    from megatron_rpt.eval.loading import load_hf_model, load_megatron_model
+    from megatron_rpt.eval.engine_loading import load_hf_model, load_megatron_model
     from megatron_rpt.eval.report import write_report
     from megatron_rpt.eval.runner import run_evaluation
 

@@ -537,7 +537,8 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Fal
         if cfg.train.objective == "ntp" and cfg.ntp.sequences_per_step % dp:
             raise ConfigError(f"ntp.sequences_per_step={cfg.ntp.sequences_per_step} is not divisible by the "
                               f"data-parallel size {dp}; make it a multiple of {dp}")
-        from megatron_rpt.rollout.layout import check_rollout_layout  # keeps config import-light
+        # lazy: cycle config <-> rollout.layout, and loading a config imports no torch until here
+        from megatron_rpt.rollout.layout import check_rollout_layout
 
         check_rollout_layout(cfg, world)
     if cfg.optim.cpu_offload and not p.distributed_optimizer:
@@ -562,7 +563,7 @@ def _is_local_dir(value: str | None) -> bool:
 
 
 def _validate_against_architecture(cfg: Config) -> None:
-    from megatron_rpt.model.hf_config import check_parallel_layout, load_hf_config  # keeps config import-light
+    from megatron_rpt.model.hf_config import check_parallel_layout, load_hf_config  # lazy: cycle config <-> hf_config
 
     key = "model.hf_config" if cfg.model.hf_config else "model.hf_checkpoint"
     path = Path(cfg.model.hf_config or cfg.model.hf_checkpoint or "")
@@ -591,7 +592,7 @@ def _validate_paths(cfg: Config) -> None:
                 raise ConfigError(f"data.mixture corpus {corpus.name!r}: paths[{i}]={value!r} does not exist; "
                                   "fix the path")
     if cfg.rollout.engine == "vllm":
-        from megatron_rpt.rollout import check_vllm_start  # keeps config import-light
+        from megatron_rpt.rollout import check_vllm_start  # lazy: cycle config <-> rollout; rollout imports torch
 
         check_vllm_start(cfg)
 

@@ -2,8 +2,8 @@
 
 Owns :class:`UserError`. A bad config value, a damaged checkpoint, an existing output directory
 or a run that diverged is not a bug in megatron-rpt, so its message (the condition, both values
-and the fix) is the whole report: ``train.py``, ``evaluate.py`` and the tools print
-``error: <message>`` and exit non-zero instead of a traceback. Anything else is a bug and keeps
+and the fix) is the whole report: ``python -m megatron_rpt.trainer``, ``python -m megatron_rpt.eval``
+and the tools print ``error: <message>`` and exit non-zero instead of a traceback. Anything else is a bug and keeps
 its traceback.
 """
 

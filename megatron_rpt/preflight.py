@@ -23,6 +23,7 @@ import sys
 import torch
 
 from megatron_rpt.config import Config, ConfigError, load_config
+from megatron_rpt.trainer.__main__ import parse_args as trainer_args
 
 
 def _import_error(module: str) -> str | None:
@@ -73,8 +74,6 @@ def check_node(cfg: Config, gpus: int) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_rpt.train import parse_args as trainer_args  # the same command line as the trainer
-
     parser = argparse.ArgumentParser(prog="python -m megatron_rpt.preflight", add_help=True)
     parser.add_argument("--gpus", type=int, default=0, help="GPUs this node must have (0: a CPU run)")
     own, rest = parser.parse_known_args(argv)

@@ -19,6 +19,10 @@ import random
 import shutil
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
 from megatron_rpt.atomic import atomic_output_dir
 
 ALPHABET = "abcdefghijklmnop"
@@ -26,9 +30,6 @@ EOS = "<|endoftext|>"
 
 
 def _tokenizer(out: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {ch: i for i, ch in enumerate(ALPHABET)}
     vocab[EOS] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
@@ -39,9 +40,6 @@ def _tokenizer(out: Path) -> None:
 
 
 def _model(out: Path, vocab_size: int, eos_id: int, seed: int) -> None:
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

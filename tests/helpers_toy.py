@@ -1,4 +1,4 @@
-"""Running the toy trainer as a user does (``python -m megatron_rpt.train``), for fault-injection tests."""
+"""Running the toy trainer as a user does (``python -m megatron_rpt.trainer``), for fault-injection tests."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def toy_env(toy: Path) -> dict[str, str]:
 
 
 def train_args(run: Path, ckpt: Path | None, *sets: str, resume: str = "auto") -> list[str]:
-    args = ["-m", "megatron_rpt.train", "--config", "configs/toy_learn.yaml", "--resume", resume]
+    args = ["-m", "megatron_rpt.trainer", "--config", "configs/toy_learn.yaml", "--resume", resume]
     common = [f"logging.dir={run}", "logging.progress_bar=false", "logging.tensorboard=false",
               "train.eval_interval=0", f"checkpoint.dir={ckpt if ckpt is not None else 'null'}"]
     for s in [*common, *sets]:

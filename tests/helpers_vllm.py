@@ -51,9 +51,9 @@ def megatron_policy(cfg: Any, model_dir: Path, optimizer: bool = False) -> Any:
     ``init_distributed`` must have been called with ``cfg.parallel``'s sizes."""
     from megatron_rpt.model.build import build_model_chunks
     from megatron_rpt.model.hf_config import load_hf_config
-    from megatron_rpt.model.loading import load_hf_into_model
     from megatron_rpt.trainer.optimizer import build_optimizer, wrap_ddp
     from megatron_rpt.trainer.policy import MegatronPolicy
+    from megatron_rpt.weights.load import load_hf_into_model
 
     arch = load_hf_config(model_dir)
     chunks = build_model_chunks(arch, cfg.model, cfg.parallel)

@@ -95,7 +95,7 @@ def _load(ckpt: str, tp: int = 1, pp: int = 1, ep: int = 1, vp: int | None = Non
     from megatron_rpt.distributed import init_distributed
     from megatron_rpt.model.build import build_model_chunks
     from megatron_rpt.model.hf_config import load_hf_config
-    from megatron_rpt.model.loading import load_hf_into_model
+    from megatron_rpt.weights.load import load_hf_into_model
 
     parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep, virtual_pipeline=vp,
                               **(extra or {}))
@@ -190,8 +190,8 @@ def _worker(ckpts: dict[str, str]) -> dict:
     import torch.distributed as dist
 
     from megatron_rpt.bridge import WeightBridge
-    from megatron_rpt.checkpoint.parity import megatron_logits
     from megatron_rpt.topology import Topology
+    from megatron_rpt.weights.parity import megatron_logits
 
     out: dict = {}
     for case, (ckpt, tp, pp, ep, vp) in LAYOUTS.items():
@@ -285,7 +285,7 @@ def test_stream_is_the_original_safetensors_bit_for_bit(runs, original, case):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [c for c, layout in LAYOUTS.items() if layout[3] == 1 and layout[4] is None])
 def test_megatron_logits_equal_transformers_on_the_original(runs, checkpoints, case):
-    from megatron_rpt.checkpoint.parity import hf_logits
+    from megatron_rpt.weights.parity import hf_logits
 
     expected = hf_logits(checkpoints[_ckpt(case)], TOKENS)  # transformers' own forward, float32, eager
     got = [r[case]["logits"] for r in runs if r[case]["logits"] is not None]

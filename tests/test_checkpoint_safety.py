@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 from helpers_toy import REPO, error_line, listing, metrics, toy_env, train
 
-from megatron_rpt.checkpoint.hf_io import CheckpointError
 from megatron_rpt.config import ConfigError, load_config
 from megatron_rpt.toy import prepare_toy
 from megatron_rpt.trainer.checkpointing import prune
@@ -27,6 +26,7 @@ from megatron_rpt.trainer.ckpt_manifest import verify_manifest
 from megatron_rpt.trainer.metrics import drop_rows_after
 from megatron_rpt.trainer.resume import plan_resume
 from megatron_rpt.trainer.run_lock import DirLock
+from megatron_rpt.weights.hf_io import CheckpointError
 
 pytestmark = pytest.mark.slow
 BASE_SETS = ("train.steps=4", "checkpoint.save_interval=2", "checkpoint.keep_last=3")
@@ -331,13 +331,13 @@ def _diverge(toy: str, root: str, how: str) -> str:
 
     from megatron_rpt.bridge.name_maps import unwrap
     from megatron_rpt.errors import TrainingDiverged
-    from megatron_rpt.trainer import loop
+    from megatron_rpt.trainer.trainer import Trainer
 
     os.environ["RPT_TOY_DIR"] = toy
     cfg = load_config(REPO / "configs/toy_learn.yaml", [
         f"logging.dir={root}/run", "logging.progress_bar=false", "logging.tensorboard=false", "train.steps=6",
         "train.eval_interval=0", f"checkpoint.dir={root}/ckpt", "checkpoint.save_interval=2"])
-    trainer = loop.Trainer(cfg, resume="none")
+    trainer = Trainer(cfg, resume="none")
     if how == "nan_weights":  # a NaN in the policy's weights after step 2's sync: the engine still samples
         real_sync, calls = trainer.sync_weights, []
 
@@ -346,7 +346,7 @@ def _diverge(toy: str, root: str, how: str) -> str:
             calls.append(1)
             if len(calls) == 3:  # the initial sync, then steps 1 and 2
                 with torch.no_grad():
-                    decoder = unwrap(trainer.policy.model[0]).decoder  # HybridModel (0.19) names it final_norm
+                    decoder = unwrap(trainer.policy.chunks[0]).decoder  # HybridModel (0.19) names it final_norm
                     (getattr(decoder, "final_layernorm", None) or decoder.final_norm).weight.fill_(math.nan)
             return out
 

@@ -19,7 +19,7 @@ from helpers_models import LLAMA3_ROPE_SCALING, make_tiny_hf_checkpoint
 sys.path.insert(0, str(REPO / "tools"))
 import convert as convert_cli  # noqa: E402  (tools/convert.py)
 
-from megatron_rpt.checkpoint.hf_io import HFCheckpointReader  # noqa: E402
+from megatron_rpt.weights.hf_io import HFCheckpointReader  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

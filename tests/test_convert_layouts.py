@@ -29,12 +29,12 @@ from megatron_rpt.bridge.layouts import (
     tp_slice_ranges,
 )
 from megatron_rpt.bridge.name_maps import Layout, NameMap
-from megatron_rpt.checkpoint.hf_io import CheckpointError, HFCheckpointReader, HFShardWriter, parse_size
 from megatron_rpt.config import ConfigError
 from megatron_rpt.model.build import hybrid_layer_pattern, padded_vocab_size
 from megatron_rpt.model.hf_config import arch_from_dict
-from megatron_rpt.model.loading import validate_hf_checkpoint
 from megatron_rpt.model.mcore_compat import ModelClass
+from megatron_rpt.weights.hf_io import CheckpointError, HFCheckpointReader, HFShardWriter, parse_size
+from megatron_rpt.weights.load import validate_hf_checkpoint
 
 BASE = dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, head_dim=16,
             intermediate_size=160, vocab_size=1000)

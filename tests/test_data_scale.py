@@ -217,7 +217,7 @@ def test_trainer_trains_on_the_prepared_mixture(env, tmp_path):
     sets = [f"data.prepared={prepared}", f"logging.dir={run}", "checkpoint.dir=null", "logging.progress_bar=false",
             "logging.tensorboard=false", "train.steps=2", "rl.prompts_per_step=4", "rollout.samples_per_prompt=2",
             "data.max_positions_per_doc=1"]
-    cmd = [sys.executable, "-m", "megatron_rpt.train", "--config", str(env["config"]), "--resume", "none"]
+    cmd = [sys.executable, "-m", "megatron_rpt.trainer", "--config", str(env["config"]), "--resume", "none"]
     for s in sets:
         cmd += ["--set", s]
     proc = subprocess.run(cmd, cwd=REPO, env=dict(subprocess_env(), RPT_CACHE_DIR=str(tmp_path / "cache")),

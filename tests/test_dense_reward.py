@@ -52,9 +52,9 @@ def _worker(toy_dir: str) -> dict:
     from megatron_rpt.distributed import init_distributed
     from megatron_rpt.model.build import build_model_chunks
     from megatron_rpt.model.hf_config import load_hf_config
-    from megatron_rpt.model.loading import load_hf_into_model
     from megatron_rpt.trainer.dense_reward import apply_policy_rewards, first_token_probabilities
     from megatron_rpt.trainer.policy import MegatronPolicy
+    from megatron_rpt.weights.load import load_hf_into_model
 
     init_distributed(1, 2)  # two pipeline stages: only the last one computes the logits
     cfg = Config()
@@ -115,7 +115,7 @@ def test_conditional_dense_trains_on_the_toy(toy, tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, RPT_TOY_DIR=str(toy), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    args = [sys.executable, "-m", "megatron_rpt.train", "--config", "configs/toy_learn.yaml", "--resume", "none"]
+    args = [sys.executable, "-m", "megatron_rpt.trainer", "--config", "configs/toy_learn.yaml", "--resume", "none"]
     for s in [f"logging.dir={run}", "logging.progress_bar=false", "train.steps=2", "train.eval_interval=0",
               "rl.reward=conditional_dense"]:
         args += ["--set", s]

@@ -109,7 +109,7 @@ def _trainer_under_device_check(toy: str, run: str, layout: list[str]) -> dict:
     os.environ["RPT_TOY_DIR"] = toy
     seen, violations = _install_device_check(process_group_backend(cuda=True))
     from megatron_rpt.config import load_config
-    from megatron_rpt.trainer.loop import Trainer
+    from megatron_rpt.trainer.trainer import Trainer
 
     cfg = load_config(REPO / "configs/toy_learn.yaml",
                       [f"logging.dir={run}", "logging.progress_bar=false", "train.steps=2", "train.eval_interval=1",

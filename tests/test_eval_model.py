@@ -89,7 +89,7 @@ logging: {{dir: {root / 'run'}}}
 
 @pytest.fixture(scope="module")
 def loaded(tiny):
-    from megatron_rpt.eval.loading import load_hf_model
+    from megatron_rpt.eval.engine_loading import load_hf_model
 
     cfg = load_config(tiny.cfg_path, validate_paths=False)
     return cfg, load_hf_model(cfg, tiny.model_dir, name="tiny")
@@ -202,7 +202,7 @@ def test_heldout_positions_caps_and_document_scorer(tiny, loaded):
 
 @pytest.fixture(scope="module")
 def hf_run(tiny):
-    from megatron_rpt.evaluate import main
+    from megatron_rpt.eval.__main__ import main
 
     out = tiny.root / "out_hf"
     assert main(["--config", str(tiny.cfg_path), "--hf", str(tiny.model_dir), "--out", str(out),
@@ -251,10 +251,22 @@ def test_cli_hf_matches_independent_reference(tiny, hf_run):
     assert (hf_run / "eval.md").read_text().startswith("# Next-token prediction accuracy")
 
 
-def _megatron_eval_worker(cfg_path: str, ckpt_root: str, out: str) -> int:
-    from megatron_rpt.evaluate import main
+def _megatron_eval_worker(cfg_path: str, ckpt_root: str, out: str) -> tuple[int, bool, bool]:
+    """The CLI's exit code, and whether the process group the Megatron load creates is gone after a
+    block that failed (so the next load in this process can start) and after the CLI."""
+    import torch.distributed as dist
 
-    return main(["--config", cfg_path, "--ckpt", ckpt_root, "--out", out, "--mode", "standard", "--quiet"])
+    from megatron_rpt.eval.__main__ import main
+    from megatron_rpt.eval.engine_loading import model_in_engine
+
+    cfg = load_config(cfg_path, [], validate_paths=False)
+    with pytest.raises(ValueError, match="inside the block"):
+        with model_in_engine(cfg, None, ckpt_root):
+            assert dist.is_initialized()
+            raise ValueError("inside the block")
+    torn_down_after_error = not dist.is_initialized()
+    rc = main(["--config", cfg_path, "--ckpt", ckpt_root, "--out", out, "--mode", "standard", "--quiet"])
+    return rc, torn_down_after_error, not dist.is_initialized()
 
 
 @pytest.mark.slow
@@ -263,7 +275,8 @@ def test_cli_megatron_checkpoint_matches_hf(tiny, hf_run, two_rank_run):
     from megatron_rpt.distributed import spawn
 
     out = tiny.root / "out_mcore"
-    assert spawn(_megatron_eval_worker, 1, str(tiny.cfg_path), str(two_rank_run.ckpt_root), str(out)) == [0]
+    assert spawn(_megatron_eval_worker, 1, str(tiny.cfg_path), str(two_rank_run.ckpt_root), str(out)) == [
+        (0, True, True)]
     ours, ref = _positions(out), _positions(hf_run)
     assert [r["standard_prediction"] for r in ours] == [r["standard_prediction"] for r in ref]
     assert [r["entropy"] for r in ours] == pytest.approx([r["entropy"] for r in ref], abs=1e-4)
@@ -274,7 +287,7 @@ def test_cli_megatron_checkpoint_matches_hf(tiny, hf_run, two_rank_run):
 
 
 def test_cli_bad_paths(tiny, tmp_path, capsys):
-    from megatron_rpt.evaluate import main
+    from megatron_rpt.eval.__main__ import main
 
     base = ["--config", str(tiny.cfg_path), "--quiet", "--out", str(tmp_path / "o")]
     assert main(base + ["--hf", str(tmp_path / "missing")]) == 2
@@ -301,16 +314,16 @@ def _two_rank_worker(cfg_path: str, hf_dir: str, log_dir: str, ckpt_root: str) -
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_rpt.checkpoint.model_ckpt import save_model_checkpoint
     from megatron_rpt.config import ModelConfig, ParallelConfig
     from megatron_rpt.distributed import init_distributed
     from megatron_rpt.eval import evaluate_during_training
-    from megatron_rpt.eval.loading import load_hf_model
+    from megatron_rpt.eval.engine_loading import load_hf_model
     from megatron_rpt.model.build import build_model_chunks
     from megatron_rpt.model.hf_config import load_hf_config
-    from megatron_rpt.model.loading import load_hf_into_model
     from megatron_rpt.rollout.layout import RolloutLayout
     from megatron_rpt.topology import Topology
+    from megatron_rpt.weights.load import load_hf_into_model
+    from megatron_rpt.weights.megatron_ckpt import save_model_checkpoint
 
     init_distributed(1, 1)  # data-parallel size 2
     cfg = load_config(cfg_path, [f"logging.dir={log_dir}"], validate_paths=False)

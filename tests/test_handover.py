@@ -59,7 +59,7 @@ def test_cpu_has_no_cache_to_release():
 def _trainer_step_events(toy: str, run: str) -> list[str]:
     os.environ["RPT_TOY_DIR"] = toy
     from megatron_rpt.config import load_config
-    from megatron_rpt.trainer.loop import Trainer
+    from megatron_rpt.trainer.trainer import Trainer
 
     cfg = load_config(REPO / "configs/toy_learn.yaml",
                       [f"logging.dir={run}", "logging.progress_bar=false", "train.steps=1", "train.eval_interval=0"])

@@ -23,10 +23,10 @@ import pytest
 import torch
 from conftest import REPO
 
-from megatron_rpt.checkpoint.hf_io import CheckpointError, HFCheckpointReader
-from megatron_rpt.checkpoint.interop import stored_keys, stored_model_class
 from megatron_rpt.distributed import spawn
 from megatron_rpt.model.mcore_compat import ModelClass, policy_model_class, read_common_state_in_torch_dist
+from megatron_rpt.weights.hf_io import CheckpointError, HFCheckpointReader
+from megatron_rpt.weights.interop import stored_keys, stored_model_class
 
 INTEROP = REPO / "tests" / "data" / "mcore_interop"
 FAMILIES = ("qwen2", "qwen3_moe")
@@ -39,12 +39,12 @@ def _interop_rank(out_root: str) -> dict:
     exists, i.e. everywhere)."""
     from dataclasses import replace
 
-    from megatron_rpt.checkpoint.convert import mcore_to_hf_rank
-    from megatron_rpt.checkpoint.model_ckpt import checkpoint_sharded_state_dict
     from megatron_rpt.config import ModelConfig, ParallelConfig
     from megatron_rpt.model.build import build_model
     from megatron_rpt.model.hf_config import load_hf_config
     from megatron_rpt.trainer import checkpointing
+    from megatron_rpt.weights.convert import mcore_to_hf_rank
+    from megatron_rpt.weights.megatron_ckpt import checkpoint_sharded_state_dict
 
     out: dict = {"exported": {}}
     for cls in ModelClass:

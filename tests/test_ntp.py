@@ -68,10 +68,10 @@ def _lm_worker(toy_dir: str) -> dict:
     from megatron_rpt.distributed import init_distributed
     from megatron_rpt.model.build import build_model_chunks
     from megatron_rpt.model.hf_config import load_hf_config
-    from megatron_rpt.model.loading import load_hf_into_model
     from megatron_rpt.trainer.ntp import lm_micro_batches
     from megatron_rpt.trainer.optimizer import build_optimizer, wrap_ddp
     from megatron_rpt.trainer.policy import MegatronPolicy
+    from megatron_rpt.weights.load import load_hf_into_model
 
     init_distributed(1, 1)
     cfg = Config()
@@ -112,7 +112,7 @@ def test_ntp_learns_the_toy_task(toy, tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, RPT_TOY_DIR=str(toy), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    args = [sys.executable, "-m", "megatron_rpt.train", "--config", "configs/toy_learn.yaml", "--resume", "none"]
+    args = [sys.executable, "-m", "megatron_rpt.trainer", "--config", "configs/toy_learn.yaml", "--resume", "none"]
     for s in [f"logging.dir={run}", "logging.progress_bar=false", "train.objective=ntp", "train.steps=30",
               "train.eval_interval=30", "ntp.seq_length=32", "ntp.sequences_per_step=16", "ntp.micro_batch_size=8",
               f"eval.scorer_model={toy / 'model'}"]:  # the untrained model: every position is in the buckets

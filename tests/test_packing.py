@@ -151,9 +151,9 @@ def _samples() -> list[tuple[list[int], list[int]]]:
 
 def _policy(cfg, arch, model_dir):
     from megatron_rpt.model.build import build_model_chunks
-    from megatron_rpt.model.loading import load_hf_into_model
     from megatron_rpt.trainer.optimizer import build_optimizer, wrap_ddp
     from megatron_rpt.trainer.policy import MegatronPolicy
+    from megatron_rpt.weights.load import load_hf_into_model
 
     chunks = build_model_chunks(arch, cfg.model, cfg.parallel)
     load_hf_into_model(chunks, model_dir, arch)
@@ -211,7 +211,7 @@ def _run_layout(name: str, model_dir: str) -> dict:
         metrics = policy.train_step(micro, int(tokens), int(seqs))
         out[f"{kind}_metrics"] = metrics
         out[f"{kind}_params"] = {_global_expert_name(n, p.expert_parallel, arch.num_experts): t.detach().clone()
-                                 for c in policy.model for n, t in c.named_parameters()}
+                                 for c in policy.chunks for n, t in c.named_parameters()}
     return out
 
 

@@ -21,8 +21,8 @@ import torch
 from conftest import REPO
 from helpers_models import LLAMA3_ROPE_SCALING, make_tiny_hf_checkpoint
 
-from megatron_rpt.checkpoint.parity import hf_logits, megatron_logits_rank, random_tokens
 from megatron_rpt.distributed import spawn
+from megatron_rpt.weights.parity import hf_logits, megatron_logits_rank, random_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def qwen2_tp2_checkpoint(models, tmp_path_factory) -> Path:
-    from megatron_rpt.checkpoint.convert import ConvertSettings, hf_to_mcore
+    from megatron_rpt.weights.convert import ConvertSettings, hf_to_mcore
 
     out = tmp_path_factory.mktemp("parity_ckpt") / "qwen2_tp2"
     return hf_to_mcore(models["qwen2"], out, ConvertSettings(tensor_parallel=2, progress=False))

@@ -84,7 +84,7 @@ def _writing(pid: int) -> list[psutil.Process]:
     """The trainer's descendants, if a forked checkpoint writer (same command line) is among them."""
     procs = _descendants(pid)
     try:
-        forked = [p for p in procs if "megatron_rpt.train" in " ".join(p.cmdline())]
+        forked = [p for p in procs if "megatron_rpt.trainer" in " ".join(p.cmdline())]
     except psutil.Error:
         return []
     return procs if forked else []

@@ -186,7 +186,7 @@ def _cfg(*overrides: str):
 
 
 def test_context_parallel_config_errors():
-    from megatron_rpt.trainer.loop import Trainer
+    from megatron_rpt.trainer.trainer import Trainer
 
     check_context_parallel_config(_cfg("parallel.context_parallel=1"))
     # packing (the default) with CP is refused whatever the machine

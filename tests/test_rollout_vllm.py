@@ -72,7 +72,7 @@ def _parity(model_dir: Path, update: bool = False) -> dict:
     policy = megatron_policy(small_config(), model_dir, optimizer=update)
     torch.set_num_threads(2)  # what the trainer runs with; vLLM would set 1 "for serving"
     engine = vllm_engine(model_dir)
-    bridge = WeightBridge(policy.model, policy.arch, bucket_mb=1, dtype=torch.float32)
+    bridge = WeightBridge(policy.chunks, policy.arch, bucket_mb=1, dtype=torch.float32)
     res: dict = {"sync": asdict(bridge.sync(engine)), "retains": engine.retains_pushed_tensors,
                  "torch_threads": torch.get_num_threads()}
     short = prompts(3, 12, seed=1, vocab=policy.arch.vocab_size)

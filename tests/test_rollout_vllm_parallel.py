@@ -53,7 +53,7 @@ def _policy_and_bridge(model_dir: Path, **parallel):
 
     init_distributed(parallel.get("tp", 1), parallel.get("pp", 1), 1, parallel.get("ep", 1))
     policy = megatron_policy(small_config(**parallel), model_dir)
-    return policy, WeightBridge(policy.model, policy.arch, bucket_mb=BUCKET_MB, dtype=torch.float32)
+    return policy, WeightBridge(policy.chunks, policy.arch, bucket_mb=BUCKET_MB, dtype=torch.float32)
 
 
 def _worker(tmp: str) -> dict:

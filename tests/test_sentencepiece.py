@@ -87,7 +87,7 @@ def test_entropy_filter_prepares_data_with_it(llama_dir, tmp_path):
 
 def _train(model_dir: str, run: str) -> list[dict]:
     from megatron_rpt.config import load_config
-    from megatron_rpt.trainer.loop import Trainer
+    from megatron_rpt.trainer.trainer import Trainer
 
     os.environ["RPT_TOY_DIR"] = str(Path(model_dir).parent)  # unused paths of the toy config
     cfg = load_config(REPO / "configs/toy_learn.yaml", [

@@ -37,7 +37,7 @@ GPU_RECIPES = {
 }
 LAUNCH_LIB = REPO / "examples" / "lib" / "launch.sh"
 
-# Stand-in for megatron_rpt.train, to test the launcher alone: records its argv and
+# Stand-in for megatron_rpt.trainer, to test the launcher alone: records its argv and
 # environment; with STUB_WAIT_FOR_SIGNAL=1 on the first run it waits for a signal, then
 # "checkpoints" (writes a file) and exits 0 the way the trainer does after saving.
 STUB_TRAINER = r'''

@@ -35,11 +35,11 @@ def toy_dir(tmp_path_factory) -> Path:
 def _one_step(toy: str, run: str) -> dict:
     os.environ["RPT_TOY_DIR"] = toy
     from megatron_rpt.config import load_config
-    from megatron_rpt.trainer import loop
+    from megatron_rpt.trainer.trainer import Trainer
 
     cfg = load_config(REPO / "configs/toy_learn.yaml",
                       [f"logging.dir={run}", "logging.progress_bar=false", "train.steps=1", "train.eval_interval=0"])
-    trainer = loop.Trainer(cfg, resume=None)
+    trainer = Trainer(cfg, resume=None)
     seen: dict = {"groups": [], "micro": []}
     mini_batches, train_step = trainer._mini_batches, trainer.policy.train_step
 

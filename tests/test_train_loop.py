@@ -44,7 +44,7 @@ def _env(toy: Path) -> dict[str, str]:
 def _train(toy: Path, run: Path, *overrides: str, nproc: int = 1, resume: str = "none",
            timeout: int = 300) -> subprocess.CompletedProcess:
     sets = [f"logging.dir={run}", "logging.progress_bar=false", *overrides]
-    args = ["-m", "megatron_rpt.train", "--config", "configs/toy_learn.yaml", "--resume", resume]
+    args = ["-m", "megatron_rpt.trainer", "--config", "configs/toy_learn.yaml", "--resume", resume]
     for s in sets:
         args += ["--set", s]
     if nproc > 1:
@@ -112,12 +112,12 @@ def _run_sabotaged(toy: str, run: str, sabotage: str, engine: str = "builtin") -
     """Module-level so that ``spawn`` can import it: the toy run with one deliberate bug."""
     os.environ["RPT_TOY_DIR"] = toy
     from megatron_rpt.config import load_config
-    from megatron_rpt.trainer import loop
+    from megatron_rpt.trainer.trainer import Trainer
 
     cfg = load_config(REPO / "configs/toy_learn.yaml",
                       [f"logging.dir={run}", "logging.progress_bar=false", "train.steps=30", "train.eval_interval=0",
                        f"rollout.engine={engine}"])
-    trainer = loop.Trainer(cfg, resume=None)
+    trainer = Trainer(cfg, resume=None)
     if sabotage == "no_sync":
         real_sync, calls = trainer.bridge.sync, []
 
@@ -223,7 +223,7 @@ def test_sigterm_saves_and_resume_continues_exactly(toy_dir, tmp_path, engine):
     # Interrupted run: SIGTERM once two steps are logged, as SLURM does before a preemption.
     run = tmp_path / "interrupted"
     ckpt = tmp_path / "ckpt"
-    args = [sys.executable, "-m", "megatron_rpt.train", "--config", "configs/toy_learn.yaml", "--resume", "auto"]
+    args = [sys.executable, "-m", "megatron_rpt.trainer", "--config", "configs/toy_learn.yaml", "--resume", "auto"]
     for s in [f"logging.dir={run}", "logging.progress_bar=false", f"checkpoint.dir={ckpt}", *common,
               "train.steps=1000"]:
         args += ["--set", s]
@@ -267,7 +267,7 @@ def test_main_job_config_on_tiny_model(shared, tmp_path):
     tokenizer = shared("tokenizers/qwen2_5")
     data = shared("data/omni_math_rule.jsonl")
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "megatron_rpt.train", "--config", "configs/tiny_cpu.yaml", "--resume", "auto"]
+    args = [sys.executable, "-m", "megatron_rpt.trainer", "--config", "configs/tiny_cpu.yaml", "--resume", "auto"]
     for s in [f"logging.dir={run}", f"checkpoint.dir={tmp_path / 'ckpt'}", "logging.progress_bar=false",
               "model.hf_checkpoint=auto:tiny-qwen2", f"model.tokenizer={tokenizer}", f"data.paths=[{data}]",
               "train.steps=2", "checkpoint.save_interval=1"]:
@@ -302,7 +302,7 @@ def test_main_job_without_vllm_says_how_to_install_it(toy_dir, tmp_path):
     run, ckpt = tmp_path / "run", tmp_path / "ckpt"
     # `import vllm` fails in the trainer's process, as on a machine without it.
     code = ("import runpy, sys; sys.modules['vllm'] = None; "
-            "runpy.run_module('megatron_rpt.train', run_name='__main__')")
+            "runpy.run_module('megatron_rpt.trainer', run_name='__main__')")
     args = [sys.executable, "-c", code, "--config", "configs/toy_learn.yaml"]
     for s in [f"logging.dir={run}", f"checkpoint.dir={ckpt}", "rollout.engine=vllm"]:
         args += ["--set", s]

@@ -54,7 +54,7 @@ def test_mini_batches_split_consecutive_samples_with_their_own_normalisers():
     (0, True, 12, 12, False, True),
 ])
 def test_one_save_decision_per_step(interval, on_exit, steps, step, stopping, due):
-    from megatron_rpt.trainer.loop import Trainer
+    from megatron_rpt.trainer.trainer import Trainer
 
     cfg = _cfg("checkpoint.dir=/tmp/unused", f"checkpoint.save_interval={interval}",
                f"checkpoint.save_on_exit={str(on_exit).lower()}", f"train.steps={steps}")

@@ -28,7 +28,7 @@ Layouts (all defined once in ``megatron_rpt/bridge/name_maps.py``):
 Memory: ``hf-to-mcore`` ranks read only their slices (``safetensors`` ``get_slice``); on CPU each
 rank's parameters live in memory-mapped scratch files (``<out>.scratch-XXXX``, removed at the
 end), so its anonymous RAM is the framework plus a few of the largest tensors, whatever the
-shard size (see ``megatron_rpt/checkpoint/convert.py``).
+shard size (see ``megatron_rpt/weights/convert.py``).
 ``mcore-to-hf`` holds one layer at a time and writes each tensor straight into its shard.
 
 Every bad input (missing shard or tensor, shape mismatch, unsupported architecture, TP not
@@ -46,6 +46,12 @@ import json
 import signal
 import sys
 from pathlib import Path
+
+from megatron_rpt.atomic import OutputExistsError
+from megatron_rpt.config import ConfigError
+from megatron_rpt.weights import convert
+from megatron_rpt.weights.hf_io import CheckpointError, parse_size
+from megatron_rpt.weights.parity import verify
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -107,8 +113,6 @@ def _worker_error(exc: RuntimeError) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_rpt.checkpoint import convert
-
     if args.command == "hf-to-mcore":
         settings = convert.ConvertSettings(
             tensor_parallel=args.tp, pipeline_parallel=args.pp, virtual_pipeline=args.vp, dtype=args.dtype,
@@ -118,14 +122,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"written": str(out), **convert.read_meta(out)}))
         return 0
     if args.command == "mcore-to-hf":
-        from megatron_rpt.checkpoint.hf_io import parse_size
-
         out = convert.mcore_to_hf(args.ckpt, args.out, dtype=args.dtype, hf_config=args.hf_config,
                                   max_shard_size=parse_size(args.max_shard_size), force=args.force,
                                   progress=not args.no_progress)
         print(json.dumps({"written": str(out)}))
         return 0
-    from megatron_rpt.checkpoint.parity import verify
 
     report = verify(args.hf, args.ckpt, tensor_parallel=args.tp, pipeline_parallel=args.pp, seq_len=args.seq_len,
                     batch=args.batch, seed=args.seed, atol=args.atol)
@@ -140,9 +141,6 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_rpt.atomic import OutputExistsError
-    from megatron_rpt.checkpoint.hf_io import CheckpointError
-    from megatron_rpt.config import ConfigError
 
     signal.signal(signal.SIGTERM, _interrupt)
     try:

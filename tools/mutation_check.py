@@ -46,7 +46,7 @@ class Mutant:
 
 
 MUTANTS = (
-    Mutant("advantages_across_prompts", "megatron_rpt/trainer/loop.py",
+    Mutant("advantages_across_prompts", "megatron_rpt/trainer/trainer.py",
            "group_advantages(rewards, normalize_std=cfg.rl.normalize_advantage_std).reshape(-1)",
            "group_advantages(rewards.T.contiguous(), normalize_std=cfg.rl.normalize_advantage_std).T.reshape(-1)",
            ("tests/test_train_invariants.py",),

@@ -31,6 +31,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch
+
+from megatron_rpt.config import ConfigError, DataConfig, load_config
+from megatron_rpt.data.entropy_filter import ProxyScorer
+from megatron_rpt.data.mixture import Mixture, single_corpus
+from megatron_rpt.data.run_state import resolve_worker
+from megatron_rpt.data.scoring import ScoringSettings, prepare
+from megatron_rpt.data.tokenizer import load_tokenizer
+from megatron_rpt.distributed import die_with_parent
 from megatron_rpt.errors import UserError  # noqa: E402
 
 
@@ -99,9 +108,6 @@ def check_args(args: argparse.Namespace) -> None:
 
 def resolve_inputs(args: argparse.Namespace):
     """(corpora, dedup, tokenizer dir, proxy dir, top_k, threshold, thresholds) from the flags and the config."""
-    from megatron_rpt.config import ConfigError, DataConfig, load_config
-    from megatron_rpt.data.mixture import single_corpus
-
     data, tokenizer = DataConfig(), args.tokenizer
     if args.config:
         cfg = load_config(args.config, args.set, validate_paths=False)
@@ -136,15 +142,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     check_args(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-    import torch
-
-    from megatron_rpt.data.entropy_filter import ProxyScorer
-    from megatron_rpt.data.mixture import Mixture
-    from megatron_rpt.data.run_state import resolve_worker
-    from megatron_rpt.data.scoring import ScoringSettings, prepare
-    from megatron_rpt.data.tokenizer import load_tokenizer
-    from megatron_rpt.distributed import die_with_parent
 
     corpora, dedup, tok_dir, proxy_dir, top_k, threshold, thresholds = resolve_inputs(args)
     worker, workers, how = resolve_worker(args.worker_id, args.num_workers)

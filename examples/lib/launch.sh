@@ -12,7 +12,7 @@
 #   * sourced by a recipe, which sets RPT_CONFIG (and NPROC_PER_NODE/GPUS_PER_NODE) and
 #     calls `rpt_launch "$@"`; trailing script arguments go to the trainer:
 #         mkdir -p logs && sbatch examples/rpt_14b.sh --set train.steps=10
-#   * executed by srun as `bash launch.sh node -m megatron_rpt.train ...` on each node
+#   * executed by srun as `bash launch.sh node -m megatron_rpt.trainer ...` on each node
 #     (internal): it execs torchrun for that node.
 # Outside SLURM (`bash examples/rpt_tiny_cpu.sh`) it runs one node locally, no srun.
 #
@@ -27,7 +27,7 @@
 #   RPT_RUNS_IN_REPO   1: default to <repo>/runs (small CPU smoke runs: rpt_tiny_cpu.sh sets it)
 #   RPT_PREFLIGHT      0: skip the per-node preflight (python -m megatron_rpt.preflight)
 #   RPT_EXTRA_ARGS     extra trainer arguments, word-split (e.g. "--set train.steps=2")
-#   RPT_TRAIN_MODULE   python module to run (default megatron_rpt.train)
+#   RPT_TRAIN_MODULE   python module to run (default megatron_rpt.trainer)
 #   RPT_TORCHRUN       torchrun executable (default torchrun; pick the venv's one)
 #   RPT_PYTHON         the python that torchrun runs (default python), to probe its torch
 #   RPT_MAX_REQUEUES   stop requeueing after this many restarts (default 20)
@@ -222,7 +222,7 @@ rpt_launch() {
     --set "checkpoint.dir=$run_dir/checkpoints" --set "logging.dir=$run_dir"
     "${extra[@]}" "$@"
   )
-  local -a trainer=(-m "${RPT_TRAIN_MODULE:-megatron_rpt.train}" "${args[@]}")
+  local -a trainer=(-m "${RPT_TRAIN_MODULE:-megatron_rpt.trainer}" "${args[@]}")
 
   echo "[rpt] $(date '+%F %T') job $job_id (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-$(hostname)}:" \
     "${RPT_NNODES} node(s) x ${NPROC_PER_NODE} rank(s); config $config; run dir $run_dir"

@@ -173,7 +173,7 @@ class _JsonlSource(_Source):
 
 class _ParquetSource(_Source):
     def __init__(self, path: Path, name: str):
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # lazy: optional dependency (pyarrow), Parquet only
 
         self.path, self.name = path, name
         try:
@@ -274,7 +274,7 @@ def _is_saved_dataset(path: Path) -> bool:
 
 
 def _load_saved_dataset(path: Path, split: str) -> Any:
-    import datasets
+    import datasets  # lazy: optional dependency (datasets), HF datasets only
 
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
@@ -309,7 +309,7 @@ def open_sources(paths: Sequence[str | os.PathLike] = (), hf_dataset: str | None
         if _is_saved_dataset(p):
             sources.append(_HFSource(_load_saved_dataset(p, hf_split), f"{p.name}/{hf_split}"))
         else:
-            import datasets
+            import datasets  # lazy: optional dependency (datasets), HF datasets only
 
             try:
                 ds = datasets.load_dataset(hf_dataset, split=hf_split, streaming=hf_streaming)

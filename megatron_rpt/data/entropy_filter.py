@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoModelForCausalLM
 
 from megatron_rpt.config import ConfigError
 
@@ -91,7 +92,7 @@ def pack_first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 def packing_supported() -> bool:
     """Whether this transformers turns restarting position_ids into a block-diagonal mask."""
     try:
-        from transformers import masking_utils
+        from transformers import masking_utils  # lazy: a feature probe (absent in older transformers)
     except ImportError:
         return False
     return hasattr(masking_utils, "find_packed_sequence_indices")
@@ -111,8 +112,6 @@ class ProxyScorer:
     def __init__(self, model_dir: str | os.PathLike, top_k: int = 16, device: str | torch.device | None = None,
                  dtype: torch.dtype | str | None = None, batch_tokens: int = 16384, max_seq_len: int = 4096,
                  attn_implementation: str = "sdpa"):
-        from transformers import AutoModelForCausalLM
-
         path = Path(model_dir)
         if not (path / "config.json").is_file():
             raise ConfigError(f"proxy model {str(model_dir)!r} is not a Hugging Face model directory "

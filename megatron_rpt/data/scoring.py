@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from megatron_rpt.atomic import write_json_atomic
 from megatron_rpt.config import ConfigError
@@ -137,8 +138,6 @@ def prepare(mixture: Mixture, tokenizer: Any, tokenizer_dir: str | os.PathLike, 
 def _score_own_shards(out: Path, mixture: Mixture, tokenizer: Any, proxy: ProxyScorer, settings: ScoringSettings,
                       worker: int, num_workers: int, progress: bool) -> int:
     """Score this worker's unfinished shards; return the length of the sequence."""
-    from tqdm import tqdm
-
     size = settings.shard_size
     done = read_progress(out)
     bar = tqdm(desc=f"worker {worker}/{num_workers} scoring", unit="doc", disable=not progress)

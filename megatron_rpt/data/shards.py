@@ -45,8 +45,8 @@ class ScoredDoc:
 
 def write_shard(path: Path, docs: Sequence[ScoredDoc]) -> None:
     """One Parquet shard, through a temporary sibling and one rename (removed when writing fails)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # lazy: optional dependency (pyarrow), Parquet only
+    import pyarrow.parquet as pq  # lazy: optional dependency (pyarrow), Parquet only
 
     table = pa.table({
         "doc_id": pa.array([d.doc_id for d in docs], pa.string()),
@@ -108,7 +108,7 @@ class PreparedCorpus:
 
     def doc_ids(self) -> list[str]:
         """Every document id of the prepared set, in manifest order (for the held-out split)."""
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # lazy: optional dependency (pyarrow), Parquet only
 
         ids: list[str] = []
         for s in self.manifest["shards"]:
@@ -132,7 +132,7 @@ class PreparedCorpus:
         self._cursor = dict(state["cursor"])
 
     def __iter__(self) -> Iterator[ScoredDoc]:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # lazy: optional dependency (pyarrow), Parquet only
 
         files = self.manifest["shards"]
         offsets = np.cumsum([0] + [files[i]["docs"] for i in self._order])

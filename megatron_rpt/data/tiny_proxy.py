@@ -8,9 +8,11 @@ top-16 entropies spread over the easy/medium/hard range instead of all sitting a
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 __all__ = ["make_tiny_proxy"]
 
@@ -18,8 +20,6 @@ __all__ = ["make_tiny_proxy"]
 def make_tiny_proxy(out_dir: str | os.PathLike, vocab_size: int = 151665, hidden_size: int = 32,
                     num_layers: int = 1, init_std: float = 1.5, seed: int = 0) -> Path:
     """Write a random ``Qwen2ForCausalLM`` (safetensors + config.json) to ``out_dir``; return the path."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     cfg = Qwen2Config(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1,
@@ -34,8 +34,6 @@ def make_tiny_proxy(out_dir: str | os.PathLike, vocab_size: int = 151665, hidden
 
 
 if __name__ == "__main__":
-    import sys
-
     if len(sys.argv) != 2:
         raise SystemExit("usage: python -m megatron_rpt.data.tiny_proxy OUT_DIR  (a tiny random Qwen2 proxy, "
                          "Qwen2.5 vocabulary)")

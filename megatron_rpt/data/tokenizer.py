@@ -28,6 +28,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from megatron_rpt.config import ConfigError
@@ -71,8 +72,6 @@ def _unicode_to_bytes() -> dict[str, int]:
 
 def _char_tokenizer(config: dict[str, Any]) -> PreTrainedTokenizerFast:
     """The character tokenizer of verl's test models (ids: S=0, E=1, P=2, U=3, characters from 4)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
     chars = [chr(c) for c in config["char_ords"]]
     vocab = {"S": 0, "E": 1, "P": 2, "U": 3}
     for i, ch in enumerate(chars):
@@ -159,7 +158,7 @@ def _load_sentencepiece(directory: Path) -> PreTrainedTokenizerBase:
     library itself is the ground truth: the first conversion that encodes a probe text to its
     ids is used (AutoTokenizer, then the Llama layout: Metaspace, prepend first, byte fallback).
     """
-    import sentencepiece  # optional at import time: only SentencePiece-only directories need it
+    import sentencepiece  # lazy: optional dependency; only SentencePiece-only directories need it
 
     want = sentencepiece.SentencePieceProcessor(model_file=str(directory / "tokenizer.model")).encode(
         _SENTENCEPIECE_PROBE)

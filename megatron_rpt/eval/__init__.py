@@ -2,7 +2,8 @@
 
 Modules: ``next_token`` (standard next-token prediction), ``reasoning`` (next-token reasoning,
 Random@1 / Pass@k), ``report`` (buckets, tables, JSON/Markdown), ``runner`` (validation set,
-both modes, the trainer hook), ``loading`` (HF / Megatron checkpoints into an engine),
+both modes, the trainer hook), ``engine_loading`` (HF / Megatron checkpoints into an engine),
+``__main__`` (the ``python -m megatron_rpt.eval`` command line), ``solve`` (problem-solving responses),
 ``scaling`` (FLOPs and the power-law fit), ``plots`` (figures), ``patterns`` (section 4.5).
 """
 

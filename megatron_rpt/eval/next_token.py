@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from megatron_rpt.data.entropy_filter import topk_entropy
+from megatron_rpt.data.tokenizer import encode_document
 from megatron_rpt.eval.report import BucketAccumulator
 from megatron_rpt.rollout.base import SamplingParams
 
@@ -52,7 +54,6 @@ def context_token_ids(problem: Any, tokenizer: Any = None) -> list[int]:
     if text is None or tokenizer is None:
         raise ValueError("problem has neither context_ids nor context_text + a tokenizer; cannot build the "
                          "plain next-token context")
-    from megatron_rpt.data.tokenizer import encode_document
 
     ids = encode_document(tokenizer, text)
     if not ids:
@@ -156,8 +157,6 @@ def argmax_and_entropy(logits_fn: Callable[[Sequence[Sequence[int]]], torch.Tens
     The entropy is the data pipeline's difficulty measure (:func:`megatron_rpt.data.entropy_filter.topk_entropy`),
     used when the evaluated model is its own difficulty scorer.
     """
-    from megatron_rpt.data.entropy_filter import topk_entropy
-
     ids: list[int] = []
     entropies: list[float] = []
     for i in range(0, len(contexts), chunk):

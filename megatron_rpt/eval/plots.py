@@ -22,6 +22,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np
+import yaml
 
 from megatron_rpt.eval.scaling import (  # noqa: E402
     ComputeModel,
@@ -30,6 +32,7 @@ from megatron_rpt.eval.scaling import (  # noqa: E402
     fit_power_law,
     read_run_model,
 )
+from megatron_rpt.model.hf_config import load_hf_config
 from megatron_rpt.model.zoo import cached_model_dir  # noqa: E402
 
 __all__ = [
@@ -134,10 +137,6 @@ def plot_training_curves(rows: Sequence[dict[str, Any]], out_path: str | os.Path
 def run_compute_model(run_dir: str | os.PathLike, num_params: int | None = None,
                       hf_config: str | None = None, data_parallel: int | None = None) -> ComputeModel:
     """The FLOP model of a run: parameters from ``hf_config`` / ``num_params`` or the run's config.yaml."""
-    import yaml
-
-    from megatron_rpt.model.hf_config import load_hf_config
-
     cfg: dict[str, Any] = {}
     cfg_path = Path(run_dir) / "config.yaml"
     if cfg_path.is_file():
@@ -276,8 +275,6 @@ def fit_series(points: dict[str, list[tuple[float, float]]]) -> dict[str, PowerL
 def plot_scaling(points: dict[str, list[tuple[float, float]]], fits: dict[str, PowerLawFit | str],
                  out_path: str | os.PathLike, title: str = "Next-token accuracy vs training compute",
                  metric: str | None = None) -> Path:
-    import numpy as np
-
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for i, (name, pts) in enumerate(points.items()):
         color = _COLORS.get(name, f"C{i}")

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from megatron_rpt.config import AnswerFormat, Config
 from megatron_rpt.eval.report import BucketAccumulator
 from megatron_rpt.reward import prediction_of, prefix_match_reward
@@ -62,8 +64,6 @@ def generate_and_score(engine: Any, problems: Sequence[Any], params: SamplingPar
     generated = 0
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(problems), desc="next-token reasoning", unit="position", dynamic_ncols=True)
     for start in range(0, len(problems), chunk):
         batch = problems[start:start + chunk]

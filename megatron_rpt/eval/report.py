@@ -281,7 +281,7 @@ def write_report(report: EvalReport, out_dir: str | os.PathLike, stem: str = "ev
 def load_report(path: str | os.PathLike) -> EvalReport:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{p} does not exist; pass eval.json files written by megatron_rpt.evaluate")
+        raise FileNotFoundError(f"{p} does not exist; pass eval.json files written by megatron_rpt.eval")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -318,7 +318,7 @@ def flat_metrics(report: EvalReport, prefix: str = "val/") -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_rpt.eval.report",
                                      description="Merge evaluation reports (eval.json) into one Table-1 style table.")
-    parser.add_argument("reports", nargs="+", help="eval.json files written by python -m megatron_rpt.evaluate")
+    parser.add_argument("reports", nargs="+", help="eval.json files written by python -m megatron_rpt.eval")
     parser.add_argument("--out", help="directory for the merged table.json / table.md")
     args = parser.parse_args(argv)
     try:

@@ -407,7 +407,7 @@ def evaluate_during_training(trainer_or_parts: Any, step: int, modes: Sequence[s
     """Validation metrics for the training loop: ``val/standard_acc_easy``, ``val/reasoning_random1_hard``,
     ``val/reasoning_passk_medium``, ``val/count_easy``, ... plus ``val/positions`` and ``val/time_s``.
 
-    Pass the :class:`~megatron_rpt.trainer.loop.Trainer` (collective: call it on every rank; each
+    Pass the :class:`~megatron_rpt.trainer.trainer.Trainer` (collective: call it on every rank; each
     data-parallel rank evaluates its share of the held-out positions and the per-document sums are
     gathered) or ``(cfg, engine, tokenizer)`` (one process). Modes default to ``eval.modes``;
     ``validation_set`` replaces the held-out positions (default: built once per config and cached).

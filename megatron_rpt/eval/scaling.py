@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from megatron_rpt.atomic import write_text_atomic
+
 __all__ = [
     "RUN_MODEL_FILE",
     "write_run_model",
@@ -49,8 +51,6 @@ RUN_MODEL_FILE = "model.json"
 
 
 def write_run_model(run_dir: str | Path, num_parameters: int, hf_dir: str | None, spec: str | None) -> Path:
-    from megatron_rpt.atomic import write_text_atomic
-
     path = Path(run_dir) / RUN_MODEL_FILE
     write_text_atomic(path, json.dumps({"num_parameters": int(num_parameters), "hf_dir": hf_dir, "spec": spec},
                                        indent=2) + "\n")
@@ -190,7 +190,7 @@ def r_squared(y: np.ndarray, y_hat: np.ndarray) -> float:
 
 def fit_power_law(compute: Sequence[float], accuracy: Sequence[float]) -> PowerLawFit:
     """Least-squares fit of ``accuracy = A / compute^alpha + P*``; needs >= 4 points with compute > 0."""
-    from scipy.optimize import curve_fit
+    from scipy.optimize import curve_fit  # lazy: slow to import, and only the fit needs it
 
     c = np.asarray(compute, dtype=np.float64)
     y = np.asarray(accuracy, dtype=np.float64)

@@ -21,7 +21,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from megatron_rpt.atomic import write_text_atomic
 from megatron_rpt.config import Config, ConfigError, load_config
+from megatron_rpt.data.corpus import CorpusStream, heldout_doc_ids, open_sources
+from megatron_rpt.data.templates import render_chat
+from megatron_rpt.eval.reasoning import reasoning_params
+from megatron_rpt.model.mcore_compat import quiet_megatron_import
 
 log = logging.getLogger("megatron_rpt.solve")
 
@@ -31,15 +36,11 @@ SOLVING_INSTRUCTION = "Please reason step by step, and put your final answer wit
 
 def solving_prompt(problem: str, tokenizer: Any, use_chat_template: bool) -> str:
     """The problem, then the instruction on its own line, as one user turn."""
-    from megatron_rpt.data.templates import render_chat
-
     return render_chat(f"{problem}\n{SOLVING_INSTRUCTION}", tokenizer, use_chat_template)
 
 
 def heldout_problems(cfg: Config, field: str, limit: int | None = None) -> list[tuple[str, str]]:
     """(doc id, problem text) of the held-out documents, in corpus order."""
-    from megatron_rpt.data.corpus import CorpusStream, heldout_doc_ids, open_sources
-
     d = cfg.data
     if not d.paths and not d.hf_dataset:
         raise ConfigError("problem solving reads the raw rows: set data.paths (a prepared directory holds only "
@@ -77,8 +78,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _generate(cfg: Config, loaded: Any, problems: list[tuple[str, str]], samples: int,
               progress: bool) -> list[dict[str, Any]]:
-    from megatron_rpt.eval.reasoning import reasoning_params
-
     params = dataclasses.replace(reasoning_params(cfg), n=samples)
     tok = loaded.tokenizer
     rows = []
@@ -98,23 +97,18 @@ def _generate(cfg: Config, loaded: Any, problems: list[tuple[str, str]], samples
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
-    from megatron_rpt.atomic import write_text_atomic
-    from megatron_rpt.eval.loading import ModelLoadError, load_hf_model, load_megatron_model
+    quiet_megatron_import()
+    # lazy: after quiet_megatron_import: megatron-core warns and logs on import
+    from megatron_rpt.eval.engine_loading import LOAD_ERRORS, model_in_engine
 
-    megatron = args.ckpt is not None
     try:
         cfg = load_config(args.config, args.overrides, validate_paths=False)
         problems = heldout_problems(cfg, args.field, args.max_problems)
-        loaded = load_megatron_model(cfg, args.ckpt) if megatron else load_hf_model(cfg, args.hf)
-        rows = _generate(cfg, loaded, problems, args.samples, progress=not args.quiet)
-    except (ModelLoadError, ConfigError, ValueError, FileNotFoundError) as exc:
+        with model_in_engine(cfg, args.hf, args.ckpt) as loaded:
+            rows = _generate(cfg, loaded, problems, args.samples, progress=not args.quiet)
+    except LOAD_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if megatron:
-            from megatron_rpt.distributed import destroy_distributed
-
-            destroy_distributed()
     out = Path(args.out) / "responses.jsonl"
     write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"wrote {len(rows)} problem-solving responses ({len(problems)} problems) to {out}")

@@ -130,6 +130,7 @@ def enable() -> bool:
     torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
     torch.Tensor.type = _cuda_named_type  # type: ignore[assignment]
 
+    # lazy: distributed imports this module, and the data-prep workers import distributed without megatron-core
     from megatron.core.tensor_parallel import random as mrandom
 
     mrandom._get_cuda_rng_state = _cpu_rng_state
@@ -137,7 +138,7 @@ def enable() -> bool:
 
     # megatron-core 0.16 only binds te_general_gemm when Transformer Engine imports, then tests it
     # for None in the MoE router: define the fallback so the router uses torch matmuls.
-    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe import moe_utils  # lazy: as above
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None

@@ -35,9 +35,11 @@ import io
 import logging
 import os
 import re
+import warnings
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 
 # Every megatron import below is inside its function (# lazy): model/build.py (which the rollout engines
 # and the planner import) and the bridge's name maps read these facts without megatron-core's seconds-long import.
@@ -67,6 +69,16 @@ def mcore_version() -> tuple[int, int, int]:
         text = package_info.__version__
     numbers = [int(n) for n in re.findall(r"\d+", text)[:3]]
     return tuple(numbers + [0] * (3 - len(numbers)))  # type: ignore[return-value]
+
+
+def quiet_megatron_import() -> None:
+    """Hide what megatron-core prints on import: warnings where Transformer Engine / Apex are missing
+    (every CPU machine; its torch fallbacks are what runs there) and its INFO log lines. The
+    command lines call this before they import it."""
+    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    for name in ("megatron", "megatron.core"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def version_string() -> str:
@@ -144,7 +156,6 @@ def read_common_state_in_torch_dist() -> None:
 
 def _common_state_from_torch_dist(checkpoint_dir: str) -> Any:
     """The ``common_state`` object of a 0.19 checkpoint (as 0.19's ``load_common_state_dict`` reads it)."""
-    import torch.distributed.checkpoint as dcp  # lazy: like megatron-core, seconds to import
     from megatron.core.dist_checkpointing.mapping import ShardedObject  # lazy: see the module's imports
 
     key = ShardedObject("common_state", None, (1,), (0,)).unique_key

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import itertools
+import warnings
 from typing import Any
 
 import torch
@@ -54,14 +55,13 @@ def layer_spec(arch: ArchConfig, impl: str) -> Any:
     """The ModuleSpec of one transformer layer for ``arch`` under ``impl``."""
     num_experts = arch.num_experts or None
     if impl == "transformer_engine":
+        # lazy: model.build imports this module, and it must stay free of megatron-core (see build.transformer_config)
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(
             num_experts=num_experts, moe_grouped_gemm=bool(num_experts), qk_layernorm=arch.qk_norm
         )
-    import warnings
-
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # lazy: as above
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
@@ -90,6 +90,7 @@ def hybrid_stack_spec(arch: ArchConfig, impl: str) -> Any:
     pre-MLP norm, the MLP (or MoE) and its bias-dropout-add. Each half keeps the GPT spec's
     checkpoint-key renames for its own norm (local norms are stored under TE's fused names).
     """
+    # lazy: megatron-core >= 0.19 only (HybridStack); and see layer_spec
     from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
     from megatron.core.ssm.mlp_layer import MLPLayer
     from megatron.core.transformer.spec_utils import ModuleSpec
@@ -127,7 +128,7 @@ def packed_local_attention() -> type:
     runs through the local kernel under its own causal mask, so no token attends to another sequence and the cost is
     ``sum(L_i^2)``, not ``T^2``. No parameters: checkpoints are unchanged.
     """
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.dot_product_attention import DotProductAttention  # lazy: see layer_spec
 
     class PackedDotProductAttention(DotProductAttention):
         def forward(self, query: Any, key: Any, value: Any, attention_mask: Any, attn_mask_type: Any = None,
@@ -154,7 +155,7 @@ def packed_local_attention() -> type:
 def _local_norm_hybrid_stack() -> type:
     """HybridStack with a Megatron-Core local final norm (0.19 hard-codes ``TENorm`` there, which
     raises without Transformer Engine). Defined on first use: the base class exists from 0.19."""
-    from megatron.core.models.hybrid.hybrid_block import HybridStack
+    from megatron.core.models.hybrid.hybrid_block import HybridStack  # lazy: megatron-core >= 0.19 only
 
     class LocalNormHybridStack(HybridStack):
         def __init__(self, config: Any, submodules: Any, *args: Any, final_norm: Any, post_layer_norm: bool = True,

@@ -61,6 +61,7 @@ def ensure_smollm2(cache: Path = CACHE, install: bool = True) -> Path | None:
         return None
 
     def build(tmp: Path) -> None:
+        # lazy: only a cache miss builds a model; resolve_model_dir's users (engines, plots) skip model classes
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -86,6 +87,7 @@ def ensure_tiny_random(tokenizer_dir: Path, cache: Path = CACHE, seed: int = 0) 
         return final
 
     def build(tmp: Path) -> None:
+        # lazy: as in ensure_smollm2
         import torch
         from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 

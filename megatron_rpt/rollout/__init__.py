@@ -14,8 +14,10 @@ import torch
 
 from megatron_rpt.config import Config, ConfigError, EngineKind
 from megatron_rpt.model.hf_config import ArchConfig
+from megatron_rpt.model.zoo import resolve_model_dir
 from megatron_rpt.rollout.base import Generation, RolloutEngine, SamplingParams, hf_parameter_shapes
 from megatron_rpt.rollout.builtin import BuiltinEngine
+from megatron_rpt.rollout.vllm_engine import VLLMEngine, import_vllm
 
 __all__ = [
     "BuiltinEngine", "Generation", "RolloutEngine", "SamplingParams", "check_vllm_start", "eos_token_ids",
@@ -54,8 +56,6 @@ def make_engine(cfg: Config, arch: ArchConfig, tokenizer: Any = None, *, model_d
         return BuiltinEngine(arch, r.dtype, device, r.batch_size, max_len, eos_token_ids(arch, tokenizer),
                              tokenizer=tokenizer, seed=r.seed + engine_index)
     if r.engine == "vllm":
-        from megatron_rpt.rollout.vllm_engine import VLLMEngine, import_vllm
-
         import_vllm()  # the install line before anything else
         source = vllm_model_dir(cfg, model_dir)
         return VLLMEngine(
@@ -111,8 +111,6 @@ def check_vllm_start(cfg: Config) -> None:
 def vllm_model_dir(cfg: Config, model_dir: str | Path | None = None) -> Path:
     """The Hugging Face directory vLLM starts from (``auto:`` names resolved); a clear error when it
     has no config.json."""
-    from megatron_rpt.model.zoo import resolve_model_dir
-
     key, source = _vllm_source(cfg, model_dir)
     if not source:
         raise ConfigError(f"rollout.engine=vllm needs a Hugging Face model directory to start from: {_VLLM_DIR_FIX}")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from megatron_rpt.model.build import DTYPES
 from megatron_rpt.model.hf_config import ArchConfig, load_hf_config
@@ -122,8 +123,6 @@ class BuiltinEngine:
                     max_batch_size: int = 32, max_seq_len: int | None = None, tokenizer: Any = None,
                     seed: int = 0) -> BuiltinEngine:
         """Engine with the weights of a Hugging Face model directory (safetensors)."""
-        from safetensors import safe_open
-
         path = Path(path)
         arch = load_hf_config(path)
         files = sorted(path.glob("*.safetensors"))

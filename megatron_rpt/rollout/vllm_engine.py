@@ -71,9 +71,9 @@ class VLLMUnavailable(UserError, ImportError):
 
 
 def import_vllm() -> Any:
-    """The ``vllm`` module, or :class:`VLLMUnavailable` with the install line (train.py prints it)."""
+    """The ``vllm`` module, or :class:`VLLMUnavailable` with the install line (the command lines print it)."""
     try:
-        import vllm
+        import vllm  # lazy: optional dependency (vllm)
     except ImportError as exc:
         raise VLLMUnavailable(MISSING_VLLM) from exc
     except Exception as exc:  # noqa: BLE001 - a broken install (e.g. a torchvision built for another torch)
@@ -165,7 +165,7 @@ class VLLMEngine:
                  max_num_seqs: int = 256, load_format: str = "auto", enable_sleep_mode: bool = True,
                  sleep_level: int = 1, kv_cache_memory_bytes: int | None = None, **llm_kwargs: Any):
         vllm = import_vllm()
-        from vllm.platforms import current_platform
+        from vllm.platforms import current_platform  # lazy: optional dependency (vllm)
 
         if sleep_level not in (1, 2):
             raise ValueError(f"sleep_level={sleep_level} must be 1 (offload weights) or 2 (discard weights)")
@@ -341,8 +341,8 @@ def _redo_skipped_post_load_processing(worker: Any) -> None:
       the new weights in the unpacked layout. Prepacking them again restores the layout.
     Both are checked by tests/test_rollout_vllm.py (tied Llama, SmolLM2, Qwen3-MoE).
     """
-    from vllm.config import set_current_vllm_config
-    from vllm.platforms import current_platform
+    from vllm.config import set_current_vllm_config  # lazy: optional dependency (vllm)
+    from vllm.platforms import current_platform  # lazy: optional dependency (vllm)
 
     model = worker.model_runner.get_model()
     with set_current_vllm_config(worker.vllm_config):
@@ -370,7 +370,7 @@ def weight_push_path(llm: Any) -> WeightPush:
         return WeightPush.IN_PLACE_RELOAD
     if hasattr(vllm_model(llm), "load_weights"):
         return WeightPush.LOAD_WEIGHTS
-    import vllm
+    import vllm  # lazy: optional dependency (vllm)
 
     raise RuntimeError(
         f"vLLM {vllm.__version__} offers no way to push weights in place: its worker has no "
@@ -381,7 +381,7 @@ def weight_push_path(llm: Any) -> WeightPush:
 def _check_cpu_head_dim(arch: ArchConfig) -> None:
     """vLLM's CPU attention kernels exist for a few head sizes only; say so before vLLM fails deep inside."""
     try:
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend  # lazy: optional dependency (vllm)
     except ImportError:  # another layout of vLLM: let vLLM itself decide
         return
     sizes = CPUAttentionBackend.get_supported_head_sizes()
@@ -395,7 +395,7 @@ def _check_cpu_head_dim(arch: ArchConfig) -> None:
 
 def _engine_arg_exists(name: str) -> bool:
     try:
-        from vllm.engine.arg_utils import EngineArgs
+        from vllm.engine.arg_utils import EngineArgs  # lazy: optional dependency (vllm)
     except ImportError:
         return False
     return dataclasses.is_dataclass(EngineArgs) and name in {f.name for f in dataclasses.fields(EngineArgs)}

@@ -14,7 +14,7 @@ Owns the on-disk layout::
 
 ``dist/`` records the model class (GPTModel / HybridModel) and megatron-core version in its
 content metadata; resuming into the other class stops with one line (its weights still load
-with ``model.load``, see :mod:`megatron_rpt.checkpoint.interop`).
+with ``model.load``, see :mod:`megatron_rpt.weights.interop`).
 
 A checkpoint is written into ``iter_X.tmp``, checksummed (:mod:`.ckpt_manifest`) and renamed
 when every rank has finished, so a crash mid-save leaves the previous one intact. Which
@@ -52,12 +52,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_rpt.atomic import write_text_atomic
 from megatron_rpt.bridge.name_maps import unwrap
-from megatron_rpt.checkpoint.hf_io import CheckpointError
-from megatron_rpt.checkpoint.interop import content_metadata, require_model_class
-from megatron_rpt.checkpoint.model_ckpt import tie_checkpoint_writer_to_this_process
 from megatron_rpt.distributed import die_with_parent
 from megatron_rpt.model.mcore_compat import checkpoint_save_kwargs, model_class_of
 from megatron_rpt.trainer.ckpt_manifest import COMPLETE, collect_manifest
+from megatron_rpt.weights.hf_io import CheckpointError
+from megatron_rpt.weights.interop import content_metadata, require_model_class
+from megatron_rpt.weights.megatron_ckpt import tie_checkpoint_writer_to_this_process
 
 log = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import torch
 
 from megatron_rpt.atomic import write_text_atomic
+from megatron_rpt.memory_plan import Hardware, Layout, Workload, estimate_memory
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +70,12 @@ class MetricsLogger:
             drop_rows_after(self.dir / "metrics.jsonl", start_step)
             self._jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # lazy: optional (tensorboard), only when enabled
 
             self._tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start_step + 1)
         if wandb_project:
             try:
-                import wandb
+                import wandb  # lazy: optional dependency
             except ImportError as exc:
                 raise ImportError("logging.wandb_project is set but wandb is not installed: pip install wandb") from exc
             self._wandb = wandb.init(project=wandb_project, name=run_name, config=config, dir=str(self.dir))
@@ -137,8 +138,6 @@ class MemoryReport:
     """
 
     def __init__(self, cfg: Any, arch: Any, world_size: int) -> None:
-        from megatron_rpt.memory_plan import Hardware, Layout, Workload, estimate_memory
-
         on_gpu = torch.cuda.is_available()
         device_gib = (torch.cuda.get_device_properties(0).total_memory if on_gpu
                       else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) / 2**30

@@ -8,7 +8,7 @@ of ``ntp.sequences_per_step`` sequences on the Megatron policy (every parallel l
 
 This is the paper's "continual next-token prediction" comparison: a user runs it at the token
 budget an RPT run spent (``compute/trained_tokens`` in its metrics; ``benchmarks/mini_table1.py``
-matches them) and evaluates both with ``python -m megatron_rpt.evaluate``. Windows cross document
+matches them) and evaluates both with ``python -m megatron_rpt.eval``. Windows cross document
 boundaries without resetting attention, as ordinary pre-training does.
 """
 
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from megatron_rpt.config import Config, ConfigError
+from megatron_rpt.data import ProblemStream
 from megatron_rpt.distributed import all_reduce_numbers
 
 __all__ = ["NTPStream", "lm_micro_batches", "ntp_step"]
@@ -31,8 +32,6 @@ class NTPStream:
     """Windows of ``seq_length + 1`` token ids from this data-parallel rank's training documents."""
 
     def __init__(self, cfg: Config, tokenizer: Any, dp_rank: int = 0, dp_size: int = 1):
-        from megatron_rpt.data import ProblemStream
-
         if tokenizer.eos_token_id is None:
             raise ConfigError("train.objective=ntp separates documents with the tokenizer's EOS token, and "
                               f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')} has none; set model.tokenizer "

@@ -12,6 +12,9 @@ import logging
 from typing import Any
 
 import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_rpt.config import Config, ConfigError
 from megatron_rpt.model.build import DTYPES
@@ -23,8 +26,6 @@ log = logging.getLogger(__name__)
 
 def wrap_ddp(model_chunks: list[Any], cfg: Config, topo: Topology | None = None) -> list[Any]:
     """Megatron's DDP around each chunk; ``topo`` defaults to the one read from Megatron."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
     topo = topo if topo is not None else Topology.current()
 
     ddp_config = DistributedDataParallelConfig(
@@ -90,9 +91,6 @@ def offload_settings(cfg: Config) -> dict[str, Any]:
 def build_optimizer(model_chunks: list[Any], cfg: Config, topo: Topology | None = None) -> tuple[Any, Any]:
     """(MegatronOptimizer, OptimizerParamScheduler) for DDP-wrapped ``model_chunks``; ``topo`` as in
     :func:`wrap_ddp`."""
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     o = cfg.optim
     dtype = cfg.model.params_dtype

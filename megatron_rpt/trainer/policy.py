@@ -27,6 +27,9 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_rpt.config import Config
 from megatron_rpt.distributed import all_reduce_numbers
@@ -65,8 +68,6 @@ def packing_spec(cfg: Config) -> PackingSpec | None:
 
 def packed_seq_params(mb: dict[str, torch.Tensor]) -> Any:
     """Megatron-Core's ``PackedSeqParams`` (THD) of a packed micro-batch, on its tokens' device."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
     device = mb["tokens"].device
     cu = mb["cu_seqlens"].to(device=device, dtype=torch.int32)
     padded = mb["cu_seqlens_padded"].to(device=device, dtype=torch.int32)
@@ -103,7 +104,7 @@ class MegatronPolicy:
                  topo: Topology | None = None):
         self.cfg = cfg
         self.arch = arch
-        self.model = model_chunks
+        self.chunks = model_chunks
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.temperature = cfg.rollout.temperature
@@ -121,11 +122,9 @@ class MegatronPolicy:
     # ------------------------------------------------------------------ schedule plumbing
 
     def _run(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn, forward_only: bool) -> list[Any]:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         micro_batches = [mb if is_packed(mb) else _pad_to_multiple(mb, self.seq_multiple) for mb in micro_batches]
         # Micro-batches are built on the CPU (rollouts, packing); the model may live on a GPU.
-        device = next(self.model[0].parameters()).device
+        device = next(self.chunks[0].parameters()).device
         micro_batches = [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                           for k, v in mb.items()} for mb in micro_batches]
         for mb in micro_batches:
@@ -146,12 +145,12 @@ class MegatronPolicy:
             output = model(mb["tokens"], mb["position_ids"], None, **kwargs)
             return output, partial(loss_fn, mb)
 
-        vp = len(self.model)
+        vp = len(self.chunks)
         iterators = [iter(micro_batches) for _ in range(vp)] if vp > 1 else iter(micro_batches)
         return get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iterators,
-            model=self.model if vp > 1 else self.model[0],
+            model=self.chunks if vp > 1 else self.chunks[0],
             num_microbatches=len(micro_batches),
             seq_length=seq_length,
             micro_batch_size=micro_batch_size,
@@ -195,7 +194,7 @@ class MegatronPolicy:
         ``temperature``: default the rollout's (the policy ratio's); 1 for the language model's own
         probabilities (the dense reward's P(y0 | x<t)).
         """
-        for chunk in self.model:
+        for chunk in self.chunks:
             chunk.eval()
 
         def loss_fn(mb, logits):
@@ -264,7 +263,7 @@ class MegatronPolicy:
         return self._optimizer_step(micro_batches, loss_fn)
 
     def _optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn) -> dict[str, float]:
-        for chunk in self.model:
+        for chunk in self.chunks:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -290,7 +289,7 @@ class MegatronPolicy:
         return metrics
 
     def _local_grads_finite(self) -> bool:
-        for chunk in self.model:
+        for chunk in self.chunks:
             for param in chunk.parameters():
                 grad = getattr(param, "main_grad", None)
                 if grad is not None and not torch.isfinite(grad).all():
@@ -302,7 +301,6 @@ class MegatronPolicy:
         """Loss metrics of the whole sequences: each CP rank saw only its share of the tokens."""
         if self.cp_size == 1:
             return merge_metrics(outputs)
-        import torch.distributed as dist
 
         local = [{k: float(v) for k, v in o.items()} for o in outputs]
         gathered: list[list[dict[str, float]]] = [None] * self.cp_size  # type: ignore[list-item]

@@ -35,11 +35,11 @@ from typing import Any
 import torch.distributed as dist
 
 from megatron_rpt.atomic import write_text_atomic
-from megatron_rpt.checkpoint.hf_io import CheckpointError
 from megatron_rpt.config import Config, ConfigError
 from megatron_rpt.rollout.layout import engine_count
 from megatron_rpt.trainer.checkpointing import candidates, iter_step, read_complete
 from megatron_rpt.trainer.ckpt_manifest import verify_manifest
+from megatron_rpt.weights.hf_io import CheckpointError
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ FAMILIES = {
 def main() -> None:
     from helpers_models import make_tiny_hf_checkpoint
 
-    from megatron_rpt.checkpoint.convert import ConvertSettings, hf_to_mcore
+    from megatron_rpt.weights.convert import ConvertSettings, hf_to_mcore
     from megatron_rpt.model.mcore_compat import policy_model_class
 
     for family, extra in FAMILIES.items():

@@ -4,10 +4,10 @@ Owns the per-rank workers and the orchestration (validation, atomic output, side
 
 * :func:`hf_to_mcore`: launches TP*PP ranks (gloo on CPU, NCCL on GPU); each builds its model
   chunk(s) without random init, reads only its slices of the HF safetensors
-  (:func:`~megatron_rpt.model.loading.load_hf_into_model`) and writes them with
+  (:func:`~megatron_rpt.weights.load.load_hf_into_model`) and writes them with
   ``dist_checkpointing`` (``torch_dist``), so the result loads at any other TP/PP.
   Memory: on CPU every parameter is first re-homed onto a memory-mapped scratch file
-  (:func:`~megatron_rpt.model.loading.back_parameters_with_files`, in ``<out>.scratch-XXXX``
+  (:func:`~megatron_rpt.weights.load.back_parameters_with_files`, in ``<out>.scratch-XXXX``
   next to the output, deleted at the end), so the shard a rank fills is page cache the kernel
   can write back and evict. A rank's anonymous memory is the framework plus a few of the
   largest tensors (the slice being read and its fused copy while loading, the save's staging),
@@ -37,11 +37,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, TensorStorageMetadata
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from tqdm import tqdm
 
 from megatron_rpt.atomic import atomic_output_dir, check_output_dir, scratch_dir
 from megatron_rpt.bridge.layouts import expected_hf_shapes, from_mcore
 from megatron_rpt.bridge.name_maps import NameMap, global_param_name
-from megatron_rpt.checkpoint.hf_io import (
+from megatron_rpt.config import Config, ConfigError, ModelConfig, ParallelConfig, validate
+from megatron_rpt.distributed import init_distributed, spawn
+from megatron_rpt.model.build import DTYPES, build_model, build_model_chunks, padded_vocab_size
+from megatron_rpt.model.hf_config import ArchConfig, load_hf_config, read_hf_config_dict
+from megatron_rpt.model.mcore_compat import policy_model_class, version_string
+from megatron_rpt.weights.hf_io import (
     CONFIG_FILES,
     TOKENIZER_FILES,
     CheckpointError,
@@ -49,10 +63,12 @@ from megatron_rpt.checkpoint.hf_io import (
     HFShardWriter,
     copy_model_files,
 )
-from megatron_rpt.config import Config, ConfigError, ModelConfig, ParallelConfig, validate
-from megatron_rpt.model.build import DTYPES
-from megatron_rpt.model.hf_config import ArchConfig, load_hf_config, read_hf_config_dict
-from megatron_rpt.model.mcore_compat import policy_model_class, version_string
+from megatron_rpt.weights.load import back_parameters_with_files, load_hf_into_model, validate_hf_checkpoint
+from megatron_rpt.weights.megatron_ckpt import (
+    checkpoint_sharded_state_dict,
+    resolve_checkpoint_dir,
+    save_model_checkpoint,
+)
 
 META_NAME = "rpt_meta.json"
 HF_SUBDIR = "hf"
@@ -121,13 +137,6 @@ def _resolve_dtype(name: str | None, fallback: str) -> str:
 
 def hf_to_mcore_rank(hf_dir: str, out_dir: str, scratch: str, settings: ConvertSettings) -> dict[str, Any]:
     """Per-rank worker: build this rank's chunks, fill them from HF, save the dist checkpoint."""
-    import torch.distributed as dist
-
-    from megatron_rpt.checkpoint.model_ckpt import save_model_checkpoint
-    from megatron_rpt.distributed import init_distributed
-    from megatron_rpt.model.build import build_model_chunks
-    from megatron_rpt.model.loading import back_parameters_with_files, load_hf_into_model
-
     init_distributed(settings.tensor_parallel, settings.pipeline_parallel, virtual_pipeline=settings.virtual_pipeline)
     rank = dist.get_rank()
     arch = load_hf_config(hf_dir)
@@ -147,10 +156,6 @@ def hf_to_mcore_rank(hf_dir: str, out_dir: str, scratch: str, settings: ConvertS
 
 def hf_to_mcore(hf_dir: str | Path, out: str | Path, settings: ConvertSettings, force: bool = False) -> Path:
     """Convert a HF model directory into a Megatron dist checkpoint at ``out`` (all or nothing)."""
-    from megatron_rpt.distributed import spawn
-    from megatron_rpt.model.build import padded_vocab_size
-    from megatron_rpt.model.loading import validate_hf_checkpoint
-
     hf_dir = Path(hf_dir)
     check_output_dir(out, force)
     _check_not_inside(out, hf_dir, "--hf")
@@ -206,8 +211,6 @@ def _layer_group(name: str, num_layers: int) -> int:
 
 def _first_sharded_tensor(entry: Any) -> Any:
     """The (first) ShardedTensor behind a sharded-state-dict entry (factories are built)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
     while not isinstance(entry, ShardedTensor):
         if isinstance(entry, ShardedTensorFactory):
             entry = entry.build()
@@ -226,11 +229,6 @@ def _slab_planner(offsets: dict[str, tuple[int, ...]]) -> Any:
     Megatron stores a pipeline's layers stacked along leading axes ("prepended" layer / expert
     axes); this reads one layer's slab instead of the whole stack.
     """
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-    from torch.distributed.checkpoint.planner import LoadPlan
-    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-
     class SlabLoadPlanner(DefaultLoadPlanner):
         def create_local_plan(self) -> LoadPlan:
             requests = []
@@ -254,13 +252,6 @@ def iter_mcore_tensors(ckpt_dir: str | Path, arch: ArchConfig, divisible_by: int
     straight from the ``.distcp`` files, at the dtype it was saved in, and vocabulary rows as
     stored (padding included). Must run with Megatron's parallel state initialised at TP=PP=1.
     """
-    from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata
-    from torch.distributed.checkpoint import load as dcp_load
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    from megatron_rpt.checkpoint.model_ckpt import checkpoint_sharded_state_dict, resolve_checkpoint_dir
-    from megatron_rpt.model.build import build_model
-
     path = resolve_checkpoint_dir(ckpt_dir)
     stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     # Local spec + CPU-style allocation (no explicit device) so that every parameter lands on the meta
@@ -312,8 +303,6 @@ def iter_mcore_tensors(ckpt_dir: str | Path, arch: ArchConfig, divisible_by: int
 def mcore_to_hf_rank(ckpt_dir: str, hf_config_dir: str, out_dir: str, dtype: str,
                      divisible_by: int, max_shard_bytes: int, progress: bool) -> dict[str, Any]:
     """Single-rank worker: stream the checkpoint into HF safetensors shards under ``out_dir``."""
-    from megatron_rpt.distributed import init_distributed
-
     init_distributed(1, 1)
     arch = load_hf_config(hf_config_dir)
     names = NameMap(arch)
@@ -325,8 +314,6 @@ def mcore_to_hf_rank(ckpt_dir: str, hf_config_dir: str, out_dir: str, dtype: str
     writer = HFShardWriter(out_dir, plan, DTYPES[dtype], max_shard_bytes)
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=sum(1 for _ in names.iter_all()), desc="exporting", unit="tensor", dynamic_ncols=True)
     written = 0
     for mcore_name, full in iter_mcore_tensors(ckpt_dir, arch, divisible_by):
@@ -345,9 +332,6 @@ def mcore_to_hf_rank(ckpt_dir: str, hf_config_dir: str, out_dir: str, dtype: str
 def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, dtype: str | None = None, hf_config: str | Path | None = None,
                 max_shard_size: int = 5 << 30, force: bool = False, progress: bool = True) -> Path:
     """Export a Megatron dist checkpoint to a HF model directory at ``out`` (all or nothing)."""
-    from megatron_rpt.checkpoint.model_ckpt import resolve_checkpoint_dir
-    from megatron_rpt.distributed import spawn
-
     ckpt_dir = Path(ckpt_dir)
     check_output_dir(out, force)
     _check_not_inside(out, ckpt_dir, "--ckpt")

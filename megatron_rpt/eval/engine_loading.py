@@ -4,6 +4,7 @@ Owns: :func:`load_hf_model` (``--hf DIR``: safetensors streamed straight into th
 :func:`load_megatron_model` (``--ckpt DIR``: the weights loaded through Megatron-Core on CPU --
 TP=PP=1 in one gloo process -- then streamed into the engine by the
 :class:`~megatron_rpt.bridge.resharding.WeightBridge`, the same path the trainer syncs with),
+:func:`model_in_engine` (either one for a ``with`` block, the command lines' one load/teardown path),
 and :func:`resolve_megatron_checkpoint`, which accepts every Megatron layout we write:
 
 * ``tools/convert.py hf-to-mcore`` output (a dist checkpoint: ``metadata.json``; the HF config and
@@ -18,26 +19,44 @@ A checkpoint saved at any TP/PP loads: the vocabulary padding is read from the s
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
+from megatron_rpt.bridge.resharding import WeightBridge
 from megatron_rpt.config import Config, ConfigError, ParallelConfig
+from megatron_rpt.data.tokenizer import has_tokenizer_files, load_tokenizer
+from megatron_rpt.distributed import destroy_distributed, init_distributed
 from megatron_rpt.errors import UserError
+from megatron_rpt.model.build import DTYPES, build_model_chunks
 from megatron_rpt.model.hf_config import ArchConfig, load_hf_config
+from megatron_rpt.model.zoo import resolve_model_dir
+from megatron_rpt.rollout import make_engine
+from megatron_rpt.trainer import checkpointing
+from megatron_rpt.weights.hf_io import HFCheckpointReader
+from megatron_rpt.weights.load import validate_hf_checkpoint
+from megatron_rpt.weights.megatron_ckpt import load_model_checkpoint, resolve_checkpoint_dir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoadedModel", "load_hf_model", "load_megatron_model", "resolve_megatron_checkpoint",
-           "eval_engine_config"]
+__all__ = ["LOAD_ERRORS", "LoadedModel", "load_hf_model", "load_megatron_model", "model_in_engine",
+           "resolve_megatron_checkpoint", "eval_engine_config"]
 
 
 class ModelLoadError(UserError, FileNotFoundError):
     """The model to evaluate cannot be found or read; the message names the path and the fix."""
+
+
+# What the evaluation command lines report as one ``error:`` line: a user's mistake (config, path,
+# checkpoint) and the ValueError / FileNotFoundError that data and checkpoint readers raise for a bad file.
+LOAD_ERRORS = (UserError, ValueError, FileNotFoundError)
 
 
 @dataclass
@@ -58,8 +77,6 @@ def eval_engine_config(cfg: Config) -> Config:
 
 
 def _tokenizer_for(cfg: Config, *dirs: Path | None) -> Any:
-    from megatron_rpt.data.tokenizer import has_tokenizer_files, load_tokenizer
-
     if cfg.model.tokenizer:
         return load_tokenizer(cfg.model.tokenizer)
     for d in dirs:
@@ -72,9 +89,6 @@ def _tokenizer_for(cfg: Config, *dirs: Path | None) -> Any:
 def _safetensors_stream(model_dir: Path, arch: ArchConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the checkpoint, after checking (headers only) that none is missing: the
     standard mode reads the decoder directly, where a never-written weight would go unnoticed."""
-    from megatron_rpt.checkpoint.hf_io import HFCheckpointReader
-    from megatron_rpt.model.loading import validate_hf_checkpoint
-
     with HFCheckpointReader(model_dir) as reader:
         validate_hf_checkpoint(reader, arch)
         for name in reader.keys():
@@ -85,8 +99,6 @@ def _safetensors_stream(model_dir: Path, arch: ArchConfig) -> Iterator[tuple[str
 
 def load_hf_model(cfg: Config, hf_dir: str | Path, name: str | None = None) -> LoadedModel:
     """Engine (``rollout.engine``) holding the Hugging Face checkpoint in ``hf_dir``."""
-    from megatron_rpt.rollout import make_engine
-
     path = Path(hf_dir)
     if not path.is_dir():
         raise ModelLoadError(f"--hf {hf_dir}: no such directory; give a Hugging Face model directory")
@@ -108,8 +120,6 @@ def load_hf_model(cfg: Config, hf_dir: str | Path, name: str | None = None) -> L
 
 def resolve_megatron_checkpoint(path: str | Path) -> Path:
     """The directory holding the dist checkpoint's ``metadata.json`` for any layout we write."""
-    from megatron_rpt.trainer import checkpointing
-
     p = Path(path)
     if not p.exists():
         raise ModelLoadError(f"--ckpt {path}: no such directory")
@@ -127,7 +137,6 @@ def resolve_megatron_checkpoint(path: str | Path) -> Path:
                 return cand / "dist"
         raise ModelLoadError(f"--ckpt {path}: a training checkpoint directory without any complete iter_* "
                              "checkpoint (each needs complete.json and dist/metadata.json)")
-    from megatron_rpt.checkpoint.model_ckpt import resolve_checkpoint_dir
 
     try:
         return resolve_checkpoint_dir(p)  # converter output / Megatron-LM layout
@@ -155,8 +164,6 @@ def _arch_for_checkpoint(cfg: Config, given: Path, mcore_dir: Path) -> tuple[Arc
             return load_hf_config(d), d
     source = cfg.model.hf_config or cfg.model.hf_checkpoint
     if source and source.startswith("auto:"):
-        from megatron_rpt.model.zoo import resolve_model_dir
-
         source = str(resolve_model_dir(source, cfg.model.tokenizer))
     if not source or not Path(source).exists():
         raise ConfigError(f"--ckpt {given}: no config.json saved with the checkpoint and model.hf_config "
@@ -174,10 +181,6 @@ def _checkpoint_model_config(cfg: Config, given: Path, mcore_dir: Path) -> Any:
       reproduced by padding to the stored row count itself;
     * dtype: the converter records it in ``rpt_meta.json`` (training checkpoints use model.params_dtype).
     """
-    import json
-
-    from torch.distributed.checkpoint import FileSystemReader
-
     model_cfg = copy.deepcopy(cfg.model)
     for meta_path in (mcore_dir / "rpt_meta.json", given / "rpt_meta.json"):
         if meta_path.is_file():
@@ -203,12 +206,6 @@ def load_megatron_model(cfg: Config, ckpt_dir: str | Path, name: str | None = No
     Initialises ``torch.distributed`` when needed (a single-rank gloo group). The Megatron model is
     dropped once the engine holds the weights.
     """
-    from megatron_rpt.bridge.resharding import WeightBridge
-    from megatron_rpt.checkpoint.model_ckpt import load_model_checkpoint
-    from megatron_rpt.distributed import init_distributed
-    from megatron_rpt.model.build import DTYPES, build_model_chunks
-    from megatron_rpt.rollout import make_engine
-
     given = Path(ckpt_dir)
     mcore_dir = resolve_megatron_checkpoint(given)
     arch, model_dir = _arch_for_checkpoint(cfg, given, mcore_dir)
@@ -228,3 +225,23 @@ def load_megatron_model(cfg: Config, ckpt_dir: str | Path, name: str | None = No
     del bridge, chunks
     label = name or (given.name if not given.name.startswith("iter_") else f"{given.parent.name}/{given.name}")
     return LoadedModel(label, f"megatron:{mcore_dir}", arch, engine, tokenizer)
+
+
+@contextmanager
+def model_in_engine(cfg: Config, hf_dir: str | Path | None, ckpt_dir: str | Path | None,
+                    name: str | None = None) -> Iterator[LoadedModel]:
+    """The model of ``--hf`` or ``--ckpt`` (exactly one is set) in a rollout engine, for a ``with`` block.
+
+    Loading a Megatron checkpoint initialises a single-rank process group (and the engine may hold
+    vLLM, whose shutdown destroys that group), so both are torn down when the block ends, also on an
+    error: a caller in the same process (tests, a notebook) can load the next model. Catch
+    :data:`LOAD_ERRORS` around the block to report a bad input as one line.
+    """
+    if (hf_dir is None) == (ckpt_dir is None):
+        raise ValueError(f"model_in_engine needs exactly one of hf_dir ({hf_dir!r}) and ckpt_dir ({ckpt_dir!r})")
+    megatron = ckpt_dir is not None
+    try:
+        yield load_megatron_model(cfg, ckpt_dir, name) if megatron else load_hf_model(cfg, hf_dir, name)
+    finally:
+        if megatron:
+            destroy_distributed()

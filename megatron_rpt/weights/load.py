@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from megatron_rpt.bridge.layouts import (
     expected_hf_shapes,
@@ -33,9 +34,10 @@ from megatron_rpt.bridge.name_maps import (
     named_parameters_global,
     unwrap,
 )
-from megatron_rpt.checkpoint.hf_io import CheckpointError, HFCheckpointReader
 from megatron_rpt.model.hf_config import ArchConfig, load_hf_config
 from megatron_rpt.topology import Topology
+from megatron_rpt.weights.hf_io import CheckpointError, HFCheckpointReader
+from megatron_rpt.weights.megatron_ckpt import load_model_checkpoint
 
 
 def validate_hf_checkpoint(reader: HFCheckpointReader, arch: ArchConfig) -> int:
@@ -110,8 +112,6 @@ def load_hf_into_model(
             validate_hf_checkpoint(reader, arch)
         bar = None
         if progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=len(params), desc=f"loading {Path(hf_dir).name}", unit="tensor", dynamic_ncols=True)
         for inner, names, name, param in params:
             tmap, layer, expert = names.lookup(name)
@@ -164,6 +164,4 @@ def load_megatron_checkpoint(
     model_chunks: Sequence[torch.nn.Module], ckpt_dir: str | Path, strict: bool = True
 ) -> None:
     """Load model weights from a Megatron dist checkpoint into this rank's chunks (any TP/PP)."""
-    from megatron_rpt.checkpoint.model_ckpt import load_model_checkpoint
-
     load_model_checkpoint(model_chunks, ckpt_dir, strict=strict)

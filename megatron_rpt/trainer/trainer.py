@@ -29,7 +29,6 @@ from megatron_rpt.eval import evaluate_during_training
 from megatron_rpt.eval.scaling import write_run_model
 from megatron_rpt.model.build import DTYPES, build_model_chunks
 from megatron_rpt.model.hf_config import load_hf_config
-from megatron_rpt.model.loading import load_hf_into_model, load_megatron_checkpoint
 from megatron_rpt.model.zoo import resolve_model_dir
 from megatron_rpt.reward import POLICY_REWARDS
 from megatron_rpt.rl import check_context_parallel_config, dynamic_sampling_active, group_advantages
@@ -58,6 +57,7 @@ from megatron_rpt.trainer.rollout_phase import (
     save_rollouts,
 )
 from megatron_rpt.trainer.run_lock import lock_run_dirs
+from megatron_rpt.weights.load import load_hf_into_model, load_megatron_checkpoint
 
 log = logging.getLogger("megatron_rpt")
 
@@ -179,7 +179,7 @@ class Trainer:
     def _resume(self) -> None:
         """Load the checkpoint :func:`plan_resume` verified (a failure here stops the run)."""
         path = self.plan.checkpoint
-        state = checkpointing.load_checkpoint(path, self.policy.model, self.policy.optimizer, self.policy.scheduler,
+        state = checkpointing.load_checkpoint(path, self.policy.chunks, self.policy.optimizer, self.policy.scheduler,
                                               dp_cp_group=self.topo.dp_cp_group)
         self.step = int(state["step"])
         self.stream.load_state_dict(state["data"])
@@ -203,7 +203,7 @@ class Trainer:
             return
         with self.timer("checkpoint"):
             checkpointing.save_checkpoint(
-                self.cfg.checkpoint.dir, self.step, self.policy.model, self.policy.optimizer, self.policy.scheduler,
+                self.cfg.checkpoint.dir, self.step, self.policy.chunks, self.policy.optimizer, self.policy.scheduler,
                 trainer_state={"data": self.stream.state_dict()}, keep_last=self.cfg.checkpoint.keep_last,
                 async_queue=self.async_saves, info=self.plan.info, dp_cp_group=self.topo.dp_cp_group,
             )

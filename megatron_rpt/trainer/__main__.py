@@ -1,4 +1,4 @@
-"""``python -m megatron_rpt.train --config configs/<name>.yaml [--set key=value ...] [--resume auto|none|DIR]``
+"""``python -m megatron_rpt.trainer --config configs/<name>.yaml [--set key=value ...] [--resume auto|none|DIR]``
 
 The trainer's command line: parse, load and validate the config, run the loop, and print
 a short summary on rank 0. Launch several ranks with ``torchrun``.
@@ -19,7 +19,7 @@ from megatron_rpt.errors import UserError
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m megatron_rpt.train", description=__doc__.splitlines()[0],
+        prog="python -m megatron_rpt.trainer", description=__doc__.splitlines()[0],
         epilog="Every config key with its type, default and meaning: python -m megatron_rpt.config explain [KEY]")
     parser.add_argument("--config", required=True,
                         help="YAML config (configs/tiny_cpu.yaml, configs/rpt_14b.yaml, ...)")
@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     started = False
     try:
         cfg = load_config(args.config, args.overrides)
-        from megatron_rpt.trainer.loop import Trainer  # heavy (megatron-core): after the config is known good
+        # lazy: megatron-core is slow to import and warns on import: only after the config is known good
+        from megatron_rpt.trainer.trainer import Trainer
 
         started = True
         trainer = Trainer(cfg, resume=args.resume, force_resume=args.force_resume)
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         if started:
-            from megatron_rpt.distributed import destroy_distributed
+            from megatron_rpt.distributed import destroy_distributed  # lazy: as the Trainer above
 
             destroy_distributed()
     if trainer.rank == 0:

@@ -26,14 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+from megatron.core.dist_checkpointing.mapping import ShardedBase
+from torch.distributed.checkpoint import FileSystemReader
 
-from megatron_rpt.checkpoint.hf_io import CheckpointError
 from megatron_rpt.model.mcore_compat import (
     ModelClass,
     model_class_of,
     read_common_state_in_torch_dist,
     version_string,
 )
+from megatron_rpt.weights.hf_io import CheckpointError
 
 MODEL_CLASS_KEY = "model_class"
 MCORE_VERSION_KEY = "megatron_core"
@@ -56,8 +60,6 @@ def content_metadata(model_chunks: list[Any], sharding: dict[str, Any]) -> dict[
 
 def stored_keys(path: str | Path) -> set[str]:
     """The tensor / object keys stored in a dist checkpoint (its ``.metadata``, no data read)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     return {key.split("/shard_")[0] for key in FileSystemReader(str(path)).read_metadata().state_dict_metadata}
 
 
@@ -83,8 +85,6 @@ def require_model_class(path: str | Path, own: ModelClass) -> None:
     megatron-core does not retarget; its model weights do load into the other class
     (``model.load``), so that is the fix offered.
     """
-    from megatron.core import dist_checkpointing
-
     read_common_state_in_torch_dist()
     content = dist_checkpointing.load_content_metadata(str(path)) or {}
     stored = stored_model_class(path, content, stored_keys(path))
@@ -103,6 +103,7 @@ def sharded_state_dict_for(chunk: torch.nn.Module, metadata: dict[str, Any], sto
     if own is stored:
         return chunk.sharded_state_dict(metadata=metadata)
     if own is ModelClass.HYBRID:
+        # lazy: the module exists from megatron-core 0.19 on, the only version that builds HybridModel
         from megatron.core.dist_checkpointing.gpt_checkpoint_interop import (
             gpt_compatible_layer_maps,
             retarget_sharded_state_dict_to_gpt_checkpoint,
@@ -116,9 +117,6 @@ def sharded_state_dict_for(chunk: torch.nn.Module, metadata: dict[str, Any], sto
 
 def _gpt_state_for_hybrid_checkpoint(chunk: torch.nn.Module, metadata: dict[str, Any], keys: set[str],
                                      path: str | Path) -> dict[str, Any]:
-    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
-    from megatron.core.dist_checkpointing.mapping import ShardedBase
-
     attention, mlp = hybrid_layer_indices(keys)
     num_layers = chunk.config.num_layers
     if len(attention) != num_layers or len(mlp) != num_layers:

@@ -15,7 +15,7 @@ Megatron-LM checkpoints load too):
     (e.g. ``singleton_local_shards``) still loads;
   * a directory with ``latest_checkpointed_iteration.txt`` resolves to its ``iter_XXXXXXX``;
   * the content metadata also records the model class (``GPTModel`` / ``HybridModel``); a
-    checkpoint of the other class loads through :mod:`megatron_rpt.checkpoint.interop`.
+    checkpoint of the other class loads through :mod:`megatron_rpt.weights.interop`.
 HybridModel keys carry the hybrid layer index instead of a stacked layer axis
 (``decoder.layers.0.self_attention...``, ``decoder.layers.1.mlp...``) and the final norm is
 ``decoder.final_norm.weight``.
@@ -31,17 +31,22 @@ from typing import Any, Sequence
 
 import torch
 import torch.multiprocessing as mp
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_rpt.bridge.name_maps import unwrap
-from megatron_rpt.checkpoint.hf_io import CheckpointError
-from megatron_rpt.checkpoint.interop import (
+from megatron_rpt.distributed import die_with_parent
+from megatron_rpt.model.mcore_compat import checkpoint_save_kwargs, read_common_state_in_torch_dist
+from megatron_rpt.weights.hf_io import CheckpointError
+from megatron_rpt.weights.interop import (
     content_metadata,
     sharded_state_dict_for,
     stored_keys,
     stored_model_class,
 )
-from megatron_rpt.distributed import die_with_parent
-from megatron_rpt.model.mcore_compat import checkpoint_save_kwargs, read_common_state_in_torch_dist
 
 # Sharding metadata used when *we* save; Megatron's defaults (stacked, homogeneous layers).
 SHARDED_METADATA: dict[str, Any] = {"singleton_local_shards": False}
@@ -85,8 +90,6 @@ def tie_checkpoint_writer_to_this_process() -> None:
     Megatron, that process (and the resource tracker it keeps alive) survives a SIGKILL of the
     trainer or of a conversion rank. Call before the first save; later calls do nothing.
     """
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
     if getattr(filesystem_async, "_results_queue", None) is None:
         manager = managers.SyncManager(ctx=mp.get_context("spawn"))
         manager.start(initializer=functools.partial(die_with_parent, os.getpid()))
@@ -102,8 +105,6 @@ def sharding_metadata(content: dict[str, Any] | None) -> dict[str, Any]:
 def checkpoint_sharded_state_dict(model_chunks: Sequence[torch.nn.Module], path: Path) -> dict:
     """The chunks' sharded state dict aimed at the checkpoint at ``path`` (its sharding settings
     and model class, which may differ from the chunks' own class)."""
-    from megatron.core import dist_checkpointing
-
     read_common_state_in_torch_dist()  # a checkpoint written by megatron-core >= 0.19 on an older one
     content = dist_checkpointing.load_content_metadata(str(path))
     keys = stored_keys(path)
@@ -116,8 +117,6 @@ def checkpoint_sharded_state_dict(model_chunks: Sequence[torch.nn.Module], path:
 
 def save_model_checkpoint(model_chunks: Sequence[torch.nn.Module], ckpt_dir: str | Path) -> None:
     """Collective: write this rank's shards of the model weights into ``ckpt_dir`` (must exist)."""
-    from megatron.core import dist_checkpointing
-
     tie_checkpoint_writer_to_this_process()
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -132,10 +131,6 @@ def load_model_checkpoint(model_chunks: Sequence[torch.nn.Module], ckpt_dir: str
     Re-shards to this rank's TP / PP layout. ``strict`` fails on tensors the model needs but
     the checkpoint lacks (tensors only in the checkpoint, e.g. optimizer state, are ignored).
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-    from torch.distributed.checkpoint.api import CheckpointException
-
     path = resolve_checkpoint_dir(ckpt_dir)
     # Megatron's "unexpected" = asked for by the model but absent from the checkpoint; tensors
     # present only in the checkpoint (optimizer state, ...) are never an error.
@@ -164,8 +159,6 @@ def _drop_absent_extra_state(state: dict, path: Path) -> None:
     Transformer-Engine modules carry extra state (FP8 scaling metadata) that the local spec
     does not, so a checkpoint converted on a CPU has none of it; TE re-creates it on the fly.
     """
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
     prefixes = stored_keys(path)
     for chunk_state in state.values():
         for name in [n for n, v in chunk_state.items() if isinstance(v, ShardedObject) and v.key not in prefixes]:

@@ -15,8 +15,20 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+from transformers import AutoModelForCausalLM
 
+from megatron_rpt.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_rpt.distributed import init_distributed, spawn
+from megatron_rpt.model.build import build_model_chunks
+from megatron_rpt.model.cpu_compat import default_device
+from megatron_rpt.model.hf_config import load_hf_config
 from megatron_rpt.topology import Topology
+from megatron_rpt.weights.convert import NO_TIMEOUT, check_parallel_layout, read_meta
+from megatron_rpt.weights.hf_io import HFCheckpointReader
+from megatron_rpt.weights.load import load_hf_into_model, load_megatron_checkpoint, validate_hf_checkpoint
+from megatron_rpt.weights.megatron_ckpt import resolve_checkpoint_dir
 
 
 def random_tokens(vocab_size: int, batch: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -27,8 +39,6 @@ def random_tokens(vocab_size: int, batch: int, seq_len: int, seed: int) -> torch
 @torch.no_grad()
 def hf_logits(hf_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
     """Reference logits [batch, seq, vocab] from transformers in float32 with eager attention."""
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager")
     model.eval()
     return model(input_ids=tokens, use_cache=False).logits.float()
@@ -42,11 +52,6 @@ def megatron_logits(model_chunks: Sequence[torch.nn.Module], tokens: torch.Tenso
     Every rank must pass the same ``tokens``. One micro-batch, no attention mask (causal).
     Leaves the chunks in eval mode. ``topo`` defaults to the one read from Megatron.
     """
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
-
-    from megatron_rpt.model.cpu_compat import default_device
-
     batch, seq_len = tokens.shape
     tokens = tokens.to(default_device())
     position_ids = torch.arange(seq_len, device=tokens.device).unsqueeze(0).expand(batch, seq_len)
@@ -105,12 +110,6 @@ def megatron_logits_rank(
     checkpoint (loaded, re-sharded, with ``load_megatron_checkpoint``); ``arch_dir`` holds the
     HF config.json. Only tensor-parallel rank 0 of the last pipeline stage returns the logits.
     """
-    from megatron_rpt.config import ModelConfig, ParallelConfig
-    from megatron_rpt.distributed import init_distributed
-    from megatron_rpt.model.build import build_model_chunks
-    from megatron_rpt.model.hf_config import load_hf_config
-    from megatron_rpt.model.loading import load_hf_into_model, load_megatron_checkpoint
-
     parallel_cfg = ParallelConfig(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
                                   **(layout or {}))
     parallel_cfg.check()
@@ -146,13 +145,6 @@ def verify(
     Megatron loads ``ckpt_dir`` (a converted dist checkpoint) when given, else ``hf_dir``
     directly. Launches TP*PP ranks.
     """
-    from megatron_rpt.checkpoint.convert import NO_TIMEOUT, check_parallel_layout, read_meta
-    from megatron_rpt.checkpoint.hf_io import HFCheckpointReader
-    from megatron_rpt.checkpoint.model_ckpt import resolve_checkpoint_dir
-    from megatron_rpt.config import ConfigError
-    from megatron_rpt.distributed import spawn
-    from megatron_rpt.model.loading import validate_hf_checkpoint
-
     arch = check_parallel_layout(hf_dir, tensor_parallel, pipeline_parallel)
     if seq_len < 1 or batch < 1:
         raise ConfigError(f"--seq-len {seq_len} and --batch {batch} must be >= 1")

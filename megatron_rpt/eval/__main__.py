@@ -1,4 +1,4 @@
-"""``python -m megatron_rpt.evaluate --config CFG (--hf DIR | --ckpt DIR) [--mode standard|reasoning|both]``
+"""``python -m megatron_rpt.eval --config CFG (--hf DIR | --ckpt DIR) [--mode standard|reasoning|both]``
 
 Next-token prediction accuracy on the held-out validation split, by difficulty (the paper's
 Table 1): every position of the ``data.val_documents`` held-out documents (``eval.positions_per_doc``
@@ -24,13 +24,18 @@ import typing
 import warnings
 from pathlib import Path
 
+from megatron_rpt.atomic import write_text_atomic
 from megatron_rpt.config import Config, ConfigError, EvalMode, load_config
+from megatron_rpt.data.tokenizer import token_bytes
+from megatron_rpt.eval.report import format_table, write_report
+from megatron_rpt.eval.runner import run_evaluation
+from megatron_rpt.model.mcore_compat import quiet_megatron_import
 
-log = logging.getLogger("megatron_rpt.evaluate")
+log = logging.getLogger("megatron_rpt.eval")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m megatron_rpt.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m megatron_rpt.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config (data, template, eval.* settings)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf", metavar="DIR", help="Hugging Face model directory (config.json + safetensors)")
@@ -57,8 +62,6 @@ def _modes(args: argparse.Namespace, cfg: Config) -> tuple[str, ...]:
 
 
 def _position_rows(val, res, tokenizer, save_responses: bool) -> str:
-    from megatron_rpt.data.tokenizer import token_bytes
-
     lines = []
     for i, problem in enumerate(val.problems):
         row = {
@@ -86,12 +89,9 @@ def _position_rows(val, res, tokenizer, save_responses: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
-    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    quiet_megatron_import()
     warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module="megatron.*")
-    for name in ("megatron", "megatron.core"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         cfg = load_config(args.config, args.overrides, validate_paths=False)
     except ConfigError as exc:
@@ -99,25 +99,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     modes = _modes(args, cfg)
 
-    from megatron_rpt.atomic import write_text_atomic
-    from megatron_rpt.eval.loading import ModelLoadError, load_hf_model, load_megatron_model
-    from megatron_rpt.eval.report import format_table, write_report
-    from megatron_rpt.eval.runner import run_evaluation
+    # lazy: after quiet_megatron_import: megatron-core warns and logs on import
+    from megatron_rpt.eval.engine_loading import LOAD_ERRORS, model_in_engine
 
-    megatron = args.ckpt is not None
     try:
-        loaded = load_megatron_model(cfg, args.ckpt, args.name) if megatron else load_hf_model(cfg, args.hf, args.name)
-        log.info("evaluating %s (%s) in mode(s) %s", loaded.name, loaded.source, ", ".join(modes))
-        report, val, res = run_evaluation(cfg, loaded.engine, loaded.tokenizer, loaded.name, modes,
-                                          progress=not args.quiet, extra_meta={"source": loaded.source})
-    except (ModelLoadError, ConfigError, ValueError, FileNotFoundError) as exc:
+        with model_in_engine(cfg, args.hf, args.ckpt, args.name) as loaded:
+            log.info("evaluating %s (%s) in mode(s) %s", loaded.name, loaded.source, ", ".join(modes))
+            report, val, res = run_evaluation(cfg, loaded.engine, loaded.tokenizer, loaded.name, modes,
+                                              progress=not args.quiet, extra_meta={"source": loaded.source})
+    except LOAD_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if megatron:
-            from megatron_rpt.distributed import destroy_distributed
-
-            destroy_distributed()
     out = Path(args.out) if args.out else Path(cfg.logging.dir) / "eval" / loaded.name.replace("/", "_")
     print(format_table(report))
     print(f"difficulty scorer: {val.scorer}")
