@@ -17,19 +17,25 @@ def toy_env(toy: Path) -> dict[str, str]:
     return env
 
 
-def train_args(run: Path, ckpt: Path | None, *sets: str, resume: str = "auto") -> list[str]:
+def trainer_args(run: Path, *sets: str, resume: str = "auto") -> list[str]:
+    """``-m megatron_rpt.trainer`` on the toy config, logging into ``run``; ``sets`` are ``--set`` overrides
+    (a later one wins)."""
     args = ["-m", "megatron_rpt.trainer", "--config", "configs/toy_learn.yaml", "--resume", resume]
-    common = [f"logging.dir={run}", "logging.progress_bar=false", "logging.tensorboard=false",
-              "train.eval_interval=0", f"checkpoint.dir={ckpt if ckpt is not None else 'null'}"]
-    for s in [*common, *sets]:
+    for s in [f"logging.dir={run}", "logging.progress_bar=false", *sets]:
         args += ["--set", s]
     return args
 
 
-def train(toy: Path, run: Path, ckpt: Path | None, *sets: str, resume: str = "auto", nproc: int = 1,
-          expect: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the trainer CLI; assert its exit code is ``expect``."""
-    args = train_args(run, ckpt, *sets, resume=resume)
+def train_args(run: Path, ckpt: Path | None, *sets: str, resume: str = "auto") -> list[str]:
+    """:func:`trainer_args` without evaluation or TensorBoard, checkpointing into ``ckpt`` (None: nowhere)."""
+    return trainer_args(run, "logging.tensorboard=false", "train.eval_interval=0",
+                        f"checkpoint.dir={ckpt if ckpt is not None else 'null'}", *sets, resume=resume)
+
+
+def run_trainer(toy: Path, args: list[str], nproc: int = 1, expect: int = 0,
+                timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the trainer (``args`` from :func:`trainer_args`) in one process or under torchrun; assert its exit
+    code is ``expect``."""
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
     else:
@@ -37,6 +43,12 @@ def train(toy: Path, run: Path, ckpt: Path | None, *sets: str, resume: str = "au
     proc = subprocess.run(cmd, cwd=REPO, env=toy_env(toy), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == expect, f"exit {proc.returncode}\n" + proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
+
+
+def train(toy: Path, run: Path, ckpt: Path | None, *sets: str, resume: str = "auto", nproc: int = 1,
+          expect: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The toy trainer as :func:`train_args` sets it up; assert its exit code is ``expect``."""
+    return run_trainer(toy, train_args(run, ckpt, *sets, resume=resume), nproc, expect, timeout)
 
 
 def metrics(run: Path) -> list[dict]:

@@ -8,19 +8,15 @@ with rl.reward=conditional_dense trains (it crashed on the first wrong predictio
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers_toy import metrics, train
 
 from megatron_rpt.toy import prepare_toy
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 CONTEXTS = ["abcdab", "ponm", "hgfedcbahg"]
@@ -113,15 +109,8 @@ def test_first_token_probabilities_match_transformers(toy):
 
 def test_conditional_dense_trains_on_the_toy(toy, tmp_path):
     run = tmp_path / "run"
-    env = dict(os.environ, RPT_TOY_DIR=str(toy), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    args = [sys.executable, "-m", "megatron_rpt.trainer", "--config", "configs/toy_learn.yaml", "--resume", "none"]
-    for s in [f"logging.dir={run}", "logging.progress_bar=false", "train.steps=2", "train.eval_interval=0",
-              "rl.reward=conditional_dense"]:
-        args += ["--set", s]
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train(toy, run, None, "train.steps=2", "rl.reward=conditional_dense", resume="none")
+    rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2]
     # A random policy is wrong most of the time: the wrong samples of groups with a right one get P > 0.
     assert all(r["reward/first_token_probs"] > 0 for r in rows)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers_toy import metrics, train
 
 from megatron_rpt.config import load_config
 from megatron_rpt.toy import prepare_toy
@@ -110,16 +109,11 @@ def test_lm_step_loss_equals_transformers(toy):
 @pytest.mark.slow
 def test_ntp_learns_the_toy_task(toy, tmp_path):
     run = tmp_path / "run"
-    env = dict(os.environ, RPT_TOY_DIR=str(toy), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    args = [sys.executable, "-m", "megatron_rpt.trainer", "--config", "configs/toy_learn.yaml", "--resume", "none"]
-    for s in [f"logging.dir={run}", "logging.progress_bar=false", "train.objective=ntp", "train.steps=30",
-              "train.eval_interval=30", "ntp.seq_length=32", "ntp.sequences_per_step=16", "ntp.micro_batch_size=8",
-              f"eval.scorer_model={toy / 'model'}"]:  # the untrained model: every position is in the buckets
-        args += ["--set", s]
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    proc = train(toy, run, None, "train.objective=ntp", "train.steps=30", "train.eval_interval=30",
+                 "ntp.seq_length=32", "ntp.sequences_per_step=16", "ntp.micro_batch_size=8",
+                 f"eval.scorer_model={toy / 'model'}",  # the untrained model: every position is in the buckets
+                 resume="none", timeout=600)
+    rows = metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 31))
     assert all(r["compute/trained_tokens"] == 16 * 32 and r["compute/generated_tokens"] == 0 for r in rows)
     ce = [r["train/cross_entropy"] for r in rows]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_vllm
+from helpers_toy import metrics, run_trainer, toy_env, trainer_args
 
 from megatron_rpt.toy import prepare_toy
 
@@ -35,29 +36,10 @@ def toy_dir(tmp_path_factory) -> Path:
     return prepare_toy(tmp_path_factory.mktemp("toy") / "toy")
 
 
-def _env(toy: Path) -> dict[str, str]:
-    env = dict(os.environ, RPT_TOY_DIR=str(toy), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _train(toy: Path, run: Path, *overrides: str, nproc: int = 1, resume: str = "none",
            timeout: int = 300) -> subprocess.CompletedProcess:
-    sets = [f"logging.dir={run}", "logging.progress_bar=false", *overrides]
-    args = ["-m", "megatron_rpt.trainer", "--config", "configs/toy_learn.yaml", "--resume", resume]
-    for s in sets:
-        args += ["--set", s]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-    else:
-        cmd = [sys.executable, *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(toy), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    """The toy run with the config's own evaluation and checkpoint settings unless ``overrides`` change them."""
+    return run_trainer(toy, trainer_args(run, *overrides, resume=resume), nproc=nproc, timeout=timeout)
 
 
 def _mean(values):
@@ -65,37 +47,30 @@ def _mean(values):
     return sum(values) / len(values)
 
 
-def test_toy_reward_rises(toy_dir, tmp_path):
-    proc = _train(toy_dir, tmp_path / "run")
-    rows = _metrics(tmp_path / "run")
+@pytest.mark.parametrize("engine", ["builtin", "vllm"])
+def test_toy_reward_rises(toy_dir, tmp_path, engine):
+    # Learned with either rollout engine (vLLM's CPU build too), and the engine's logprobs of its samples
+    # equal Megatron's every step: the sync delivered the weights. The built-in run also evaluates.
+    if engine == "vllm":
+        require_vllm()
+    proc = _train(toy_dir, tmp_path / "run", f"rollout.engine={engine}",
+                  *(["train.eval_interval=0"] if engine == "vllm" else []))
+    rows = metrics(tmp_path / "run")
     rewards = [r["reward/mean"] for r in rows]
     assert len(rewards) == 40
     assert _mean(rewards[:3]) < 0.2, rewards
     assert _mean(rewards[-5:]) > 0.6, rewards
-    # Rollout engine and Megatron score the sampled tokens identically: the sync delivered the weights.
     assert max(r["rollout/engine_logprob_abs_diff"] for r in rows) < 1e-4
     assert "reward           first" in proc.stdout
-
-
-def test_toy_learns_with_vllm_rollouts(toy_dir, tmp_path):
-    # The same run with vLLM's CPU build as the rollout engine learns as with the built-in one, and
-    # vLLM's logprobs of its samples equal Megatron's every step (the sync reached vLLM).
-    require_vllm()
-    proc = _train(toy_dir, tmp_path / "run", "rollout.engine=vllm", "train.eval_interval=0")
-    rows = _metrics(tmp_path / "run")
-    rewards = [r["reward/mean"] for r in rows]
-    assert len(rewards) == 40
-    assert _mean(rewards[:3]) < 0.2, rewards
-    assert _mean(rewards[-5:]) > 0.6, rewards
-    assert max(r["rollout/engine_logprob_abs_diff"] for r in rows) < 1e-4
-    assert "1 vllm rollout engine(s)" in proc.stderr
+    if engine == "vllm":
+        assert "1 vllm rollout engine(s)" in proc.stderr
 
 
 def test_engine_logprobs_match_megatron_at_temperature_0_8(toy_dir, tmp_path):
     # The paper samples at T=0.8: the engine and Megatron both score log_softmax(logits / T)
     # of the sampled tokens, so the sync check holds (and is logged) at every temperature.
     _train(toy_dir, tmp_path / "run", "train.steps=3", "train.eval_interval=0", "rollout.temperature=0.8")
-    rows = _metrics(tmp_path / "run")
+    rows = metrics(tmp_path / "run")
     assert len(rows) == 3
     assert max(r["rollout/engine_logprob_abs_diff"] for r in rows) < 1e-4
     # The planner's prediction is logged beside the measured peak every step (CPU: the process's
@@ -177,7 +152,7 @@ def test_parallel_runs_train_and_sync(toy_dir, tmp_path, layout, nproc, engines)
     # Resume from step 10's checkpoint on the same layout and train two more steps.
     _train(toy_dir, run, "train.steps=12", "train.eval_interval=0", f"checkpoint.dir={ckpt}",
            "checkpoint.save_interval=0", *layout, nproc=nproc, resume="auto")
-    rows = _metrics(run)
+    rows = metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert max(r["rollout/engine_logprob_abs_diff"] for r in rows) < 1e-4
     assert all(r["train/grad_norm"] > 0 for r in rows)
@@ -199,7 +174,7 @@ def test_moe_rl_with_vllm_rollouts_and_expert_parallelism(toy_dir, tmp_path):
     run = tmp_path / "run"
     _train(toy_dir, run, f"model.hf_checkpoint={moe}", "parallel.expert_parallel=2", *VLLM, "train.steps=3",
            "train.eval_interval=0", nproc=2)
-    rows = _metrics(run)
+    rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["train/grad_norm"] > 0 and r["rollout/samples"] == 16 * 8 for r in rows)  # per engine: 16 prompts
     assert max(r["rollout/engine_logprob_abs_diff"] for r in rows) < 1e-4
@@ -227,11 +202,11 @@ def test_sigterm_saves_and_resume_continues_exactly(toy_dir, tmp_path, engine):
     for s in [f"logging.dir={run}", "logging.progress_bar=false", f"checkpoint.dir={ckpt}", *common,
               "train.steps=1000"]:
         args += ["--set", s]
-    proc = subprocess.Popen(args, cwd=REPO, env=_env(toy_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(args, cwd=REPO, env=toy_env(toy_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        if (run / "metrics.jsonl").exists() and len(_metrics(run)) >= 2:
+        if (run / "metrics.jsonl").exists() and len(metrics(run)) >= 2:
             break
         if proc.poll() is not None:
             pytest.fail(proc.stdout.read())
@@ -242,7 +217,7 @@ def test_sigterm_saves_and_resume_continues_exactly(toy_dir, tmp_path, engine):
     assert "(signal)" in out
     saved_step = int((ckpt / "latest").read_text().strip().split("_")[1])
     assert saved_step >= 2
-    assert [r["step"] for r in _metrics(run)][-1] == saved_step
+    assert [r["step"] for r in metrics(run)][-1] == saved_step
     final_step = saved_step + 3
 
     # The same run without interruption.
@@ -258,7 +233,7 @@ def test_sigterm_saves_and_resume_continues_exactly(toy_dir, tmp_path, engine):
     assert "iter_9999999 is unusable" in proc.stderr + proc.stdout
     for step in range(saved_step + 1, final_step + 1):
         assert _rollouts(run, step) == _rollouts(straight, step), f"step {step} differs after resume"
-    assert [r["step"] for r in _metrics(run)][-3:] == [saved_step + 1, saved_step + 2, final_step]
+    assert [r["step"] for r in metrics(run)][-3:] == [saved_step + 1, saved_step + 2, final_step]
 
 
 def test_main_job_config_on_tiny_model(shared, tmp_path):
@@ -272,11 +247,11 @@ def test_main_job_config_on_tiny_model(shared, tmp_path):
               "model.hf_checkpoint=auto:tiny-qwen2", f"model.tokenizer={tokenizer}", f"data.paths=[{data}]",
               "train.steps=2", "checkpoint.save_interval=1"]:
         args += ["--set", s]
-    env = _env(tmp_path)
+    env = toy_env(tmp_path)
     env["RPT_CACHE_DIR"] = str(tmp_path / "cache")
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    rows = _metrics(run)
+    rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["rollout/samples"] == 16 for r in rows)  # 4 prompts x 4 samples
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000002"
@@ -306,7 +281,7 @@ def test_main_job_without_vllm_says_how_to_install_it(toy_dir, tmp_path):
     args = [sys.executable, "-c", code, "--config", "configs/toy_learn.yaml"]
     for s in [f"logging.dir={run}", f"checkpoint.dir={ckpt}", "rollout.engine=vllm"]:
         args += ["--set", s]
-    proc = subprocess.run(args, cwd=REPO, env=_env(toy_dir), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(args, cwd=REPO, env=toy_env(toy_dir), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == f"error: {MISSING_VLLM}"
     assert "Traceback" not in proc.stderr
@@ -323,7 +298,7 @@ def test_async_checkpoints_finalize_and_resume(toy_dir, tmp_path):
     assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000002", "iter_0000004", "latest"]
     assert all((ckpt / name / "complete.json").is_file() for name in ("iter_0000002", "iter_0000004"))
     _train(toy_dir, run, *common, "train.steps=6", "checkpoint.save_interval=0", resume="auto")
-    rows = _metrics(run)
+    rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     # Two mini-batches per step (this run): the logged update metrics cover both optimizer steps.
     assert all(r["train/optimizer_steps"] == 2 and r["train/num_seqs"] == 32 * 8 for r in rows)
@@ -334,7 +309,7 @@ def test_dynamic_sampling_drops_and_refills(toy_dir, tmp_path):
     run = tmp_path / "run"
     _train(toy_dir, run, "train.eval_interval=0", "train.steps=6", "rl.dynamic_sampling_from_step=2",
            "rl.max_refill_rounds=3")
-    rows = _metrics(run)
+    rows = metrics(run)
     # Off before step 2 (0-based), on after: all-0 groups of a near-random policy are dropped and refilled.
     assert [r["dynamic/rounds"] for r in rows[:2]] == [1.0, 1.0]
     assert all(r["dynamic/dropped_groups"] == 0 for r in rows[:2])
@@ -351,7 +326,7 @@ def test_dynamic_sampling_drops_and_refills(toy_dir, tmp_path):
 def test_kl_to_a_frozen_reference(toy_dir, tmp_path):
     run = tmp_path / "run"
     _train(toy_dir, run, "train.eval_interval=0", "train.steps=5", "rl.kl_coef=0.1", "rl.kl_type=k3")
-    kl = [r["train/kl_to_ref"] for r in _metrics(run)]
+    kl = [r["train/kl_to_ref"] for r in metrics(run)]
     # The reference is the initial policy: no divergence before the first update, then growing.
     assert kl[0] == pytest.approx(0.0, abs=1e-6)
     assert 0 < kl[1] < kl[-1] < 1.0, kl
