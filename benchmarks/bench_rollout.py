@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from megatron_rpt.model.build import DTYPES
+from megatron_rpt.model.dtypes import DTYPES
 from megatron_rpt.model.hf_config import arch_from_dict
 from megatron_rpt.rollout import BuiltinEngine, SamplingParams
 from megatron_rpt.rollout.vllm_engine import VLLMEngine

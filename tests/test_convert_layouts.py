@@ -30,8 +30,8 @@ from megatron_rpt.bridge.layouts import (
 )
 from megatron_rpt.bridge.name_maps import Layout, NameMap
 from megatron_rpt.config import ConfigError
-from megatron_rpt.model.build import hybrid_layer_pattern, padded_vocab_size
-from megatron_rpt.model.hf_config import arch_from_dict
+from megatron_rpt.model.build import hybrid_layer_pattern
+from megatron_rpt.model.hf_config import arch_from_dict, padded_vocab_size
 from megatron_rpt.model.mcore_compat import ModelClass
 from megatron_rpt.weights.hf_io import CheckpointError, HFCheckpointReader, HFShardWriter, parse_size
 from megatron_rpt.weights.load import validate_hf_checkpoint

@@ -8,8 +8,8 @@ import torch
 
 from megatron_rpt.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_rpt.memory_plan import Layout, stage_params
-from megatron_rpt.model.build import fusion_settings, padded_vocab_size
-from megatron_rpt.model.hf_config import arch_from_dict
+from megatron_rpt.model.build import fusion_settings
+from megatron_rpt.model.hf_config import arch_from_dict, padded_vocab_size
 from megatron_rpt.model.mcore_compat import mcore_version
 from megatron_rpt.model.specs import (
     FUSED_SOFTMAX_EXTENSIONS,

@@ -29,7 +29,7 @@ from megatron_rpt.config import Config, ConfigError, EvalMode, load_config
 from megatron_rpt.data.tokenizer import token_bytes
 from megatron_rpt.eval.report import format_table, write_report
 from megatron_rpt.eval.runner import run_evaluation
-from megatron_rpt.model.mcore_compat import quiet_megatron_import
+from megatron_rpt.model import quiet_megatron_import
 
 log = logging.getLogger("megatron_rpt.eval")
 

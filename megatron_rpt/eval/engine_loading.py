@@ -35,7 +35,8 @@ from megatron_rpt.config import Config, ConfigError, ParallelConfig
 from megatron_rpt.data.tokenizer import has_tokenizer_files, load_tokenizer
 from megatron_rpt.distributed import destroy_distributed, init_distributed
 from megatron_rpt.errors import UserError
-from megatron_rpt.model.build import DTYPES, build_model_chunks
+from megatron_rpt.model.build import build_model_chunks
+from megatron_rpt.model.dtypes import DTYPES
 from megatron_rpt.model.hf_config import ArchConfig, load_hf_config
 from megatron_rpt.model.zoo import resolve_model_dir
 from megatron_rpt.rollout import make_engine

@@ -51,8 +51,7 @@ from dataclasses import dataclass, field
 
 from megatron_rpt.config import Recompute
 from megatron_rpt.memory_plan.inputs import Hardware, Layout, Workload
-from megatron_rpt.model.build import padded_vocab_size
-from megatron_rpt.model.hf_config import ArchConfig
+from megatron_rpt.model.hf_config import ArchConfig, padded_vocab_size
 from megatron_rpt.rollout.layout import engine_count
 
 GiB = float(2**30)

@@ -10,14 +10,18 @@ and ``2i+1`` (MLP "-" / MoE "E"), ``GPTModel`` before.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
 
 from megatron_rpt.config import ConfigError, ModelConfig, ParallelConfig
-from megatron_rpt.model.hf_config import ArchConfig
+from megatron_rpt.model.dtypes import DTYPES
+from megatron_rpt.model.hf_config import ArchConfig, padded_vocab_size
 from megatron_rpt.model.mcore_compat import ModelClass, policy_model_class, transformer_config_kwargs
 from megatron_rpt.model.specs import (
     fp8_settings,
@@ -26,18 +30,6 @@ from megatron_rpt.model.specs import (
     layer_spec,
     resolve_transformer_impl,
 )
-
-# Every megatron import is inside its function (# lazy): megatron-core takes seconds to import, and the
-# rollout engines and the planner import this module for DTYPES and padded_vocab_size.
-
-# The dtype names configs use (model.params_dtype, rollout.dtype, --dtype) -> torch dtypes.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
-    """Megatron-LM's rule: pad to a multiple of ``divisible_by * tensor_parallel``."""
-    multiple = divisible_by * tensor_parallel
-    return int(math.ceil(vocab_size / multiple) * multiple)
 
 
 def fusion_settings(on_gpu: bool, impl: str) -> dict[str, bool]:
@@ -84,8 +76,6 @@ def transformer_config(
 ) -> Any:
     """``config_overrides`` replace TransformerConfig fields, e.g. ``perform_initialization=False``
     when the weights are loaded from a checkpoint right after building."""
-    from megatron.core.transformer import TransformerConfig  # lazy: see the module's imports
-
     impl = resolve_transformer_impl(model_cfg)
     dtype = DTYPES[model_cfg.params_dtype]
     on_gpu = torch.cuda.is_available()
@@ -167,8 +157,6 @@ def build_model(
 ) -> Any:
     """One model chunk for this rank (stage flags default to this rank's pipeline position), of
     ``model_class`` (default: the class this megatron-core maintains)."""
-    from megatron.core import parallel_state  # lazy: see the module's imports
-
     model_class = model_class or policy_model_class()
     config = transformer_config(arch, model_cfg, parallel_cfg, config_overrides, model_class)
     if pre_process is None:
@@ -191,14 +179,11 @@ def build_model(
     impl = resolve_transformer_impl(model_cfg)
     if model_class is ModelClass.HYBRID:
         return _hybrid_model(arch, impl, parallel_cfg, common)
-    from megatron.core.models.gpt import GPTModel  # lazy: see the module's imports
-
     return GPTModel(transformer_layer_spec=layer_spec(arch, impl), rope_scaling=arch.rope_scaling_factor is not None,
                     rope_scaling_factor=arch.rope_scaling_factor or 8.0, **common)
 
 
 def _hybrid_model(arch: ArchConfig, impl: str, parallel_cfg: ParallelConfig, common: dict[str, Any]) -> Any:
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding  # lazy: as above
     from megatron.core.models.hybrid.hybrid_model import HybridModel  # lazy: megatron-core >= 0.19 only
 
     pattern = hybrid_layer_pattern(arch, parallel_cfg.pipeline_parallel, parallel_cfg.virtual_pipeline,

@@ -1,6 +1,6 @@
 """Read a Hugging Face ``config.json`` into the architecture facts megatron-rpt needs.
 
-Owns: :class:`ArchConfig` and :func:`load_hf_config` for the Llama (incl. Llama 3 rope
+Owns: :class:`ArchConfig`, :func:`padded_vocab_size` and :func:`load_hf_config` for the Llama (incl. Llama 3 rope
 scaling), Qwen2/Qwen2.5 (R1-Distill-Qwen), Qwen3 (qk-norm) and Qwen3-MoE families.
 Accepts both the transformers 4 (``rope_theta`` / ``rope_scaling``) and transformers 5
 (``rope_parameters``) shapes of the file.
@@ -9,6 +9,7 @@ Accepts both the transformers 4 (``rope_theta`` / ``rope_scaling``) and transfor
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,13 @@ SUPPORTED = {
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
 }
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
+    """Megatron-LM's rule: pad to a multiple of ``divisible_by * tensor_parallel`` (here, free of
+    megatron-core, because the planner sizes the embedding with it)."""
+    multiple = divisible_by * tensor_parallel
+    return int(math.ceil(vocab_size / multiple) * multiple)
 
 
 class UnsupportedArchitecture(UserError, ValueError):

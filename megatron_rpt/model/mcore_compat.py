@@ -35,14 +35,13 @@ import io
 import logging
 import os
 import re
-import warnings
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-
-# Every megatron import below is inside its function (# lazy): model/build.py (which the rollout engines
-# and the planner import) and the bridge's name maps read these facts without megatron-core's seconds-long import.
+from megatron.core import package_info, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.utils import get_batch_on_this_cp_rank as megatron_cp_split
 
 HYBRID_MODEL_SINCE = (0, 19)
 CP_SPLIT_TAKES_HYBRID_CP_SINCE = (0, 19)
@@ -64,21 +63,9 @@ def mcore_version() -> tuple[int, int, int]:
     try:
         text = importlib.metadata.version("megatron-core")
     except importlib.metadata.PackageNotFoundError:  # a source checkout on PYTHONPATH
-        from megatron.core import package_info  # lazy: only a source checkout without package metadata
-
         text = package_info.__version__
     numbers = [int(n) for n in re.findall(r"\d+", text)[:3]]
     return tuple(numbers + [0] * (3 - len(numbers)))  # type: ignore[return-value]
-
-
-def quiet_megatron_import() -> None:
-    """Hide what megatron-core prints on import: warnings where Transformer Engine / Apex are missing
-    (every CPU machine; its torch fallbacks are what runs there) and its INFO log lines. The
-    command lines call this before they import it."""
-    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    for name in ("megatron", "megatron.core"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def version_string() -> str:
@@ -110,11 +97,9 @@ def model_class_of(model: Any) -> ModelClass:
 
 def get_batch_on_this_cp_rank(batch: dict[str, Any], cp_group: Any) -> dict[str, Any]:
     """Megatron's own load-balanced CP split of ``batch`` over ``cp_group`` (reference for ours), on any version."""
-    from megatron.core.utils import get_batch_on_this_cp_rank as split  # lazy: see the module's imports
-
     if mcore_version() >= CP_SPLIT_TAKES_HYBRID_CP_SINCE:
-        return split(batch, is_hybrid_cp=False, cp_group=cp_group)
-    return split(batch, cp_group=cp_group)
+        return megatron_cp_split(batch, is_hybrid_cp=False, cp_group=cp_group)
+    return megatron_cp_split(batch, cp_group=cp_group)
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_group: Any) -> torch.Tensor:
@@ -123,8 +108,6 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_
     Before 0.19 megatron-core reduces over its own TP group, which is the policy's
     (:class:`~megatron_rpt.topology.Topology` reads it from there), so the argument is dropped.
     """
-    from megatron.core import tensor_parallel  # lazy: see the module's imports
-
     if mcore_version() >= CROSS_ENTROPY_TAKES_TP_GROUP_SINCE:
         return tensor_parallel.vocab_parallel_cross_entropy(logits, labels, tp_group=tp_group)
     return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
@@ -141,7 +124,7 @@ def read_common_state_in_torch_dist() -> None:
     """
     if mcore_version() >= COMMON_STATE_IN_TORCH_DIST_SINCE:
         return
-    # lazy: see the module's imports
+    # lazy: TorchCommonLoadStrategy exists only in megatron-core < 0.19
     from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME, TorchCommonLoadStrategy
 
     legacy_load_common = TorchCommonLoadStrategy.load_common
@@ -156,8 +139,6 @@ def read_common_state_in_torch_dist() -> None:
 
 def _common_state_from_torch_dist(checkpoint_dir: str) -> Any:
     """The ``common_state`` object of a 0.19 checkpoint (as 0.19's ``load_common_state_dict`` reads it)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject  # lazy: see the module's imports
-
     key = ShardedObject("common_state", None, (1,), (0,)).unique_key
     request: dict[str, Any] = {key: io.BytesIO()}
     dcp.load(request, storage_reader=dcp.FileSystemReader(checkpoint_dir), no_dist=True)

@@ -17,6 +17,18 @@ import warnings
 from typing import Any
 
 import torch
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.ssm.mlp_layer import MLPLayer
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import (
+    MoETransformerLayer,
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
 
 from megatron_rpt.config import ConfigError, ModelConfig
 from megatron_rpt.model.hf_config import ArchConfig
@@ -55,14 +67,9 @@ def layer_spec(arch: ArchConfig, impl: str) -> Any:
     """The ModuleSpec of one transformer layer for ``arch`` under ``impl``."""
     num_experts = arch.num_experts or None
     if impl == "transformer_engine":
-        # lazy: model.build imports this module, and it must stay free of megatron-core (see build.transformer_config)
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
         return get_gpt_layer_with_transformer_engine_spec(
             num_experts=num_experts, moe_grouped_gemm=bool(num_experts), qk_layernorm=arch.qk_norm
         )
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # lazy: as above
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
         spec = get_gpt_layer_local_spec(
@@ -90,15 +97,7 @@ def hybrid_stack_spec(arch: ArchConfig, impl: str) -> Any:
     pre-MLP norm, the MLP (or MoE) and its bias-dropout-add. Each half keeps the GPT spec's
     checkpoint-key renames for its own norm (local norms are stored under TE's fused names).
     """
-    # lazy: megatron-core >= 0.19 only (HybridStack); and see layer_spec
-    from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
-    from megatron.core.ssm.mlp_layer import MLPLayer
-    from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.transformer_layer import (
-        MoETransformerLayer,
-        TransformerLayer,
-        TransformerLayerSubmodules,
-    )
+    from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules  # lazy: mcore >= 0.19 only
 
     gpt = layer_spec(arch, impl).submodules
     keys_map = gpt.sharded_state_dict_keys_map or {}
@@ -128,8 +127,6 @@ def packed_local_attention() -> type:
     runs through the local kernel under its own causal mask, so no token attends to another sequence and the cost is
     ``sum(L_i^2)``, not ``T^2``. No parameters: checkpoints are unchanged.
     """
-    from megatron.core.transformer.dot_product_attention import DotProductAttention  # lazy: see layer_spec
-
     class PackedDotProductAttention(DotProductAttention):
         def forward(self, query: Any, key: Any, value: Any, attention_mask: Any, attn_mask_type: Any = None,
                     attention_bias: Any = None, packed_seq_params: Any = None) -> Any:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from megatron_rpt.model.build import DTYPES
+from megatron_rpt.model.dtypes import DTYPES
 from megatron_rpt.model.hf_config import ArchConfig, load_hf_config
 from megatron_rpt.rollout.base import Generation, SamplingParams, hf_parameter_shapes
 from megatron_rpt.rollout.torch_decoder import Decoder, KVCache

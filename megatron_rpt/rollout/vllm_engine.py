@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from megatron_rpt.errors import UserError
-from megatron_rpt.model.build import DTYPES
+from megatron_rpt.model.dtypes import DTYPES
 from megatron_rpt.model.hf_config import ArchConfig
 from megatron_rpt.rollout.base import Generation, SamplingParams, check_hf_tensor, hf_parameter_shapes
 

@@ -17,7 +17,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_rpt.config import Config, ConfigError
-from megatron_rpt.model.build import DTYPES
+from megatron_rpt.model.dtypes import DTYPES
 from megatron_rpt.model.specs import transformer_engine_available
 from megatron_rpt.topology import Topology
 

@@ -27,7 +27,8 @@ from megatron_rpt.distributed import all_reduce_numbers, init_distributed
 from megatron_rpt.errors import TrainingDiverged
 from megatron_rpt.eval import evaluate_during_training
 from megatron_rpt.eval.scaling import write_run_model
-from megatron_rpt.model.build import DTYPES, build_model_chunks
+from megatron_rpt.model.build import build_model_chunks
+from megatron_rpt.model.dtypes import DTYPES
 from megatron_rpt.model.hf_config import load_hf_config
 from megatron_rpt.model.zoo import resolve_model_dir
 from megatron_rpt.reward import POLICY_REWARDS

@@ -52,8 +52,9 @@ from megatron_rpt.bridge.layouts import expected_hf_shapes, from_mcore
 from megatron_rpt.bridge.name_maps import NameMap, global_param_name
 from megatron_rpt.config import Config, ConfigError, ModelConfig, ParallelConfig, validate
 from megatron_rpt.distributed import init_distributed, spawn
-from megatron_rpt.model.build import DTYPES, build_model, build_model_chunks, padded_vocab_size
-from megatron_rpt.model.hf_config import ArchConfig, load_hf_config, read_hf_config_dict
+from megatron_rpt.model.build import build_model, build_model_chunks
+from megatron_rpt.model.dtypes import DTYPES
+from megatron_rpt.model.hf_config import ArchConfig, load_hf_config, padded_vocab_size, read_hf_config_dict
 from megatron_rpt.model.mcore_compat import policy_model_class, version_string
 from megatron_rpt.weights.hf_io import (
     CONFIG_FILES,
