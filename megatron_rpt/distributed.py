@@ -6,19 +6,16 @@ initialising ``megatron.core.parallel_state`` from a :class:`ParallelConfig`, se
 Megatron's RNG trackers, the small collectives of Python numbers every other module uses
 (:func:`all_reduce_numbers`: the tensor goes on the device the group's backend needs, so
 NCCL never sees a CPU tensor), and :func:`spawn` — a small ``torch.multiprocessing``
-launcher that runs a function on N local ranks (used by tests and ``tools/convert.py``) — with
-:func:`die_with_parent`, which every helper process we start calls so that none outlives its
-parent: a SIGKILL of the parent cannot run cleanup code, so the kernel must end the children.
+launcher that runs a function on N local ranks (used by tests and ``tools/convert.py``), whose ranks
+call :func:`megatron_rpt.processes.die_with_parent` so that none outlives its parent.
 """
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import io
 import os
 import queue as queue_module
-import signal
 import socket
 import sys
 import time
@@ -28,42 +25,12 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from megatron.core import parallel_state
+from megatron.core import tensor_parallel as mtp
 
 from megatron_rpt.config import ParallelConfig
 from megatron_rpt.model import cpu_compat
-
-# megatron is imported inside the functions that set it up (# lazy): data preparation
-# (tools/prepare_data.py) imports this module for die_with_parent and must not pay its seconds-long import.
-
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def die_with_parent(parent_pid: int, group: bool = False) -> None:
-    """Ask the kernel to end this process when its parent (``parent_pid``) exits (Linux).
-
-    Called first thing in a child; the kernel sends SIGKILL. If the parent is already gone (it
-    died before the call) the child ends itself. With ``group`` the child also leads a new
-    process group and takes all of it down: for a child that forks helpers of its own (Megatron's
-    checkpoint writer forks one per bucket), which would otherwise be orphaned mid-work, possibly
-    waiting forever on a lock the child held. The kernel then sends SIGTERM, whose handler kills
-    the group. Elsewhere than Linux this is a no-op.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    sig = signal.SIGKILL
-    if group:
-        os.setpgid(0, 0)
-        signal.signal(signal.SIGTERM, _kill_own_group)
-        sig = signal.SIGTERM
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-        return
-    if os.getppid() != parent_pid:
-        os.kill(os.getpid(), sig)
-
-
-def _kill_own_group(_signum: int, _frame: Any) -> None:
-    os.killpg(0, signal.SIGKILL)
+from megatron_rpt.processes import die_with_parent
 
 
 def free_port() -> int:
@@ -102,9 +69,6 @@ def init_distributed(
     shorter than a long-response rollout phase. ``expert_tensor_parallel`` None: the expert MLPs
     are split like the dense ones (``tensor_parallel``), megatron-core's default.
     """
-    from megatron.core import parallel_state  # lazy: see the module's imports
-    from megatron.core import tensor_parallel as mtp  # lazy: see the module's imports
-
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         cpu_compat.enable()
@@ -164,8 +128,6 @@ def all_reduce_numbers(values: Sequence[float], op: dist.ReduceOp = dist.ReduceO
 
 
 def destroy_distributed() -> None:
-    from megatron.core import parallel_state  # lazy: see the module's imports
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     vllm_engines = sys.modules.get("megatron_rpt.rollout.vllm_engine")

@@ -39,8 +39,8 @@ from megatron_rpt.data.mixture import Mixture, single_corpus
 from megatron_rpt.data.run_state import resolve_worker
 from megatron_rpt.data.scoring import ScoringSettings, prepare
 from megatron_rpt.data.tokenizer import load_tokenizer
-from megatron_rpt.distributed import die_with_parent
 from megatron_rpt.errors import UserError  # noqa: E402
+from megatron_rpt.processes import die_with_parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

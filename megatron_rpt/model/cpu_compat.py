@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from megatron.core.tensor_parallel import random as mrandom
+from megatron.core.transformer.moe import moe_utils
 from torch.overrides import TorchFunctionMode
 
 _ENABLED = False
@@ -130,16 +132,11 @@ def enable() -> bool:
     torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
     torch.Tensor.type = _cuda_named_type  # type: ignore[assignment]
 
-    # lazy: distributed imports this module, and the data-prep workers import distributed without megatron-core
-    from megatron.core.tensor_parallel import random as mrandom
-
     mrandom._get_cuda_rng_state = _cpu_rng_state
     mrandom._set_cuda_rng_state = _set_cpu_rng_state
 
     # megatron-core 0.16 only binds te_general_gemm when Transformer Engine imports, then tests it
     # for None in the MoE router: define the fallback so the router uses torch matmuls.
-    from megatron.core.transformer.moe import moe_utils  # lazy: as above
-
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
 

@@ -52,8 +52,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_rpt.atomic import write_text_atomic
 from megatron_rpt.bridge.name_maps import unwrap
-from megatron_rpt.distributed import die_with_parent
 from megatron_rpt.model.mcore_compat import checkpoint_save_kwargs, model_class_of
+from megatron_rpt.processes import die_with_parent
 from megatron_rpt.trainer.ckpt_manifest import COMPLETE, collect_manifest
 from megatron_rpt.weights.hf_io import CheckpointError
 from megatron_rpt.weights.interop import content_metadata, require_model_class

@@ -38,8 +38,8 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_rpt.bridge.name_maps import unwrap
-from megatron_rpt.distributed import die_with_parent
 from megatron_rpt.model.mcore_compat import checkpoint_save_kwargs, read_common_state_in_torch_dist
+from megatron_rpt.processes import die_with_parent
 from megatron_rpt.weights.hf_io import CheckpointError
 from megatron_rpt.weights.interop import (
     content_metadata,
