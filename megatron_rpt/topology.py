@@ -5,20 +5,18 @@ and expert parallelism, read once from ``megatron.core.parallel_state`` (which
 :func:`megatron_rpt.distributed.init_distributed` sets up). The trainer, the policy, the HF loader
 and the weight bridge read the layout from it instead of calling ``parallel_state`` getters here
 and there, and a test can build one by hand (:meth:`Topology.single`, or the constructor) to
-exercise layout logic without ``torch.distributed``. :func:`replica_ranks` is Megatron's rank
-assignment for any layout, without initialising anything (the rollout layout and the config check
-compare engines with it). Only this module, :mod:`megatron_rpt.distributed` (which sets the
+exercise layout logic without ``torch.distributed``. Only this module, :mod:`megatron_rpt.distributed` (which sets the
 parallel state up) and the stage flags of ``model/build.py`` touch ``parallel_state``; everything
 else is handed a :class:`Topology` or one of its groups (``tests/test_topology_owner.py`` checks it).
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 
 @dataclass(frozen=True)
@@ -58,9 +56,6 @@ class Topology:
         """This rank's topology from Megatron's parallel state (:meth:`single` without torch.distributed)."""
         if not dist.is_initialized():
             return cls.single()
-        # lazy: megatron-core takes seconds to import; the config check and the planner import this module
-        from megatron.core import parallel_state as ps
-
         if not ps.model_parallel_is_initialized():
             raise RuntimeError("Megatron's parallel state is not initialised; call "
                                "megatron_rpt.distributed.init_distributed() first")
@@ -100,17 +95,3 @@ class Topology:
         """Global index of this rank's first local expert (0 without experts)."""
         return self.ep_rank * (num_experts // self.ep_size) if num_experts else 0
 
-
-def replica_ranks(world_size: int, tensor_parallel: int, context_parallel: int,
-                  pipeline_parallel: int) -> list[list[int]]:
-    """Global ranks of each data-parallel replica (index: the data-parallel rank), as megatron-core
-    assigns them: its ``RankGenerator`` with the default order of ``initialize_model_parallel``
-    (what :func:`megatron_rpt.distributed.init_distributed` calls)."""
-    # lazy: megatron-core takes seconds to import; the config check and the planner import this module
-    from megatron.core import parallel_state as ps
-
-    order = inspect.signature(ps.initialize_model_parallel).parameters["order"].default
-    model_parallel = tensor_parallel * context_parallel * pipeline_parallel
-    generator = ps.RankGenerator(tp=tensor_parallel, ep=1, dp=world_size // model_parallel, pp=pipeline_parallel,
-                                 cp=context_parallel, order=order)
-    return generator.get_ranks("tp-cp-pp")

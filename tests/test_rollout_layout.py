@@ -4,10 +4,13 @@ loader, the planner and the recipes apply the same rule."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
+from megatron.core import parallel_state
 
 from megatron_rpt.config import ConfigError, ParallelConfig, load_config
-from megatron_rpt.rollout.layout import data_parallel_ranks, engine_count, engine_layout_problem
+from megatron_rpt.rollout.layout import data_parallel_ranks, engine_count, engine_layout_problem, replica_ranks
 
 MOE = "configs/rpt_moe_30b_a3b.yaml"
 
@@ -20,6 +23,16 @@ def test_data_parallel_rank_of_every_rank_by_hand():
     tp2_cp2 = ParallelConfig(tensor_parallel=2, context_parallel=2)
     assert data_parallel_ranks(tp2_cp2, 8) == [0, 0, 0, 0, 1, 1, 1, 1]
     assert data_parallel_ranks(ParallelConfig(pipeline_parallel=2), 4) == [0, 1, 0, 1]
+
+
+def test_replica_ranks_are_megatron_rank_generators():
+    """The megatron-free arithmetic equals megatron-core's own RankGenerator in the default order of
+    initialize_model_parallel (what init_distributed calls), on this megatron-core version."""
+    order = inspect.signature(parallel_state.initialize_model_parallel).parameters["order"].default
+    for world, tp, cp, pp in [(1, 1, 1, 1), (8, 2, 1, 2), (8, 2, 2, 1), (8, 1, 1, 2), (16, 2, 2, 2), (24, 3, 1, 2),
+                              (12, 1, 3, 1), (8, 8, 1, 1), (8, 1, 1, 8)]:
+        generator = parallel_state.RankGenerator(tp=tp, ep=1, dp=world // (tp * cp * pp), pp=pp, cp=cp, order=order)
+        assert replica_ranks(world, tp, cp, pp) == generator.get_ranks("tp-cp-pp"), (world, tp, cp, pp)
 
 
 def test_engine_spanning_two_replicas_is_refused_with_a_working_value():

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "megatron_rpt"
 
 # Each one, and why it may read megatron.core.parallel_state.
 ALLOWED = {
-    "topology.py": "owns Topology: reads the sizes, ranks and groups once; replica_ranks uses RankGenerator",
+    "topology.py": "owns Topology: reads the sizes, ranks and groups once",
     "distributed.py": "sets the parallel state up (initialize_model_parallel) and tears it down",
     "model/build.py": "the stage flags (pre_process / post_process per virtual chunk) Megatron's constructors need",
 }

@@ -7,10 +7,11 @@ engine draws its own prompts (shard ``k`` of the data stream) with its own seed,
 decode the same prompt. A Megatron data-parallel replica (the TP x CP x PP ranks sharing one
 data-parallel rank) trains on the samples of the engines inside it, gathered in engine order, so
 every rank of the replica holds the same batch. Hence an engine must lie inside one replica:
-:func:`engine_layout_problem` derives Megatron's data-parallel rank of every global rank from its
-own ``RankGenerator`` (order ``tp-cp-ep-dp-pp`` in megatron-core 0.16 and 0.19) and names a
-working ``rollout.tensor_parallel`` when an engine would span two replicas
-(:func:`megatron_rpt.topology.replica_ranks`).
+:func:`engine_layout_problem` derives Megatron's data-parallel rank of every global rank with
+:func:`replica_ranks` (the arithmetic of megatron-core's ``RankGenerator`` in the default order
+``tp-cp-ep-dp-pp`` of 0.16 and 0.19, kept here free of megatron-core because the config check and
+the planner import this module; tests/test_rollout_layout.py pins it to the real one) and names a
+working ``rollout.tensor_parallel`` when an engine would span two replicas.
 
 :func:`engine_count` is what the config check and the planner count; :class:`RolloutLayout` is the
 same layout at run time (this rank's engine, its replica's engines and a process group over them).
@@ -19,12 +20,26 @@ same layout at run time (this rank's engine, its replica's engines and a process
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
 from megatron_rpt.config import Config, ConfigError, ParallelConfig
-from megatron_rpt.topology import Topology, replica_ranks
+
+if TYPE_CHECKING:  # only an annotation: megatron_rpt.topology imports megatron-core
+    from megatron_rpt.topology import Topology
+
+
+def replica_ranks(world_size: int, tensor_parallel: int, context_parallel: int,
+                  pipeline_parallel: int) -> list[list[int]]:
+    """Global ranks of each data-parallel replica (index: the data-parallel rank), as megatron-core's
+    ``RankGenerator`` assigns them in ``initialize_model_parallel``'s default order ``tp-cp-ep-dp-pp``
+    (tensor fastest; expert parallelism is 1 for the dense dimensions): rank =
+    ``t + TP * (c + CP * (d + DP * p))``, each replica listed in ascending order."""
+    data_parallel = world_size // (tensor_parallel * context_parallel * pipeline_parallel)
+    return [[t + tensor_parallel * (c + context_parallel * (d + data_parallel * p))
+             for p in range(pipeline_parallel) for c in range(context_parallel) for t in range(tensor_parallel)]
+            for d in range(data_parallel)]
 
 
 def engine_count(world_size: int, rollout_tp: int) -> int:
