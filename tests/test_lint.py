@@ -25,3 +25,25 @@ def test_every_test_file_runs_in_one_of_the_two_environments():
     oldest = {f for f in files if SCOPES["oldest"](f)}
     newest = {f for f in files if SCOPES["newest"](f)}
     assert oldest | newest == files and oldest & newest == VERSION_MATRIX
+
+
+# Light importers: the config check, data preparation, the planner and the rollout engines must not pay for
+# megatron-core's seconds-long import (the modules that need it import it at the top).
+LIGHT_PATHS = """
+import runpy, sys
+import megatron_rpt.config, megatron_rpt.data, megatron_rpt.memory_plan, megatron_rpt.rollout
+import megatron_rpt.rollout.layout, megatron_rpt.processes, megatron_rpt.model.dtypes
+for tool in ("tools/plan.py", "tools/prepare_data.py"):
+    sys.argv = [tool, "--help"]
+    try:
+        runpy.run_path(tool, run_name="__main__")
+    except SystemExit:
+        pass
+print(sorted(m for m in sys.modules if m.startswith("megatron.core")))
+"""
+
+
+def test_light_paths_do_not_import_megatron_core():
+    proc = subprocess.run([sys.executable, "-c", LIGHT_PATHS], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-4000:]
