@@ -47,6 +47,15 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import torch  # noqa: E402
+
+from megatron_rpt.config import load_config  # noqa: E402
+from megatron_rpt.distributed import destroy_distributed  # noqa: E402
+from megatron_rpt.eval.engine_loading import load_hf_model, load_megatron_model  # noqa: E402
+from megatron_rpt.eval.report import EvalReport, format_table, write_report  # noqa: E402
+from megatron_rpt.eval.runner import run_evaluation  # noqa: E402
+from megatron_rpt.model.zoo import resolve_model_dir  # noqa: E402
+
 MODES = ("standard", "reasoning")
 
 
@@ -125,9 +134,6 @@ def eval_config(args: argparse.Namespace) -> tuple[Any, Path]:
     model's standard-mode pass also yields the difficulty entropies at no extra cost -- scoring whole
     documents with ``eval.scorer_model`` would cost more than the evaluation itself on a CPU.
     """
-    from megatron_rpt.config import load_config
-    from megatron_rpt.model.zoo import resolve_model_dir
-
     cfg = load_config(REPO / "configs/tiny_cpu.yaml", [*common_overrides(args), "rollout.engine=builtin"],
                       validate_paths=False)
     return cfg, resolve_model_dir(cfg.model.hf_checkpoint, cfg.model.tokenizer)
@@ -137,11 +143,6 @@ def evaluate(cfg: Any, out: Path, name: str, hf_dir: Path | None = None, ckpt: P
              val: Any = None) -> tuple[Any, Any]:
     """One model (an HF dir or a Megatron checkpoint) in both modes; (report, validation set).
     Its engine is closed afterwards, so the next model's vLLM engine starts clean."""
-    from megatron_rpt.distributed import destroy_distributed
-    from megatron_rpt.eval.engine_loading import load_hf_model, load_megatron_model
-    from megatron_rpt.eval.report import write_report
-    from megatron_rpt.eval.runner import run_evaluation
-
     try:
         loaded = load_hf_model(cfg, hf_dir, name=name) if ckpt is None else load_megatron_model(cfg, ckpt, name=name)
         report, val, _ = run_evaluation(cfg, loaded.engine, loaded.tokenizer, loaded.name, MODES, val=val,
@@ -166,8 +167,6 @@ def train_both(args: argparse.Namespace, seq_length: int, wall: dict[str, float]
 
 def result_json(args: argparse.Namespace, argv: list[str] | None, cfg: Any, base_dir: Path, table: Any,
                 runs: dict[str, Any], wall: dict[str, float]) -> dict[str, Any]:
-    import torch
-
     budget, ntp_tokens = runs["budget"], trained_tokens(runs["ntp_rows"])
     return {
         "benchmark": "mini_table1",
@@ -191,8 +190,6 @@ def result_json(args: argparse.Namespace, argv: list[str] | None, cfg: Any, base
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from megatron_rpt.eval.report import EvalReport, format_table, write_report
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     wall: dict[str, float] = {}
