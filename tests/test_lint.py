@@ -47,3 +47,21 @@ def test_light_paths_do_not_import_megatron_core():
     proc = subprocess.run([sys.executable, "-c", LIGHT_PATHS], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-4000:]
+
+
+def test_every_planted_bug_of_the_mutation_check_still_applies():
+    """tools/mutation_check.py replaces an exact snippet once per mutant: a refactor that moves the line makes
+    the mutant stale (it would plant nothing). Caught here, in the test command, rather than when someone next
+    runs the 10-20 minute check."""
+    spec = importlib.util.spec_from_file_location("mutation_check", REPO / "tools" / "mutation_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mutation_check"] = module  # dataclasses look their module up while the class is made
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules["mutation_check"]
+    counts = {m.name: (REPO / m.path).read_text().count(m.old) for m in module.MUTANTS}
+    assert counts == {name: 1 for name in counts}, counts
+    for mutant in module.MUTANTS:
+        for test in mutant.tests:
+            assert (REPO / test.split("::")[0]).is_file(), f"{mutant.name}: no test file {test}"

@@ -52,8 +52,10 @@ MUTANTS = (
            ("tests/test_train_invariants.py",),
            "advantages normalised per sample index across prompts instead of within each prompt's group"),
     Mutant("dp_factor_dropped", "megatron_rpt/trainer/policy.py",
-           'exactly 1.\n        """\n        scale = grpo_loss_scale(len(micro_batches), self.dp_size)',
-           'exactly 1.\n        """\n        scale = grpo_loss_scale(len(micro_batches), 1)',
+           'exactly 1.\n        """\n        micro_batches = self._same_count_over_data_parallel(micro_batches)\n'
+           '        scale = grpo_loss_scale(len(micro_batches), self.dp_size)',
+           'exactly 1.\n        """\n        micro_batches = self._same_count_over_data_parallel(micro_batches)\n'
+           '        scale = grpo_loss_scale(len(micro_batches), 1)',
            ("tests/test_bridge.py::test_one_training_step_equals_transformers_gradient_and_adam_update",),
            "loss (and gradients) off by 1/dp: Adam hides it from the learning tests"),
     Mutant("qkv_k_v_swapped", "megatron_rpt/bridge/layouts.py",
