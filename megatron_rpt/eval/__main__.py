@@ -24,12 +24,12 @@ import typing
 import warnings
 from pathlib import Path
 
+from megatron_rpt import quiet_megatron_import
 from megatron_rpt.atomic import write_text_atomic
 from megatron_rpt.config import Config, ConfigError, EvalMode, load_config
 from megatron_rpt.data.tokenizer import token_bytes
 from megatron_rpt.eval.report import format_table, write_report
 from megatron_rpt.eval.runner import run_evaluation
-from megatron_rpt.model import quiet_megatron_import
 
 log = logging.getLogger("megatron_rpt.eval")
 

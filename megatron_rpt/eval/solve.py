@@ -21,12 +21,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from megatron_rpt import quiet_megatron_import
 from megatron_rpt.atomic import write_text_atomic
 from megatron_rpt.config import Config, ConfigError, load_config
 from megatron_rpt.data.corpus import CorpusStream, heldout_doc_ids, open_sources
 from megatron_rpt.data.templates import render_chat
 from megatron_rpt.eval.reasoning import reasoning_params
-from megatron_rpt.model import quiet_megatron_import
 
 log = logging.getLogger("megatron_rpt.solve")
 
