@@ -24,10 +24,10 @@ import typing
 import warnings
 from pathlib import Path
 
-from megatron_rpt import quiet_megatron_import
 from megatron_rpt.atomic import write_text_atomic
 from megatron_rpt.config import Config, ConfigError, EvalMode, load_config
 from megatron_rpt.data.tokenizer import token_bytes
+from megatron_rpt.eval.engine_loading import LOAD_ERRORS, add_model_source_arguments, model_in_engine
 from megatron_rpt.eval.report import format_table, write_report
 from megatron_rpt.eval.runner import run_evaluation
 
@@ -36,11 +36,7 @@ log = logging.getLogger("megatron_rpt.eval")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m megatron_rpt.eval", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML config (data, template, eval.* settings)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--hf", metavar="DIR", help="Hugging Face model directory (config.json + safetensors)")
-    source.add_argument("--ckpt", metavar="DIR",
-                        help="Megatron checkpoint (converter output, iter_XXXXXXX, or checkpoint.dir)")
+    add_model_source_arguments(parser)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set eval.pass_k=4 (repeatable)")
     parser.add_argument("--mode", choices=("standard", "reasoning", "both"),
@@ -89,7 +85,6 @@ def _position_rows(val, res, tokenizer, save_responses: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
-    quiet_megatron_import()
     warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module="megatron.*")
     try:
@@ -98,9 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     modes = _modes(args, cfg)
-
-    # lazy: after quiet_megatron_import: megatron-core warns and logs on import
-    from megatron_rpt.eval.engine_loading import LOAD_ERRORS, model_in_engine
 
     try:
         with model_in_engine(cfg, args.hf, args.ckpt, args.name) as loaded:

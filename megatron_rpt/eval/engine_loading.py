@@ -18,6 +18,7 @@ A checkpoint saved at any TP/PP loads: the vocabulary padding is read from the s
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import logging
@@ -47,8 +48,8 @@ from megatron_rpt.weights.megatron_ckpt import load_model_checkpoint, resolve_ch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LOAD_ERRORS", "LoadedModel", "load_hf_model", "load_megatron_model", "model_in_engine",
-           "resolve_megatron_checkpoint", "eval_engine_config"]
+__all__ = ["LOAD_ERRORS", "LoadedModel", "add_model_source_arguments", "load_hf_model", "load_megatron_model",
+           "model_in_engine", "resolve_megatron_checkpoint", "eval_engine_config"]
 
 
 class ModelLoadError(UserError, FileNotFoundError):
@@ -226,6 +227,16 @@ def load_megatron_model(cfg: Config, ckpt_dir: str | Path, name: str | None = No
     del bridge, chunks
     label = name or (given.name if not given.name.startswith("iter_") else f"{given.parent.name}/{given.name}")
     return LoadedModel(label, f"megatron:{mcore_dir}", arch, engine, tokenizer)
+
+
+def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """The evaluation command lines' shared flags: ``--config`` and the model, exactly one of ``--hf DIR``
+    and ``--ckpt DIR`` (what :func:`model_in_engine` loads)."""
+    parser.add_argument("--config", required=True, help="YAML config (data, template, eval.* settings)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf", metavar="DIR", help="Hugging Face model directory (config.json + safetensors)")
+    source.add_argument("--ckpt", metavar="DIR",
+                        help="Megatron checkpoint (converter output, iter_XXXXXXX, or checkpoint.dir)")
 
 
 @contextmanager

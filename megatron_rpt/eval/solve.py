@@ -21,11 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from megatron_rpt import quiet_megatron_import
 from megatron_rpt.atomic import write_text_atomic
 from megatron_rpt.config import Config, ConfigError, load_config
 from megatron_rpt.data.corpus import CorpusStream, heldout_doc_ids, open_sources
 from megatron_rpt.data.templates import render_chat
+from megatron_rpt.eval.engine_loading import LOAD_ERRORS, add_model_source_arguments, model_in_engine
 from megatron_rpt.eval.reasoning import reasoning_params
 
 log = logging.getLogger("megatron_rpt.solve")
@@ -56,11 +56,7 @@ def heldout_problems(cfg: Config, field: str, limit: int | None = None) -> list[
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m megatron_rpt.eval.solve", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML config (data, template, eval.* settings)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--hf", metavar="DIR", help="Hugging Face model directory")
-    source.add_argument("--ckpt", metavar="DIR",
-                        help="Megatron checkpoint (converter output, iter_X or checkpoint.dir)")
+    add_model_source_arguments(parser)
     parser.add_argument("--out", required=True, help="output directory (responses.jsonl)")
     parser.add_argument("--field", default="problem", help="row field holding the problem (default: problem)")
     parser.add_argument("--samples", type=int, default=1, help="responses per problem (default 1)")
@@ -97,10 +93,6 @@ def _generate(cfg: Config, loaded: Any, problems: list[tuple[str, str]], samples
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
-    quiet_megatron_import()
-    # lazy: after quiet_megatron_import: megatron-core warns and logs on import
-    from megatron_rpt.eval.engine_loading import LOAD_ERRORS, model_in_engine
-
     try:
         cfg = load_config(args.config, args.overrides, validate_paths=False)
         problems = heldout_problems(cfg, args.field, args.max_problems)
