@@ -59,7 +59,7 @@ def require_vllm():
 #   one trainer step's invariants, checkpoint safety);
 # * ANY_VERSION runs on the OLDEST (0.16, Python 3.11): files whose outcome cannot depend on the megatron-core
 #   version (data preparation and scoring, the data jobs under SLURM and one trainer run on their output,
-#   rewards, reports, plots, lint) and two trainer-level files (below), placed there so that the two
+#   rewards, reports, plots, lint) and four trainer-level files (below), placed there so that the two
 #   environments take about as long as each other;
 # * every other file runs on the NEWEST (0.19): the trainer-level runs (the loop, evaluation, SLURM), which
 #   drive the same megatron-core calls that VERSION_MATRIX checks on both.
@@ -78,9 +78,10 @@ ANY_VERSION = {
     "test_lint.py", "test_plot.py", "test_preflight.py", "test_rl_advantages.py", "test_rl_batch.py",
     "test_rl_grpo_loss.py",
     # Trainer-level, placed on the oldest for balance: what they drive in megatron-core (the bridge into
-    # vLLM; the trainer under SLURM) VERSION_MATRIX checks on both (test_rollout_vllm_parallel.py,
-    # test_checkpoint_safety.py, test_train_invariants.py) and test_train_loop.py runs on the newest.
-    "test_rollout_vllm.py", "test_slurm.py",
+    # vLLM; the trainer under SLURM, killed, or on the NTP objective) VERSION_MATRIX checks on both
+    # (test_rollout_vllm_parallel.py, test_checkpoint_safety.py, test_train_invariants.py) and
+    # test_train_loop.py runs on the newest.
+    "test_ntp.py", "test_process_hygiene.py", "test_rollout_vllm.py", "test_slurm.py",
 }
 SCOPES = {
     "all": lambda name: True,
