@@ -34,14 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _quiet_third_party() -> None:
-    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    """What the trainer's dependencies print at run time; their import-time noise is silenced by
+    :func:`megatron_rpt.quiet_dependency_imports` (the package's ``__init__``)."""
     warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
     warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\..*")
     warnings.filterwarnings("ignore", message=".*The .grad attribute of a Tensor that is not a leaf Tensor.*")
-    for name in ("megatron", "megatron.core"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     # vLLM logs every engine start-up detail and each weight reload at INFO; its warnings stay.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
