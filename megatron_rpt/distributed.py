@@ -16,7 +16,6 @@ import datetime
 import io
 import os
 import queue as queue_module
-import socket
 import sys
 import time
 import traceback
@@ -30,13 +29,7 @@ from megatron.core import tensor_parallel as mtp
 
 from megatron_rpt.config import ParallelConfig
 from megatron_rpt.model import cpu_compat
-from megatron_rpt.processes import die_with_parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_rpt.processes import die_with_parent, free_port
 
 
 def process_group_backend(cuda: bool) -> str:
@@ -74,7 +67,9 @@ def init_distributed(
         cpu_compat.enable()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        # A world of one (no launcher set WORLD_SIZE): rank 0 hosts the store and nobody else needs
+        # its port, so port 0 lets the kernel pick a free one at the bind, with no race.
+        os.environ.setdefault("MASTER_PORT", "0" if "WORLD_SIZE" not in os.environ else str(free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
@@ -160,6 +155,10 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue: 
             pass
 
 
+_PORT_TAKEN = ("EADDRINUSE", "Address already in use")
+SPAWN_ATTEMPTS = 3
+
+
 def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 900.0) -> list[Any]:
     """Run ``fn(*args)`` on ``world_size`` local ranks; return each rank's result (rank order).
 
@@ -167,10 +166,31 @@ def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 900.0) -> 
     traceback when any rank fails. The ranks die with this process: killed when it is
     interrupted (Ctrl-C, or SIGTERM turned into an exception) and, through
     :func:`die_with_parent`, when it is killed outright.
+
+    The rendezvous port is chosen here and bound by rank 0 seconds later; if another process
+    took it meanwhile (rank 0 fails with EADDRINUSE before any rank finished), the ranks are
+    started again on a new port, up to ``SPAWN_ATTEMPTS`` times, as PyTorch's own distributed
+    tests do. ``fn`` should therefore do nothing it cannot repeat before it initialises the
+    process group (every caller's first step).
     """
+    attempt = 1
+    while True:
+        results, errors = _spawn_once(fn, world_size, args, timeout, free_port())
+        if not errors:
+            return [results[r] for r in range(world_size)]
+        port_taken = not results and any(marker in e for e in errors for marker in _PORT_TAKEN)
+        if not port_taken or attempt == SPAWN_ATTEMPTS:
+            raise RuntimeError("\n".join(errors))
+        print(f"[rpt] spawn: the rendezvous port was taken by another process; retrying "
+              f"({attempt}/{SPAWN_ATTEMPTS})", file=sys.stderr, flush=True)
+        attempt += 1
+
+
+def _spawn_once(fn: Callable, world_size: int, args: tuple, timeout: float,
+                port: int) -> tuple[dict[int, Any], list[str]]:
+    """Start the ranks on ``port``, wait for them; their results by rank, and the errors."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
     procs = [
         ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, os.getpid()), daemon=False)
         for r in range(world_size)
@@ -191,9 +211,7 @@ def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 900.0) -> 
                 p.kill()
             if p.pid is not None:
                 p.join()
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    return [results[r] for r in range(world_size)]
+    return results, errors
 
 
 def _collect(procs: list[Any], queue: Any, results: dict[int, Any], errors: list[str], timeout: float) -> None:

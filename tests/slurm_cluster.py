@@ -24,12 +24,13 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from megatron_rpt.processes import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "sinfo", "squeue", "scontrol", "scancel")
@@ -53,12 +54,6 @@ def missing_requirements() -> str | None:
     except KeyError:
         return "there is no 'munge' user to run munged as; reinstall the munge package"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def node_hardware() -> dict[str, int]:
@@ -126,7 +121,7 @@ class SlurmCluster:
         for sub in ("state", "spool", "log"):
             (self.root / sub).mkdir(exist_ok=True)
         node = " ".join(f"{k}={v}" for k, v in hw.items())
-        self.ctld_port, self.slurmd_port = _free_port(), _free_port()
+        self.ctld_port, self.slurmd_port = free_port(), free_port()
         r = self.root
         self.conf.write_text("\n".join([
             f"ClusterName={self.cluster_name}",

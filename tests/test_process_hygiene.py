@@ -4,12 +4,16 @@
   temporary output; killed outright (SIGKILL), its ranks die with it;
 * a trainer killed with SIGKILL leaves no helper process behind (Megatron's checkpoint-writer
   manager, the multiprocessing resource tracker);
-* two writers of one output directory: one result, one clear error, no temporary directory.
+* two writers of one output directory: one result, one clear error, no temporary directory;
+* ranks started while other processes bind ports (two test environments side by side) find their
+  rendezvous: the chosen port lies outside the kernel's ephemeral range, and a port taken anyway
+  starts the ranks again on another one.
 """
 
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +23,9 @@ import psutil
 import pytest
 from helpers_toy import REPO, toy_env, train_args
 
+import megatron_rpt.distributed as distributed
 from megatron_rpt.atomic import OutputExistsError, atomic_output_dir
+from megatron_rpt.processes import ephemeral_port_range, free_port
 from megatron_rpt.toy import prepare_toy
 
 pytestmark = pytest.mark.slow
@@ -158,3 +164,35 @@ def test_concurrent_writers_of_one_output(tmp_path):
     with atomic_output_dir(empty) as tmp:  # an existing empty directory is no result to protect
         (tmp / "mine").write_text("ok")
     assert (empty / "mine").read_text() == "ok"
+
+
+def test_free_port_is_outside_the_ephemeral_range_and_bindable():
+    """A port-0 bind anywhere on the machine (gloo's pair sockets, vLLM's) can never be handed it."""
+    lo, hi = ephemeral_port_range()
+    assert (lo, hi) == tuple(int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for _ in range(20):
+        port = free_port()
+        assert not lo <= port <= hi, (port, lo, hi)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+def _sum_of_ranks() -> float:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    t = torch.tensor([dist.get_rank() + 1.0])
+    dist.all_reduce(t)
+    return t.item()
+
+
+def test_spawn_starts_again_when_its_rendezvous_port_was_taken(monkeypatch):
+    """Another process binds the chosen port before rank 0 does (the CI failure: EADDRINUSE)."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        ports = [squatter.getsockname()[1], free_port()]  # the first is taken
+        monkeypatch.setattr(distributed, "free_port", lambda: ports.pop(0))
+        assert distributed.spawn(_sum_of_ranks, 2, timeout=300) == [3.0, 3.0]  # 1 + 2 on both ranks
+        assert ports == [], "both ports were handed out: the ranks started a second time"
