@@ -255,6 +255,45 @@ def test_step_time_bubble_and_tp_across_nodes():
     assert across.total_s > inside.total_s
 
 
+def test_cpu_optimizer_step_of_the_14b_recipe_by_hand(capsys):
+    """optim.cpu_offload=true on the paper's recipe (R1-Distill-Qwen-14B, TP2 PP4 DP2 on 16 GPUs, offload_fraction
+    1.0): the host's AdamW over the worst stage's optimizer shard and the grad/param copies, by hand."""
+    h, ffn, vocab, tp, dp = 5120, 13824, 152064, 2, 2  # vocab = 594 x 128 x TP: no padding
+    q, kv = 40 * 128, 8 * 128  # query heads x head_dim, KV heads x head_dim
+    attention = (h * (q + 2 * kv) + q * h + (q + 2 * kv)) // tp  # QKV with bias, out-proj; over TP
+    layer = attention + 2 * h + 3 * h * ffn // tp  # + two RMSNorms + the SwiGLU MLP over TP
+    assert (attention, layer) == (31_460_864, 137_639_424)
+    last_stage = 48 // 4 * layer + h + vocab * h // tp  # 12 layers, final norm, output layer (the worst stage)
+    shard = last_stage // dp  # the distributed optimizer's shard over DP2
+    assert shard == 1_020_481_024
+    host_adam_s = shard * 28 / 50e9  # fp32 AdamW: read param, grad, m, v, write param, m, v; 50 GB/s per GPU
+    copy_s = shard * (4 + 4) / 50e9  # fp32 grad to the host, fp32 param back, over 50 GB/s PCIe
+    assert (round(host_adam_s, 4), round(copy_s, 4)) == (0.5715, 0.1633)
+
+    cfg = load_config("configs/rpt_14b.yaml", ["optim.cpu_offload=true"], validate_paths=False)
+    arch, hw = load_hf_config(cfg.model.hf_config), Hardware(gpus=16)
+    work, layout = Workload.from_config(cfg), Layout.from_config(cfg, 16)
+    t = estimate_step_time(arch, work, layout, hw)
+    c = t.cpu_optimizer
+    assert (c.params, c.optimizer_steps) == (shard, 1)
+    assert (c.host_adam_s, c.copy_s) == (pytest.approx(host_adam_s), pytest.approx(copy_s))
+    resident = estimate_step_time(arch, dataclasses.replace(work, optimizer_offload_fraction=0.0), layout, hw)
+    assert resident.cpu_optimizer.total_s == 0.0 and resident.cpu_optimizer.params == 0.0
+    assert t.total_s - resident.total_s == pytest.approx(host_adam_s + copy_s)
+    assert t.train_s - resident.train_s == pytest.approx(host_adam_s + copy_s)
+    # every optimizer step pays it: 2 mini-batches x 2 updates; half the state offloaded halves it
+    four = estimate_step_time(arch, dataclasses.replace(work, mini_batches=2, updates_per_batch=2), layout, hw)
+    assert four.cpu_optimizer.total_s == pytest.approx(4 * (host_adam_s + copy_s))
+    half = estimate_step_time(arch, dataclasses.replace(work, optimizer_offload_fraction=0.5), layout, hw)
+    assert half.cpu_optimizer.total_s == pytest.approx((host_adam_s + copy_s) / 2)
+
+    assert _cli().main(["--config", "configs/rpt_14b.yaml", "--set", "optim.cpu_offload=true", "--top", "1"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps the line at 160 columns
+    assert ("CPU optimizer step (optim.offload_fraction=1): 0.73 s per RL step (in train s) = 1 optimizer step(s) "
+            "x 1.020B offloaded params/GPU") in out
+    assert "= 0.57 s + 0.16 s" in out
+
+
 # ----------------------------------------------------------------------------- recipes
 
 
@@ -349,6 +388,8 @@ def test_cli_json_for_recipes(path, gpus, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["fits"] and 1 <= len(out["layouts"]) <= 5 and out["configured"]["fits"]
     steps = [lay["time_s"]["step"] for lay in out["layouts"]]
+    offload = load_config(path, validate_paths=False).optim.cpu_offload  # 72B and 30B-A3B offload, 14B does not
+    assert (out["configured"]["time_s"]["cpu_optimizer"] > 0) == offload
     assert steps == sorted(steps)
     assert all(lay["memory_gib"]["peak"] <= 80 for lay in out["layouts"])
 

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_rpt.config import ConfigError, load_config  # noqa: E402
-from megatron_rpt.memory_plan import Hardware, plan_config, render_table  # noqa: E402
+from megatron_rpt.memory_plan import Hardware, cpu_optimizer_line, plan_config, render_table  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,6 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="assumed model FLOPs utilisation of decoding (default 0.10)")
     p.add_argument("--overhead-gib", type=float, default=3.0,
                    help="CUDA context + NCCL + fragmentation per GPU (default 3)")
+    p.add_argument("--host-mem-gbps", type=float, default=50.0,
+                   help="host memory bandwidth per GPU for the CPU optimizer step, GB/s (default 50: DGX H100 / 8)")
+    p.add_argument("--host-link-gbps", type=float, default=50.0,
+                   help="GPU <-> host copy bandwidth, GB/s (default 50: PCIe Gen5 x16; GH200 C2C: 450)")
     p.add_argument("--no-flash-attention", action="store_true",
                    help="count the a*s^2 attention matrix (unfused attention, e.g. no Transformer Engine)")
     return p.parse_args(argv)
@@ -56,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         hw = Hardware(gpus=gpus, gpu_mem_gib=args.gpu_mem, gpus_per_node=args.gpus_per_node,
                       peak_tflops=args.peak_tflops, train_mfu=args.train_mfu, rollout_mfu=args.rollout_mfu,
-                      overhead_gib=args.overhead_gib)
+                      overhead_gib=args.overhead_gib, host_mem_gbps=args.host_mem_gbps,
+                      host_link_gbps=args.host_link_gbps)
         result = plan_config(cfg, hw, flash_attention=not args.no_flash_attention)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -75,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                        else "does NOT fit")
             console.print(f"configured layout {result.configured.layout.label()}: peak {g['peak']:.1f} GiB, "
                           f"step ~{result.configured.time.total_s:.0f} s -> {verdict}", highlight=False)
+        if (line := cpu_optimizer_line(result)) is not None:
+            console.print(line, highlight=False)
         for problem in result.configured_problems:
             console.print(f"configured layout problem: {problem}", highlight=False)
     if not result.plan.ok:

@@ -13,7 +13,7 @@ parameters and activations, and the builder cuts pipeline stages at the same dec
 """
 
 from megatron_rpt.memory_plan.inputs import Hardware, Layout, Workload
-from megatron_rpt.memory_plan.report import ConfigPlan, plan_config, refusal, render_table
+from megatron_rpt.memory_plan.report import ConfigPlan, cpu_optimizer_line, plan_config, refusal, render_table
 from megatron_rpt.memory_plan.search import (
     Candidate,
     Plan,
@@ -23,7 +23,7 @@ from megatron_rpt.memory_plan.search import (
     min_gpus_that_fit,
     plan,
 )
-from megatron_rpt.memory_plan.step_time import StepTime, estimate_step_time
+from megatron_rpt.memory_plan.step_time import CpuOptimizerStep, StepTime, cpu_optimizer_step, estimate_step_time
 from megatron_rpt.memory_plan.terms import (
     CHUNK_TEMP_BYTES,
     DTYPE_BYTES,
@@ -49,4 +49,5 @@ __all__ = [
     "active_params", "enumerate_layouts", "estimate_memory", "estimate_step_time", "evaluate", "kv_bytes_per_token",
     "layer_activation_bytes", "layout_problems", "logit_bytes", "microbatches", "min_gpus_that_fit", "padded_vocab",
     "plan", "plan_config", "refusal", "render_table", "stage_params",
+    "CpuOptimizerStep", "cpu_optimizer_step", "cpu_optimizer_line",
 ]

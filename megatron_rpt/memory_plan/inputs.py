@@ -23,13 +23,20 @@ class Hardware:
     intra_node_gbps: float = 300.0  # effective NVLink collective bandwidth per GPU, GB/s
     inter_node_gbps: float = 40.0  # effective InfiniBand bandwidth per GPU (400 Gb/s NIC), GB/s
     overhead_gib: float = 3.0  # CUDA context + NCCL buffers + fragmentation
+    # optim.cpu_offload's step (step_time.py). A DGX H100 has 2 Xeon Platinum 8480C with 8 DDR5-4800 channels
+    # each: 2 x 8 x 38.4 = 614 GB/s peak per node, ~400 GB/s sustained (STREAM-like, ~65%), shared by 8 GPUs.
+    host_mem_gbps: float = 50.0  # this GPU's share of the host's memory bandwidth, GB/s
+    # Each H100 SXM reaches the host over PCIe Gen5 x16: 64 GB/s per direction raw, ~50 GB/s with pinned buffers
+    # (GH200's NVLink-C2C: 450 GB/s per direction; set it with tools/plan.py --host-link-gbps).
+    host_link_gbps: float = 50.0  # GPU <-> host copy bandwidth, GB/s
     max_tensor_parallel: int = 8
 
     def __post_init__(self) -> None:
         for name in ("gpus", "gpus_per_node", "max_tensor_parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("gpu_mem_gib", "peak_tflops", "train_mfu", "rollout_mfu", "intra_node_gbps", "inter_node_gbps"):
+        for name in ("gpu_mem_gib", "peak_tflops", "train_mfu", "rollout_mfu", "intra_node_gbps", "inter_node_gbps",
+                     "host_mem_gbps", "host_link_gbps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
 

@@ -12,6 +12,7 @@ from rich.table import Table
 from megatron_rpt.config import Config
 from megatron_rpt.memory_plan.inputs import Hardware, Layout, Workload
 from megatron_rpt.memory_plan.search import Candidate, Plan, evaluate, layout_problems, min_gpus_that_fit, plan
+from megatron_rpt.memory_plan.step_time import CPU_ADAM_BYTES_PER_PARAM, OFFLOAD_LINK_BYTES_PER_PARAM
 from megatron_rpt.memory_plan.terms import active_params
 from megatron_rpt.model.hf_config import ArchConfig, load_hf_config
 
@@ -95,6 +96,18 @@ def plan_config(cfg: Config, hw: Hardware, flash_attention: bool = True) -> Conf
         configured = evaluate(arch, work, layout, hw)
         rank = next((i + 1 for i, c in enumerate(result.fitting) if c.layout == layout), None)
     return ConfigPlan(arch, result, configured, rank, problems)
+
+
+def cpu_optimizer_line(cp: ConfigPlan) -> str | None:
+    """The configured layout's CPU optimizer step (optim.cpu_offload) with its arithmetic; None without offload."""
+    if cp.configured is None or not cp.configured.time.cpu_optimizer.optimizer_steps:
+        return None
+    c, hw, work = cp.configured.time.cpu_optimizer, cp.plan.hardware, cp.plan.workload
+    return (f"CPU optimizer step (optim.offload_fraction={work.optimizer_offload_fraction:g}): {c.total_s:.2f} s "
+            f"per RL step (in train s) = {c.optimizer_steps} optimizer step(s) x {c.params / 1e9:.3f}B offloaded "
+            f"params/GPU x ({CPU_ADAM_BYTES_PER_PARAM} B AdamW / {hw.host_mem_gbps:g} GB/s host memory + "
+            f"{OFFLOAD_LINK_BYTES_PER_PARAM} B copies / {hw.host_link_gbps:g} GB/s GPU-host link) = "
+            f"{c.host_adam_s:.2f} s + {c.copy_s:.2f} s")
 
 
 def render_table(cp: ConfigPlan, top: int = 10) -> Any:

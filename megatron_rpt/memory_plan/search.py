@@ -118,6 +118,7 @@ class Candidate:
             "concurrent_rollout_sequences": self.memory.concurrent_sequences,
             "time_s": {"rollout": round(self.time.rollout_s, 2), "train": round(self.time.train_s, 2),
                        "comm": round(self.time.comm_s, 2), "bubble": round(self.time.bubble, 4),
+                       "cpu_optimizer": round(self.time.cpu_optimizer.total_s, 2),
                        "step": round(self.time.total_s, 2)},
             "fits": self.fits,
             "problems": self.memory.problems,

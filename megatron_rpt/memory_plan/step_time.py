@@ -9,6 +9,8 @@ mini-batch); plus un-overlapped TP/CP/EP communication at NVLink bandwidth insid
 and InfiniBand bandwidth when the group crosses one (TP: 4 all-reduce-sized collectives
 of ``2h`` bytes per token and layer per pass; CP: K/V ring passes; EP: 4 all-to-alls of
 ``top_k*2h`` bytes). Sequences are counted at full prompt+response length (upper bound).
+With ``optim.cpu_offload``, each optimizer step (mini-batches x updates per RL step) adds the
+offloaded share of this GPU's optimizer shard stepped on the host (:func:`cpu_optimizer_step`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,57 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_rpt.memory_plan.inputs import Hardware, Layout, Workload
-from megatron_rpt.memory_plan.terms import active_params, microbatches
+from megatron_rpt.memory_plan.terms import (
+    active_params,
+    distinct_stages,
+    microbatches,
+    optimizer_shard_params,
+    padded_vocab,
+    stage_params,
+)
 from megatron_rpt.model.hf_config import ArchConfig
+
+# megatron-core's HybridDeviceOptimizer (optimizer/cpu_offloading/hybrid_optimizer.py, on the precision-aware
+# path the trainer takes) steps the offloaded parameters' fp32 masters with torch's fused AdamW on the host. An fp32
+# AdamW update streams every state once: read param, grad, m, v and write param, m, v, 7 x 4 bytes per parameter;
+# a vectorised CPU Adam (torch's fused one; DeepSpeed's CPU-Adam, ZeRO-Offload, Ren et al. 2021) runs near the
+# host memory bandwidth, so it is counted at that (a lower bound where the cores, not the memory, limit it).
+CPU_ADAM_BYTES_PER_PARAM = 28
+# The fp32 main grad goes to the host (its pinned buffer has the fp32 master's dtype) and the updated fp32 master
+# comes back into the GPU's parameter (a non-blocking host-to-device copy converts the dtype on the GPU, so fp32
+# crosses the link): 4 + 4 bytes.
+OFFLOAD_LINK_BYTES_PER_PARAM = 8
+
+
+@dataclass(frozen=True)
+class CpuOptimizerStep:
+    """optim.cpu_offload's cost per RL step on one GPU (the worst pipeline stage's shard)."""
+
+    params: float  # offloaded parameters of this GPU's optimizer shard
+    optimizer_steps: int  # per RL step: rl.mini_batches_per_step x rl.updates_per_batch
+    host_adam_s: float  # the AdamW updates on the host, all optimizer steps
+    copy_s: float  # grads to the host and parameters back, all optimizer steps
+
+    @property
+    def total_s(self) -> float:
+        return self.host_adam_s + self.copy_s
+
+
+NO_CPU_OPTIMIZER = CpuOptimizerStep(0.0, 0, 0.0, 0.0)
+
+
+def cpu_optimizer_step(arch: ArchConfig, work: Workload, layout: Layout, hw: Hardware) -> CpuOptimizerStep:
+    """The host's Adam step and the copies over the GPU-host link, counted one after the other: an upper
+    bound (megatron-core's overlap_cpu_optimizer_d2h_h2d pipelines them parameter by parameter)."""
+    if work.optimizer_offload_fraction <= 0:
+        return NO_CPU_OPTIMIZER
+    vocab = padded_vocab(arch, work.make_vocab_size_divisible_by, layout.tp)
+    shard = max(optimizer_shard_params(stage_params(arch, layout, vocab, s), layout) for s in distinct_stages(layout))
+    params = work.optimizer_offload_fraction * shard
+    steps = work.mini_batches * work.updates_per_batch
+    host_adam_s = steps * params * CPU_ADAM_BYTES_PER_PARAM / (hw.host_mem_gbps * 1e9)
+    copy_s = steps * params * OFFLOAD_LINK_BYTES_PER_PARAM / (hw.host_link_gbps * 1e9)
+    return CpuOptimizerStep(params, steps, host_adam_s, copy_s)
 
 
 @dataclass
@@ -26,10 +77,11 @@ class StepTime:
     train_compute_s: float
     bubble: float
     comm_s: float
+    cpu_optimizer: CpuOptimizerStep = NO_CPU_OPTIMIZER
 
     @property
     def train_s(self) -> float:
-        return self.train_compute_s * (1 + self.bubble) + self.comm_s
+        return self.train_compute_s * (1 + self.bubble) + self.comm_s + self.cpu_optimizer.total_s
 
     @property
     def total_s(self) -> float:
@@ -81,5 +133,5 @@ def estimate_step_time(arch: ArchConfig, work: Workload, layout: Layout, hw: Har
         tokens_per_gpu = tokens_per_group / layout.tp
         moved = 2 * arch.num_experts_per_tok * 2 * h * (layout.ep - 1) / layout.ep
         comm += passes * tokens_per_gpu * layers * moved / _group_bandwidth(layout.tp * layout.ep, hw)
-    return StepTime(rollout_s, train_compute_s, bubble, comm)
+    return StepTime(rollout_s, train_compute_s, bubble, comm, cpu_optimizer_step(arch, work, layout, hw))
 

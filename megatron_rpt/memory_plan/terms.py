@@ -155,6 +155,21 @@ class StageParams:
         return self.dense + self.expert
 
 
+def distinct_stages(layout: Layout) -> list[int]:
+    """The pipeline stages whose parameters can differ: first, a middle one, last (the middle ones are alike)."""
+    return sorted({0, min(1, layout.pp - 1), layout.pp - 1})
+
+
+def optimizer_shard_params(params: StageParams, layout: Layout) -> float:
+    """Parameters whose optimizer state one GPU holds: its stage's parameters over the data-parallel size
+    (DP*CP for dense ones, the expert data-parallel size for experts) with the distributed optimizer, all of
+    them without it. The one owner of the shard for the memory term and the CPU optimizer step's time."""
+    dense_shards = layout.dp * layout.cp if layout.distributed_optimizer else 1
+    expert_dp = layout.tp * layout.cp * layout.dp // (layout.ep * layout.expert_tp)  # megatron's expert DP group
+    expert_shards = max(1, expert_dp) if layout.distributed_optimizer else 1
+    return params.dense / dense_shards + params.expert / expert_shards
+
+
 def padded_vocab(arch: ArchConfig, divisible_by: int, tp: int) -> int:
     """Megatron's padding rule (the builder's, one place)."""
     return padded_vocab_size(arch.vocab_size, divisible_by, tp)
@@ -281,9 +296,6 @@ def estimate_memory(arch: ArchConfig, work: Workload, layout: Layout, hw: Hardwa
     vocab = padded_vocab(arch, work.make_vocab_size_divisible_by, layout.tp)
     pbytes = DTYPE_BYTES[work.param_dtype]
     grad_bytes = work.grad_bytes if pbytes < 4 else 4
-    dense_shards = layout.dp * layout.cp if layout.distributed_optimizer else 1
-    expert_dp = layout.tp * layout.cp * layout.dp // (layout.ep * layout.expert_tp)  # megatron's expert DP group
-    expert_shards = max(1, expert_dp) if layout.distributed_optimizer else 1
     on_gpu = 1.0 - work.optimizer_offload_fraction
     overhead = hw.overhead_gib * GiB
 
@@ -314,11 +326,11 @@ def estimate_memory(arch: ArchConfig, work: Workload, layout: Layout, hw: Hardwa
         concurrent = work.rollout_batch
 
     best: MemoryEstimate | None = None
-    for stage in sorted({0, min(1, layout.pp - 1), layout.pp - 1}):  # first, a middle stage, last
+    for stage in distinct_stages(layout):
         params = stage_params(arch, layout, vocab, stage)
         weights = params.total * pbytes
         grads = params.total * grad_bytes
-        opt = _optimizer_bytes_per_param(work) * (params.dense / dense_shards + params.expert / expert_shards) * on_gpu
+        opt = _optimizer_bytes_per_param(work) * optimizer_shard_params(params, layout) * on_gpu
         acts = _stage_activations(shape, arch, work, layout, vocab, stage)
         static = weights + grads + opt + overhead
         resident_vllm = work.rollout_engine == "vllm" and not work.sleep_between_phases
