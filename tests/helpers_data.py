@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from megatron_rpt.data.run_state import progress_path
 from megatron_rpt.data.tiny_proxy import make_tiny_proxy
 from tests.conftest import shared_path
 
@@ -98,10 +99,11 @@ def output_bytes(out: Path) -> dict[str, bytes]:
             or p.name == "manifest.json"}
 
 
-def progress_records(out: Path) -> list[dict]:
-    """Every complete progress line of every worker (torn lines skipped)."""
+def progress_records(out: Path, worker: int | None = None) -> list[dict]:
+    """Every complete progress line of every worker, or of ``worker`` only (torn lines skipped)."""
     recs = []
-    for path in sorted(out.glob("workers/w*/progress.jsonl")):
+    paths = sorted(out.glob("workers/w*/progress.jsonl")) if worker is None else [progress_path(out, worker)]
+    for path in (p for p in paths if p.exists()):
         for line in path.read_text().splitlines():
             try:
                 recs.append(json.loads(line))
@@ -111,10 +113,11 @@ def progress_records(out: Path) -> list[dict]:
 
 
 def wait_for_shards(out: Path, n: int, done: Callable[[], bool], timeout: float = 300.0,
-                    what: Callable[[], str] = str) -> None:
-    """Until ``n`` shards are recorded; fails if the run ends (``done()``) first (``what()``: its log)."""
+                    what: Callable[[], str] = str, worker: int | None = None) -> None:
+    """Until ``n`` shards are recorded (by ``worker`` if given); fails if the run ends (``done()``) first
+    (``what()``: its log)."""
     deadline = time.monotonic() + timeout
-    while len(progress_records(out)) < n:
+    while len(progress_records(out, worker)) < n:
         assert not done(), f"the run ended before {n} shards were done\n{what()}"
         assert time.monotonic() < deadline, f"no {n} shards after {timeout:.0f}s\n{what()}"
         time.sleep(0.05)
