@@ -2,6 +2,7 @@
 the test command runs every test file in at least one of its two environments."""
 
 import importlib.util
+import runpy
 import subprocess
 import sys
 
@@ -65,3 +66,15 @@ def test_every_planted_bug_of_the_mutation_check_still_applies():
     for mutant in module.MUTANTS:
         for test in mutant.tests:
             assert (REPO / test.split("::")[0]).is_file(), f"{mutant.name}: no test file {test}"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "benchmarks").glob("*.py")))
+def test_every_benchmark_script_imports(script, monkeypatch, capsys):
+    """The benchmarks are run by hand, rarely: a refactor that renames what one imports (bench_packing.py once
+    imported a removed ``collect_step_groups``) must fail here, not when someone next measures. ``--help`` runs
+    each script's imports and argument parser, nothing else."""
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "benchmarks" / script), run_name="__main__")
+    assert exit_info.value.code == 0, capsys.readouterr().err[-4000:]
