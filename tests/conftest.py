@@ -68,8 +68,8 @@ def require_vllm():
 VERSION_MATRIX = {
     "test_bridge.py", "test_checkpoint_safety.py", "test_convert.py", "test_convert_layouts.py",
     "test_distributed.py", "test_model_build.py", "test_model_class_interop.py", "test_packing.py",
-    "test_parity.py", "test_rl_context_parallel.py", "test_rl_megatron_tp.py", "test_rollout_vllm_parallel.py",
-    "test_te_names.py", "test_train_invariants.py",
+    "test_parity.py", "test_rl_context_parallel.py", "test_rl_megatron_tp.py", "test_te_names.py",
+    "test_train_invariants.py",
 }
 ANY_VERSION = {
     "test_data_corpus.py", "test_data_entropy.py", "test_data_mixture.py", "test_data_prepare.py",
@@ -79,8 +79,9 @@ ANY_VERSION = {
     "test_rl_grpo_loss.py",
     # Trainer-level, placed on the oldest for balance: what they drive in megatron-core (the bridge into
     # vLLM; the trainer under SLURM, killed, or on the NTP objective) VERSION_MATRIX checks on both
-    # (test_rollout_vllm_parallel.py, test_checkpoint_safety.py, test_train_invariants.py) and
-    # test_train_loop.py runs on the newest.
+    # (test_bridge.py streams every layout bit for bit; test_checkpoint_safety.py, test_train_invariants.py)
+    # and the newest runs the same paths again (test_rollout_vllm_parallel.py: the bridge into vLLM from
+    # TP/PP/EP; test_train_loop.py).
     "test_ntp.py", "test_process_hygiene.py", "test_rollout_vllm.py", "test_slurm.py",
 }
 SCOPES = {
