@@ -4,18 +4,22 @@
   once, the held-out documents never seen, exact resume (checked against the corpus by hand);
 * the loss: the policy's LM step equals transformers' own causal-LM loss on the same weights;
 * the toy task: NTP training learns the successor table (cross-entropy falls, held-out standard
-  accuracy rises to near 1) -- the same policy, corpus and evaluation RPT uses.
+  accuracy rises to near 1) -- the same policy, corpus and evaluation RPT uses;
+* without in-training evaluation the baseline builds no rollout engine (vLLM would reserve GPU memory
+  for nothing): it trains where vLLM cannot even be imported.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers_toy import metrics, train
+from helpers_toy import metrics, toy_env, train, train_args
 
 from megatron_rpt.config import load_config
 from megatron_rpt.toy import prepare_toy
@@ -121,3 +125,18 @@ def test_ntp_learns_the_toy_task(toy, tmp_path):
     # Held-out standard next-token accuracy after NTP: the successor of a letter is a function of it.
     assert rows[-1]["val/count_hard"] == 64 and rows[-1]["val/standard_acc_hard"] > 0.9, rows[-1]
     assert "cross-entropy    first" in proc.stdout
+
+
+def test_ntp_without_evaluation_builds_no_rollout_engine(toy, tmp_path):
+    run = tmp_path / "run"
+    # `import vllm` fails in the trainer's process; an RPT run with rollout.engine=vllm stops there
+    # (test_train_loop.py::test_main_job_without_vllm_says_how_to_install_it).
+    code = ("import runpy, sys; sys.modules['vllm'] = None; "
+            "runpy.run_module('megatron_rpt.trainer', run_name='__main__')")
+    args = train_args(run, None, "train.objective=ntp", "train.steps=2", "train.eval_interval=0",
+                      "rollout.engine=vllm", "ntp.seq_length=16", "ntp.sequences_per_step=4", resume="none")
+    proc = subprocess.run([sys.executable, "-c", code, *args[2:]], cwd=REPO, env=toy_env(toy),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "no rollout engine (train.objective=ntp, train.eval_interval=0)" in proc.stderr
+    assert [r["step"] for r in metrics(run)] == [1, 2]

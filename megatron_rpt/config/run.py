@@ -58,7 +58,8 @@ class TrainConfig(Section):
     eval_interval: NonNegInt = 0
     """Evaluate on the held-out split every N steps; 0: never."""
     objective: Objective = "rpt"
-    """rpt: GRPO on next-token reasoning; ntp: plain next-token (LM loss) training on the same corpus (a baseline)."""
+    """rpt: GRPO on next-token reasoning; ntp: plain next-token (LM loss) training on the same corpus (a baseline;
+    it builds a rollout engine only when train.eval_interval > 0)."""
 
 
 @dataclass

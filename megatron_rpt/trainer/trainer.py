@@ -86,7 +86,10 @@ class _StopFlag:
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = "auto", force_resume: bool = False):
         self.cfg = cfg
-        if cfg.rollout.engine == "vllm":
+        # The NTP baseline samples nothing: it needs an engine (and the bridge into it) only to evaluate
+        # during training. Without one it leaves the GPU memory vLLM would reserve to the policy.
+        self.needs_engine = cfg.train.objective == "rpt" or cfg.train.eval_interval > 0
+        if self.needs_engine and cfg.rollout.engine == "vllm":
             import_vllm()  # fail first, with the install line: nothing built, nothing written yet
         p = cfg.parallel
         if p.context_parallel > 1:  # needs TE attention and a CP-splittable loss aggregation
@@ -135,14 +138,19 @@ class Trainer:
         self.memory = MemoryReport(cfg, self.arch, dist.get_world_size())  # planned vs measured, every step
 
         # Weights come from the bridge before the first rollout (run() syncs first).
-        self.engine = make_engine(cfg, self.arch, self.tokenizer, model_dir=model_dir, engine_index=self.layout.engine,
-                                  weights_from_bridge=True)
-        self.bridge = WeightBridge(chunks, self.arch, bucket_mb=cfg.rollout.bucket_mb,
-                                   dtype=DTYPES[cfg.rollout.dtype], topology=self.topo)
-        self.stream = ProblemStream(cfg.data, self.tokenizer, dp_rank=self.layout.engine,
-                                    dp_size=self.layout.engines, split="train")
+        self.engine: Any = None
+        self.bridge: WeightBridge | None = None
+        if self.needs_engine:
+            self.engine = make_engine(cfg, self.arch, self.tokenizer, model_dir=model_dir,
+                                      engine_index=self.layout.engine, weights_from_bridge=True)
+            self.bridge = WeightBridge(chunks, self.arch, bucket_mb=cfg.rollout.bucket_mb,
+                                       dtype=DTYPES[cfg.rollout.dtype], topology=self.topo)
         if cfg.train.objective == "ntp":  # the baseline: every token of the same documents, LM loss
-            self.stream = NTPStream(cfg, self.tokenizer, dp_rank=self.dp_rank, dp_size=self.dp_size)
+            self.stream: ProblemStream | NTPStream = NTPStream(cfg, self.tokenizer, dp_rank=self.dp_rank,
+                                                               dp_size=self.dp_size)
+        else:
+            self.stream = ProblemStream(cfg.data, self.tokenizer, dp_rank=self.layout.engine,
+                                        dp_size=self.layout.engines, split="train")
         self.step = 0
         self.resumed_from: str | None = None
         if self.plan.checkpoint is not None:
@@ -217,6 +225,8 @@ class Trainer:
     # ------------------------------------------------------------------ the step
 
     def sync_weights(self) -> dict[str, float]:
+        if self.bridge is None:  # NTP without in-training evaluation: no engine to sync
+            return {}
         with self.timer("sync"):
             stats = self.bridge.sync(self.engine)
         return {"sync/gb_per_s": float(getattr(stats, "gb_per_s", float("nan")))}
@@ -306,10 +316,12 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         if self.rank == 0:
-            log.info("model %s (%.1fM params), %d-way TP, %d-way PP, %d-way DP, %d %s rollout engine(s) of %d "
-                     "rank(s); %d steps from step %d", self.arch.hf_architecture, self.arch.num_parameters() / 1e6,
-                     cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, self.dp_size, self.layout.engines,
-                     cfg.rollout.engine, cfg.rollout.tensor_parallel, cfg.train.steps, self.step)
+            engines = (f"{self.layout.engines} {cfg.rollout.engine} rollout engine(s) of "
+                       f"{cfg.rollout.tensor_parallel} rank(s)" if self.needs_engine else
+                       "no rollout engine (train.objective=ntp, train.eval_interval=0)")
+            log.info("model %s (%.1fM params), %d-way TP, %d-way PP, %d-way DP, %s; %d steps from step %d",
+                     self.arch.hf_architecture, self.arch.num_parameters() / 1e6, cfg.parallel.tensor_parallel,
+                     cfg.parallel.pipeline_parallel, self.dp_size, engines, cfg.train.steps, self.step)
         self.sync_weights()
         self.timer.pop()
         progress = None
